@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` (install + main job) and `make test` (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/demo.yaml
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: install
+	$(PY) benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(VENV) shards/demo

@@ -1,0 +1,107 @@
+"""The procedural renderer: the default backend, CPU only, no weights.
+
+Sample ``index`` is drawn from ``numpy.random.default_rng((seed, index))`` alone, so its bytes do not depend on
+worker count, shard size or machine. Pipeline on planar float32 frames:
+surface luminance -> [perspective/rotation] -> [lens blur] -> lighting -> sensor noise -> colour -> defects
+(local patches, blurred and lit like the frame) -> uint8 -> [JPEG artifacts]. Each defect writes its class
+into the mask and its id into an instance map; ``cls`` and each instance's bbox/area are read off those, so
+labels always agree with the mask.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from generate.backends.procedural import camera
+from generate.backends.procedural.defects import DEFECT_PAINTERS, blur_stamp, composite
+from generate.backends.procedural.noise import blur
+from generate.backends.procedural.surfaces import SURFACE_FAMILIES
+from generate.schema import BACKGROUND, Sample, main_class_of
+
+REFERENCE_SIDE = 256
+
+
+def feature_scale(width: int, height: int, exponent: float, multiplier: float = 1.0) -> float:
+    """Defect scale in px: the short side up to 256 px, then growing as side**exponent.
+
+    With the default exponent 0.5 a crack spans about the same share of a 256 px frame as of a 64 px one,
+    but only ~1/3 of that share in a 3840x2160 frame: small defects in 4K, as in real inspection.
+    """
+    side = min(width, height)
+    base = side if side <= REFERENCE_SIDE else REFERENCE_SIDE * (side / REFERENCE_SIDE) ** exponent
+    return float(base * multiplier)
+
+
+def _r(params: dict) -> dict:
+    """JSON-ready parameters: floats rounded to 4 decimals (lists too)."""
+    def r(v):
+        if isinstance(v, (list, tuple)):
+            return [r(x) for x in v]
+        return round(float(v), 4) if isinstance(v, (float, np.floating)) else v
+    return {k: r(v) for k, v in params.items()}
+
+
+class ProceduralBackend:
+    name = "procedural"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.p = cfg.procedural
+        self.width, self.height = cfg.size
+        self.class_names = [BACKGROUND, *self.p.classes]
+        self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
+
+    def render(self, index: int) -> Sample:
+        rng = np.random.default_rng((self.cfg.seed, index))
+        H, W, p, cam = self.height, self.width, self.p, self.p.camera
+        family = p.surfaces[int(rng.integers(len(p.surfaces)))]
+        lum, tint, surface_params = SURFACE_FAMILIES[family](rng, H, W, self.scale)
+        camera_params: dict = {}
+        if rng.random() < cam.warp_prob:
+            lum, geo = camera.warp(rng, lum, cam.max_rotation_deg, cam.max_perspective)
+            camera_params.update(geo)
+        sigma = float(rng.uniform(0.3, cam.max_blur_sigma)) if rng.random() < cam.blur_prob else 0.0
+        if sigma:
+            camera_params["blur_sigma"] = sigma
+            lum = blur(lum, sigma)
+        light, lit = camera.lighting(rng, lum, cam.lighting)
+        camera_params.update(lit)
+        camera_params["noise_std"] = std = rng.uniform(0, cam.noise)
+        camera.sensor_noise(rng, lum, std)
+        gray = bool(rng.random() < p.gray_prob)
+        img = lum[None] if gray else tint[:, None, None] * lum
+        inst = np.zeros((H, W), np.uint8)
+        mask = np.zeros((H, W), np.uint8)
+        instances = []  # (class id, clipped patch box) per instance id 1..n
+        if rng.random() >= p.defect_free_prob:
+            for _ in range(int(rng.integers(1, p.max_defects + 1))):
+                k = int(rng.integers(len(p.classes)))
+                stamp = DEFECT_PAINTERS[p.classes[k]](rng, H, W, img.shape[0], self.scale)
+                if sigma:
+                    stamp = blur_stamp(stamp, sigma)
+                landed = composite(img, inst, mask, stamp, len(instances) + 1, k + 1, light)
+                if landed:
+                    instances.append((k + 1, landed[1]))
+        image = camera.to_uint8(img)
+        if rng.random() < cam.jpeg_artifact_prob:
+            camera_params["jpeg_quality"] = quality = int(rng.integers(30, 75))
+            image = camera.jpeg_artifacts(image, quality)
+        defects = self._instances(inst, instances)
+        meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[W, H], channels=1 if gray else 3,
+                    surface=dict(family=family, **_r(surface_params)), camera=_r(camera_params), defects=defects)
+        return Sample(image, mask, main_class_of(defects, len(self.class_names)), meta)
+
+    def _instances(self, inst: np.ndarray, instances: list[tuple[int, tuple]]) -> list[dict]:
+        """Per visible instance: class id/name, bbox [x0, y0, x1, y1) and pixel area, read off the instance map.
+
+        An instance's pixels lie inside its own patch box, so only that box is scanned.
+        """
+        out = []
+        for i, (cls, (ys, ye, xs, xe)) in enumerate(instances, start=1):
+            hit = inst[ys:ye, xs:xe] == i
+            area = int(hit.sum())
+            if area == 0:  # hidden under later defects
+                continue
+            rows, cols = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
+            out.append({"class": cls, "name": self.class_names[cls], "area": area,
+                        "bbox": [xs + int(cols[0]), ys + int(rows[0]), xs + int(cols[-1]) + 1, ys + int(rows[-1]) + 1]})
+        return out

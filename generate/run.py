@@ -1,0 +1,132 @@
+"""``synthvit generate``: render a dataset into ``out_dir``, resuming whatever an earlier run finished."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import yaml
+
+from generate.backends import create_backend
+from generate.config import GenerateConfig
+from generate.preview import write_preview
+from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
+from generate.writer import plan_shards, remove_stale_temporaries, write_shards
+from synthvit.config import dump_yaml, to_dict
+from synthvit.io import SynthvitError, atomic_write_text, sha256_file
+
+log = logging.getLogger("synthvit.generate")
+
+CONFIG_FILE = "config.yaml"
+PREVIEW_FILE = "preview.png"
+# Keys that change how a run goes, not what it writes: a resumed run may change them freely.
+RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
+
+
+def dataset_config(cfg: GenerateConfig) -> dict:
+    """The part of the config that determines the dataset's bytes (recorded in ``_info.json``)."""
+    d = to_dict(cfg)
+    for key in RUN_ONLY_KEYS:
+        d.pop(key)
+    return d
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
+    """Create ``out`` or check that it holds an earlier run of the same dataset config (then we resume)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SynthvitError(f"cannot create out_dir {out}: {e.strerror}; choose a writable folder") from None
+    if not out.is_dir():
+        raise SynthvitError(f"out_dir {out} exists and is not a folder")
+    probe = out / f".write-probe{'.tmp'}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SynthvitError(f"out_dir {out} is not writable ({e.strerror}); choose a writable folder") from None
+    previous = out / CONFIG_FILE
+    if previous.is_file():
+        try:
+            old = yaml.safe_load(previous.read_text()) or {}
+        except yaml.YAMLError:
+            old = {}
+        old = {k: v for k, v in old.items() if k not in RUN_ONLY_KEYS}
+        new_flat, old_flat = _flatten(dataset_config(cfg)), _flatten(old)
+        diff = [f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in sorted(set(new_flat) | set(old_flat))
+                if new_flat.get(k) != old_flat.get(k)]
+        if diff:
+            raise SynthvitError(
+                f"out_dir {out} holds a dataset made with a different config ({'; '.join(diff[:5])}); "
+                f"use another out_dir, or delete it to start over")
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if foreign:
+        raise SynthvitError(
+            f"out_dir {out} is not empty and holds no synthvit dataset (found {', '.join(foreign[:5])}"
+            f"{' ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
+
+
+def verify(out: Path) -> Path:
+    problems = verify_dataset(out)
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SynthvitError(f"{len(problems)} problem(s) in {out}:\n  {shown}{more}\n"
+                            f"re-run the generate command (with verify=false) to rewrite missing shards; "
+                            f"delete corrupt ones first")
+    info = read_info(out)
+    split = info["splits"]["train"]
+    log.info("verified %s: %d shards, %d samples match %s", out, len(split["filenames"]), split["num_samples"],
+             INFO_FILE)
+    return out
+
+
+def _preview(out: Path, filenames: list[str], count: int, class_names: list[str]) -> Path | None:
+    if count == 0:
+        return None
+    samples = []
+    for fname in filenames:
+        for sample in iter_shard(out / fname):
+            samples.append(sample)
+            if len(samples) == count:
+                return write_preview(out / PREVIEW_FILE, samples, class_names)
+    return write_preview(out / PREVIEW_FILE, samples, class_names)
+
+
+def run(cfg: GenerateConfig) -> Path:
+    out = Path(cfg.out_dir)
+    if cfg.verify:
+        return verify(out)
+    backend = create_backend(cfg.backend, cfg)
+    _prepare_out_dir(out, cfg)
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log.info("removed %d partial file(s) of an interrupted run", len(stale))
+    atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+    plan = plan_shards(cfg.num_samples, cfg.samples_per_shard)
+    todo = [s for s in plan if not (out / shard_filename(cfg.name, s.index)).is_file()]
+    if len(todo) < len(plan):
+        log.info("resuming: %d of %d shards already written", len(plan) - len(todo), len(plan))
+    t0 = time.perf_counter()
+    results = write_shards(cfg, todo, out) if todo else {}
+    elapsed = time.perf_counter() - t0
+    shards = []
+    for s in plan:  # finished shards of earlier runs are hashed from disk
+        fname = shard_filename(cfg.name, s.index)
+        shards.append(results.get(s.index) or (fname, s.num_samples, sha256_file(out / fname)))
+    info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg))
+    write_info(out, info)  # last: its presence marks the dataset complete
+    preview = _preview(out, [f for f, _, _ in shards], cfg.preview, backend.class_names)
+    done = sum(s.num_samples for s in todo)
+    rate = f" in {elapsed:.1f} s ({done / elapsed:.1f} samples/s)" if done else ""
+    log.info("%s: %d samples in %d shards (%d new samples%s)%s", out, cfg.num_samples, len(plan), done, rate,
+             f"; preview: {preview}" if preview else "")
+    return out

@@ -1,0 +1,193 @@
+"""THE shard contract between ``generate`` and every reader (pretrain, timm, HF datasets).
+
+A dataset is a folder of WebDataset tar shards ``<name>-000000.tar ...`` plus ``_info.json`` in timm's
+schema (``{"name", "splits": {"train": {"name", "num_samples", "filenames", "shard_lengths"}}}``) extended
+with ``class_names``, the generator config and a ``sha256`` per shard (same order as ``filenames``).
+
+Each sample (key: 8 digits, the global sample index) holds:
+
+- ``jpg`` (or ``png`` when lossless is asked for): the image, grayscale (L) or RGB;
+- ``mask.png``: uint8, same size as the image, 0 = background, k = defect class k (``class_names[k]``);
+- ``cls``: ascii int, the image's main defect class (most mask pixels, ties to the lower id), 0 = defect-free;
+- ``json``: metadata: backend, seed, index, surface, and each defect instance with class, bbox, pixel area.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from synthvit.io import SynthvitError, atomic_write_text, sha256_file
+
+SCHEMA = "synthvit.shards/1"
+INFO_FILE = "_info.json"
+SPLIT = "train"
+IMAGE_KEYS = ("jpg", "png")
+MASK_KEY = "mask.png"
+CLS_KEY = "cls"
+META_KEY = "json"
+BACKGROUND = "good"  # the name of class 0: defect-free background
+
+
+def shard_filename(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def sample_key(index: int) -> str:
+    return f"{index:08d}"
+
+
+def main_class(mask: np.ndarray, num_classes: int) -> int:
+    """The image label derived from its mask: the class with most pixels (ties -> lower id), 0 if empty."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)
+    counts[0] = 0
+    return int(counts.argmax()) if counts.any() else 0
+
+
+def main_class_of(defects: list[dict], num_classes: int) -> int:
+    """:func:`main_class` from per-instance ``{"class", "area"}`` records (no pass over the mask)."""
+    counts = np.zeros(num_classes, np.int64)
+    for d in defects:
+        counts[d["class"]] += d["area"]
+    return int(counts.argmax()) if counts.any() else 0
+
+
+@dataclass
+class Sample:
+    """One decoded sample: ``image`` (H, W) or (H, W, 3) uint8, ``mask`` (H, W) uint8, ``cls`` int, ``meta`` dict."""
+    image: np.ndarray
+    mask: np.ndarray
+    cls: int
+    meta: dict = field(default_factory=dict)
+
+
+def encode_sample(index: int, sample: Sample, image_format: str = "jpg", jpeg_quality: int = 95) -> dict[str, Any]:
+    """The tar members of one sample (bytes), ready for ``webdataset.TarWriter``."""
+    image = Image.fromarray(sample.image)
+    buf = io.BytesIO()
+    if image_format == "jpg":
+        image.save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        image.save(buf, format="PNG", compress_level=1)
+    mask_buf = io.BytesIO()
+    Image.fromarray(sample.mask).save(mask_buf, format="PNG", compress_level=1)
+    return {
+        "__key__": sample_key(index),
+        image_format: buf.getvalue(),
+        MASK_KEY: mask_buf.getvalue(),
+        CLS_KEY: str(int(sample.cls)).encode("ascii"),
+        META_KEY: json.dumps(sample.meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
+    }
+
+
+def decode_sample(members: dict[str, bytes]) -> Sample:
+    """Inverse of :func:`encode_sample` for one sample's raw members (keys without the leading dot)."""
+    image_key = next((k for k in IMAGE_KEYS if k in members), None)
+    missing = [k for k in (MASK_KEY, CLS_KEY, META_KEY) if k not in members] + ([] if image_key else ["jpg|png"])
+    if missing:
+        raise SynthvitError(f"sample {members.get('__key__', '?')} lacks {', '.join(missing)}; "
+                            f"a synthvit sample holds jpg|png, {MASK_KEY}, {CLS_KEY} and {META_KEY}")
+    with Image.open(io.BytesIO(members[image_key])) as im:
+        image = np.asarray(im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB"))
+    with Image.open(io.BytesIO(members[MASK_KEY])) as im:
+        mask = np.asarray(im)
+    return Sample(image, mask, int(members[CLS_KEY]), json.loads(members[META_KEY]))
+
+
+def iter_shard(path: str | Path):
+    """Decoded samples of one shard, in order (a small reader for tests, previews and verification)."""
+    members: dict[str, bytes] = {}
+    key = None
+    with tarfile.open(path, "r") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            k, ext = base.split(".", 1)
+            if key is not None and k != key:
+                yield decode_sample({"__key__": key, **members})
+                members = {}
+            key = k
+            members[ext] = tar.extractfile(info).read()
+    if key is not None:
+        yield decode_sample({"__key__": key, **members})
+
+
+def make_info(name: str, shards: list[tuple[str, int, str]], class_names: list[str], generator: dict) -> dict:
+    """``shards``: (filename, num_samples, sha256) per shard, in shard order."""
+    return {
+        "name": name,
+        "schema": SCHEMA,
+        "class_names": list(class_names),
+        "num_classes": len(class_names),
+        "generator": generator,
+        "splits": {SPLIT: {
+            "name": SPLIT,
+            "num_samples": int(sum(n for _, n, _ in shards)),
+            "filenames": [f for f, _, _ in shards],
+            "shard_lengths": [int(n) for _, n, _ in shards],
+            "sha256": [h for _, _, h in shards],
+        }},
+    }
+
+
+def write_info(out_dir: str | Path, info: dict) -> Path:
+    path = Path(out_dir) / INFO_FILE
+    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def read_info(data_dir: str | Path) -> dict:
+    """Load and check ``_info.json``; errors name the folder and the missing key."""
+    path = Path(data_dir) / INFO_FILE
+    if not Path(data_dir).is_dir():
+        raise SynthvitError(f"dataset folder {data_dir} does not exist")
+    if not path.is_file():
+        raise SynthvitError(f"{path} is missing: {data_dir} is not a finished synthvit dataset "
+                            f"(re-run `synthvit generate out_dir={data_dir}` to complete it)")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SynthvitError(f"{path} is not valid JSON: {e}") from None
+    for key in ("name", "class_names", "splits"):
+        if key not in info:
+            raise SynthvitError(f"{path} lacks the key {key!r}; expected {SCHEMA} (keys name, class_names, splits)")
+    split = info["splits"].get(SPLIT)
+    if split is None or not all(k in split for k in ("filenames", "shard_lengths", "num_samples")):
+        raise SynthvitError(f"{path}: splits.{SPLIT} must hold filenames, shard_lengths and num_samples")
+    return info
+
+
+def verify_dataset(data_dir: str | Path, deep: bool = True) -> list[str]:
+    """Problems found (empty list: the dataset matches its manifest).
+
+    Checks every shard exists with the recorded sha256; with ``deep``, also that each shard decodes
+    into the recorded number of samples.
+    """
+    info = read_info(data_dir)
+    split = info["splits"][SPLIT]
+    hashes = split.get("sha256") or [None] * len(split["filenames"])
+    problems = []
+    for fname, n, digest in zip(split["filenames"], split["shard_lengths"], hashes):
+        path = Path(data_dir) / fname
+        if not path.is_file():
+            problems.append(f"{fname}: missing")
+            continue
+        if digest is not None and sha256_file(path) != digest:
+            problems.append(f"{fname}: sha256 differs from the manifest (corrupt or modified)")
+            continue
+        if deep:
+            try:
+                count = sum(1 for _ in iter_shard(path))
+            except (tarfile.TarError, OSError, ValueError, SynthvitError) as e:
+                problems.append(f"{fname}: unreadable ({e})")
+                continue
+            if count != n:
+                problems.append(f"{fname}: holds {count} samples, the manifest says {n}")
+    return problems

@@ -1,0 +1,1 @@
+"""Stage 2: ViT pretraining on synthvit shards (to come)."""

@@ -1,0 +1,95 @@
+"""``synthvit <stage> [--config FILE] [dotted.key=value ...]``: parse, then dispatch (imports are lazy)."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from synthvit.config import ConfigError, describe, load_config
+from synthvit.io import SynthvitError
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: str  # "module:Class" of the stage's config dataclass (a light module)
+    run: str  # "module:function" taking the config and returning the output folder
+    summary: str
+
+
+STAGES: dict[str, Stage] = {
+    "generate": Stage("generate.config:GenerateConfig", "generate.run:run",
+                      "render synthetic defect images with masks and labels into WebDataset shards"),
+}
+
+USAGE = "usage: synthvit <stage> [--config FILE] [key=value ...]   (synthvit <stage> --help lists the keys)"
+
+
+def _load(ref: str):
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _stage_help(name: str) -> str:
+    stage = STAGES[name]
+    lines = [f"usage: synthvit {name} [--config FILE] [key=value ...]", "", stage.summary, "",
+             "Keys (YAML files in configs/ hold diffs over these defaults; key=value overrides them):"]
+    lines += describe(_load(stage.config))
+    return "\n".join(lines)
+
+
+def _main_help() -> str:
+    lines = [USAGE, "", "stages:"]
+    lines += [f"  {name:<10} {stage.summary}" for name, stage in STAGES.items()]
+    for name in STAGES:
+        lines += ["", _stage_help(name)]
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str]) -> tuple[str, str | None, list[str]]:
+    stage, config, overrides = argv[0], None, []
+    rest = iter(argv[1:])
+    for arg in rest:
+        if arg in ("--config", "-c"):
+            config = next(rest, None)
+            if config is None:
+                raise ConfigError("--config needs a file path")
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg}; options are --config FILE and --help, then key=value overrides")
+        else:
+            overrides.append(arg)
+    return stage, config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_main_help())
+        return 0 if argv else 2
+    if argv[0] not in STAGES:
+        print(f"synthvit: error: unknown stage {argv[0]!r}; stages: {', '.join(STAGES)}\n{USAGE}", file=sys.stderr)
+        return 2
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(_stage_help(argv[0]))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    name = argv[0]
+    try:
+        stage_name, config_path, overrides = _parse(argv)
+        cfg = load_config(_load(STAGES[name].config), config_path, overrides)
+        out = _load(STAGES[name].run)(cfg)
+    except ConfigError as e:
+        print(f"synthvit {name}: config error: {e}", file=sys.stderr)
+        return 2
+    except SynthvitError as e:
+        print(f"synthvit {name}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"synthvit {name}: interrupted; finished work is kept, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    if out is not None:
+        print(f"synthvit {name}: done -> {out}")
+    return 0

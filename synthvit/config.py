@@ -1,0 +1,223 @@
+"""Strict typed configs: dataclass defaults <- YAML diff <- ``dotted.key=value`` overrides.
+
+Every stage describes its options as a ``@dataclass(kw_only=True)`` (nested dataclasses for groups).
+A YAML file holds only what differs from the defaults; the command line overrides single keys.
+Unknown keys and wrongly typed values raise :class:`ConfigError` naming the key and what is accepted,
+instead of silently becoming attributes. Imports nothing heavy (yaml only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "dump_yaml", "describe", "parse_size"]
+
+
+class ConfigError(ValueError):
+    """A config key, value or file the user must fix. The message says what is accepted."""
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin in (list, tuple):
+        args = get_args(tp)
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "group"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against type ``tp``; allow only lossless conversions (int -> float, list -> tuple)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not accepted; choose one of {_type_name(tp)}")
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin in (list, tuple):
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")  # pragma: no cover - a programming error
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + u for u in unknown)}; "
+            f"accepted keys{' under ' + prefix[:-1] if prefix else ''}: {', '.join(names)}")
+    kwargs = {name: _coerce(values[name], hints[name], prefix + name) for name in names if name in values}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe dict (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. num_samples=100)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None and raw.strip().lower() not in ("null", "none", "~"):
+        value = raw
+    return key, value
+
+
+def apply_overrides(base: dict, overrides: list[str]) -> dict:
+    tree = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, diff: dict) -> dict:
+    out = dict(base)
+    for k, v in diff.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults of ``cls``, then the YAML diff at ``path``, then ``key=value`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
+        tree = loaded
+    override_tree = apply_overrides({}, overrides or [])
+    tree = _merge(tree, override_tree)
+    try:
+        return _build(cls, tree)
+    except ConfigError as e:
+        where = f" (config file {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per key: ``key: type = default  # help`` (nested groups flattened with dots)."""
+    lines = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, prefix=f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        default_txt = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        help_txt = f.metadata.get("help", "")
+        lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default_txt}" + (f"   # {help_txt}" if help_txt else ""))
+    return lines
+
+
+def parse_size(value: int | str, key: str = "image_size") -> tuple[int, int]:
+    """``256`` -> (256, 256); ``"3840x2160"`` -> (3840, 2160) as (width, height)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        w = h = value
+    elif isinstance(value, str):
+        parts = value.lower().replace(" ", "").split("x")
+        if len(parts) == 1 and parts[0].isdigit():
+            w = h = int(parts[0])
+        elif len(parts) == 2 and all(p.isdigit() for p in parts):
+            w, h = int(parts[0]), int(parts[1])
+        else:
+            raise ConfigError(f"{key}: {value!r} is not a size; use an int (512) or WIDTHxHEIGHT (3840x2160)")
+    else:
+        raise ConfigError(f"{key}: {value!r} is not a size; use an int (512) or WIDTHxHEIGHT (3840x2160)")
+    return w, h
+
