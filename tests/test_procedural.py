@@ -9,7 +9,8 @@ from synthvit.config import ConfigError, load_config
 
 
 def backend(**overrides) -> ProceduralBackend:
-    return create_backend("procedural", load_config(GenerateConfig, overrides=[f"{k}={v}" for k, v in overrides.items()]))
+    cfg = load_config(GenerateConfig, overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return create_backend("procedural", cfg)
 
 
 def test_same_seed_and_index_give_the_same_bytes():

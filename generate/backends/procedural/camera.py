@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from generate.backends.procedural.noise import grain
+from generate.backends.procedural.noise import add_grain, row_strips
 
 
 def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
@@ -36,9 +36,8 @@ def warp(rng, lum: np.ndarray, max_rotation_deg: float, max_perspective: float) 
     src = centre + ((corners - centre) @ rot.T) * (fit * (1.0 - rng.uniform(0, max_perspective, (4, 1))))
     coeffs = _perspective_coeffs(corners, src).astype(np.float32)
     out = np.empty_like(lum)
-    rows = max(1, (1 << 17) // W)  # strips of ~128 kpx keep every temporary small and in cache
-    for y0 in range(0, H, rows):
-        out[y0:y0 + rows] = _warp_rows(lum, coeffs, y0, min(H, y0 + rows))
+    for sl in row_strips(H, W):
+        out[sl] = _warp_rows(lum, coeffs, sl.start, sl.stop)
     return out, dict(rotation_deg=math.degrees(theta))
 
 
@@ -69,33 +68,41 @@ def _warp_rows(lum: np.ndarray, coeffs: np.ndarray, y0: int, y1: int) -> np.ndar
     return top
 
 
-def lighting(rng, lum: np.ndarray, strength: float) -> tuple[np.ndarray, dict]:
-    """Multiply (H, W) by a linear illumination gradient and a radial vignette; returns the field too."""
+def lighting(rng, lum: np.ndarray, strength: float) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+    """Multiply (H, W) by a linear illumination gradient and a radial vignette, in place.
+
+    The field is separable, ``column (H, 1) + row (1, W)``; both are returned so a defect patch can be lit
+    the same way without a frame-sized field.
+    """
     H, W = lum.shape
     g, v = rng.uniform(0, strength), rng.uniform(0, strength)
     a = rng.uniform(0, 2 * math.pi)
     cy, cx = (float(c) for c in rng.uniform(-0.3, 0.3, 2))
     ys = np.linspace(-1, 1, H, dtype=np.float32)[:, None]
     xs = np.linspace(-1, 1, W, dtype=np.float32)[None, :]
-    field = (1.0 + g * math.sin(a) * ys - v * (ys - cy) ** 2) + (g * math.cos(a) * xs - v * (xs - cx) ** 2)
-    lum *= field
-    return field, dict(gradient=g, vignette=v)
+    column = 1.0 + g * math.sin(a) * ys - v * (ys - cy) ** 2
+    row = g * math.cos(a) * xs - v * (xs - cx) ** 2
+    for sl in row_strips(H, W):
+        lum[sl] *= column[sl] + row
+    return (column, row), dict(gradient=g, vignette=v)
 
 
 def sensor_noise(rng, lum: np.ndarray, std: float) -> None:
     """Add Gaussian luminance noise of ``std`` 8-bit grey levels to (H, W) in place."""
-    noise = grain(rng, lum.shape)
-    noise *= std / 255.0
-    lum += noise
+    add_grain(rng, lum, std / 255.0)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Planar (C, H, W) float in [0, 1] -> (H, W) or interleaved (H, W, 3) uint8."""
-    img *= 255.0
-    img += 0.5
-    np.clip(img, 0.0, 255.0, out=img)
-    planes = img.astype(np.uint8)
-    if planes.shape[0] == 1:
+    """Planar (C, H, W) float in [0, 1] -> (H, W) or interleaved (H, W, 3) uint8 (rounded, clipped)."""
+    C, H, W = img.shape
+    planes = np.empty((C, H, W), np.uint8)
+    for sl in row_strips(H, W, pixels=(1 << 16) // C):
+        block = img[:, sl]
+        block *= 255.0
+        block += 0.5
+        np.clip(block, 0.0, 255.0, out=block)
+        planes[:, sl] = block
+    if C == 1:
         return planes[0]
     return np.asarray(Image.merge("RGB", [Image.fromarray(p) for p in planes]))
 

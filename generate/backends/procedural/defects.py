@@ -52,12 +52,13 @@ def blur_stamp(stamp: Stamp, sigma: float) -> Stamp:
 
 
 def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp, inst_id: int, class_id: int,
-              light: np.ndarray | None = None) -> tuple[int, tuple] | None:
+              light: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, tuple] | None:
     """Blend ``stamp`` into ``img`` (C, H, W) in place; label its pixels in ``inst`` and ``mask``.
 
-    ``light`` (H, W): the illumination the frame was already multiplied by; offsets (light the defect emits or
-    reflects, such as a bright scratch) are lit the same way, so drawing defects after lighting equals lighting
-    the defective frame. Returns (pixels covered, (ys, ye, xs, xe) of the clipped patch), or None if none.
+    ``light`` ((H, 1) column, (1, W) row; their sum is the illumination the frame was multiplied by): offsets
+    (light a defect reflects, such as a bright scratch) are lit the same way, so drawing defects after lighting
+    equals lighting the defective frame.
+    Returns (pixels covered, (ys, ye, xs, xe) of the clipped patch), or None when nothing landed.
     """
     H, W = inst.shape
     h, w = stamp.alpha.shape
@@ -74,7 +75,7 @@ def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp,
     region = img[:, ys:ye, xs:xe]
     offset = _crop(stamp.offset, (h, w), sl)
     if light is not None and not (np.isscalar(offset) and offset == 0):
-        offset = offset * light[ys:ye, xs:xe]
+        offset = offset * (light[0][ys:ye] + light[1][:, xs:xe])
     new = region * _crop(stamp.gain, (h, w), sl) + offset
     new -= region
     new *= a

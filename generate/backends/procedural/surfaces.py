@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from generate.backends.procedural.noise import LowRes, fractal, grain, line_noise
+from generate.backends.procedural.noise import LowRes, add_grain, fractal, line_noise, row_strips
 
 
 def _projected(ys: np.ndarray, xs: np.ndarray, angle: float, step: float) -> np.ndarray:
@@ -85,7 +85,7 @@ def sintered(rng, h, w, feature):
     porosity = rng.uniform(0.02, 0.12)
     lum = _blobs(rng, h, w, pore_px, porosity)
     lum *= -rng.uniform(0.25, 0.45)
-    lum += grain(rng, (h, w)) * rough
+    add_grain(rng, lum, rough)
     low = LowRes(h, w)
     low.add_fractal(rng, rough * 1.5, cells=rng.uniform(3, 8), octaves=4)
     low.acc += base
@@ -110,7 +110,7 @@ def concrete(rng, h, w, feature):
         density = 0.0
         lum = _blobs(rng, h, w, max(2.0, rng.uniform(0.01, 0.03) * feature), rng.uniform(0.1, 0.3))
         lum *= rng.uniform(-0.12, 0.12)
-        lum += grain(rng, (h, w)) * rng.uniform(0.02, 0.05)
+        add_grain(rng, lum, rng.uniform(0.02, 0.05))
         low.add_fractal(rng, rng.uniform(0.05, 0.1), cells=rng.uniform(2, 6), octaves=4, persistence=0.6)
         low.acc += base
         lum += low.full()
@@ -122,8 +122,22 @@ def fabric(rng, h, w, feature):
     """Plain-weave fabric: two thread families crossing over/under, with yarn irregularity."""
     period = max(3.0, rng.uniform(0.012, 0.035) * feature)
     angle = rng.uniform(-0.2, 0.2) + (math.pi / 4 if rng.random() < 0.2 else 0.0)
+    contrast, base = rng.uniform(0.2, 0.45), rng.uniform(0.35, 0.7)
     ys, xs = _grid(h, w)
     c, s = math.cos(angle) / period, math.sin(angle) / period
+    lum = np.empty((h, w), np.float32)
+    for sl in row_strips(h, w):
+        lum[sl] = _weave(ys[sl], xs, c, s, contrast)
+    low = LowRes(h, w)
+    low.add_fractal(rng, rng.uniform(0.02, 0.06), cells=rng.uniform(3, 8), octaves=3)
+    low.acc += base - contrast / 2
+    lum += low.full()
+    colour = rng.uniform(0.2, 1.0, 3).astype(np.float32)
+    params = dict(period_px=period, angle=angle, contrast=contrast, base=base)
+    return lum, colour / colour.mean(), params
+
+
+def _weave(ys, xs, c, s, contrast):
     fu = xs * c + ys * s
     fv = ys * c - xs * s
     iu, iv = np.floor(fu), np.floor(fv)
@@ -132,16 +146,9 @@ def fabric(rng, h, w, feature):
     iu += iv
     warp_on_top = (iu.astype(np.int32) & 1).astype(bool)
     lum = np.where(warp_on_top, fu, fv)
-    lum *= 1.0 - lum  # rounded thread cross-section, 0 in the gaps (times 4 below)
-    contrast, base = rng.uniform(0.2, 0.45), rng.uniform(0.35, 0.7)
+    lum *= 1.0 - lum  # rounded thread cross-section, 0 in the gaps
     lum *= 4.0 * contrast
-    low = LowRes(h, w)
-    low.add_fractal(rng, rng.uniform(0.02, 0.06), cells=rng.uniform(3, 8), octaves=3)
-    low.acc += base - contrast / 2
-    lum += low.full()
-    colour = rng.uniform(0.2, 1.0, 3).astype(np.float32)
-    params = dict(period_px=period, angle=angle, contrast=contrast, base=base)
-    return lum, colour / colour.mean(), params
+    return lum
 
 
 def painted(rng, h, w, feature):

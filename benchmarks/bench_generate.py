@@ -1,0 +1,96 @@
+"""Generation speed per core against the JPEG-encode-only limit, at 512x512 and 3840x2160.
+
+For each size, in one process (one core) and side by side:
+  render      - the procedural renderer alone (image + mask + metadata in memory)
+  write-only  - encoding already-rendered samples (jpg, mask.png, cls, json) into a tar: generation at zero render cost
+  generate    - render + write + sha256: what `synthvit generate` does per shard
+  encode-only - JPEG-encoding the very same final images at the same quality (the limit this stage can approach)
+and the ratios generate/encode-only and write-only/encode-only (the ceiling any renderer could reach).
+Then the whole CLI stage with all cores (workers) for the wall rate.
+
+    python benchmarks/bench_generate.py [--samples 200] [--samples-4k 12] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+
+from generate.backends import create_backend
+from generate.config import GenerateConfig
+from generate.run import run
+from generate.schema import encode_sample
+from generate.writer import ShardPlan, tune_allocator, write_shard
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def bench_size(size: str, n: int, quality: int = 95) -> dict:
+    cfg = GenerateConfig(image_size=size, num_samples=n, samples_per_shard=n, jpeg_quality=quality)
+    backend = create_backend("procedural", cfg)
+    backend.render(10_000)  # warm-up (allocator, caches)
+    t = time.perf_counter()
+    samples = [backend.render(i) for i in range(n)]
+    render_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        write_shard(backend, ShardPlan(0, 0, n), Path(d), cfg)
+        generate_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d, open(Path(d) / "w.tar", "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        t = time.perf_counter()
+        for i, s in enumerate(samples):
+            writer.write(encode_sample(i, s, "jpg", quality))
+        writer.close()
+        write_s = time.perf_counter() - t
+    images = [Image.fromarray(s.image) for s in samples]
+    t = time.perf_counter()
+    for im in images:
+        im.save(io.BytesIO(), format="JPEG", quality=quality)
+    encode_s = time.perf_counter() - t
+    return dict(size=size, n=n, render=_rate(n, render_s), write=_rate(n, write_s), generate=_rate(n, generate_s),
+                encode=_rate(n, encode_s), ratio=encode_s / generate_s, ceiling=encode_s / write_s)
+
+
+def bench_stage(size: str, n: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        cfg = GenerateConfig(image_size=size, num_samples=n, samples_per_shard=max(1, n // (4 * workers)),
+                             num_workers=workers, preview=0, out_dir=str(Path(d) / "ds"))
+        t = time.perf_counter()
+        run(cfg)
+        return _rate(n, time.perf_counter() - t)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=200, help="samples at 512x512")
+    ap.add_argument("--samples-4k", type=int, default=12, help="samples at 3840x2160")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+    tune_allocator()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"{platform.platform()}")
+    print("\nper core (one process), samples/s:")
+    print(f"| {'size':>10} | {'n':>4} | {'render':>8} | {'write-only':>10} | {'generate':>9} | {'encode-only':>11} "
+          f"| generate/encode | write-only/encode |")
+    print(f"|{'-' * 12}|{'-' * 6}|{'-' * 10}|{'-' * 12}|{'-' * 11}|{'-' * 13}|{'-' * 17}|{'-' * 19}|")
+    for size, n in (("512", args.samples), ("3840x2160", args.samples_4k)):
+        r = bench_size(size, n)
+        print(f"| {r['size']:>10} | {r['n']:>4} | {r['render']:8.1f} | {r['write']:10.1f} | {r['generate']:9.1f} "
+              f"| {r['encode']:11.1f} | {r['ratio']:15.1%} | {r['ceiling']:17.1%} |")
+    print(f"\nwhole stage (`synthvit generate`, {args.workers} workers, incl. start-up and _info.json), samples/s:")
+    for size, n in (("512", args.samples * 2), ("3840x2160", args.samples_4k * 2)):
+        print(f"  {size:>10}: {bench_stage(size, n, args.workers):.1f}")
+
+
+if __name__ == "__main__":
+    main()
