@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ class Stage:
 STAGES: dict[str, Stage] = {
     "generate": Stage("generate.config:GenerateConfig", "generate.run:run",
                       "render synthetic defect images with masks and labels into WebDataset shards"),
+    "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run:run",
+                      "pretrain a timm model on synthvit shards with CutMix, through Accelerate"),
 }
 
 USAGE = "usage: synthvit <stage> [--config FILE] [key=value ...]   (synthvit <stage> --help lists the keys)"
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_stage_help(argv[0]))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     name = argv[0]
     try:
         stage_name, config_path, overrides = _parse(argv)
@@ -90,6 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthvit {name}: interrupted; finished work is kept, re-run the same command to resume",
               file=sys.stderr)
         return 130
-    if out is not None:
+    if out is not None and os.environ.get("RANK", "0") == "0":
         print(f"synthvit {name}: done -> {out}")
     return 0

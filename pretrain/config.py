@@ -1,0 +1,114 @@
+"""Typed config of ``synthvit pretrain`` (a light module: the CLI imports it for ``--help``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from synthvit.config import ConfigError
+
+OBJECTIVES = ("cls", "seg", "cls+seg")
+
+
+@dataclass(kw_only=True)
+class MixConfig:
+    """timm ``Mixup`` as CutMix (alpha 0.7, mixup off, label smoothing 0.1); masks get the same boxes."""
+    cutmix_alpha: float = 0.7
+    mixup_alpha: float = 0.0
+    prob: float = field(default=1.0, metadata={"help": "share of batches mixed (0 disables CutMix)"})
+    switch_prob: float = field(default=0.5, metadata={"help": "cutmix vs mixup when both alphas > 0"})
+    label_smoothing: float = 0.1
+
+    def __post_init__(self):
+        if self.cutmix_alpha < 0 or self.mixup_alpha < 0:
+            raise ConfigError("mix.cutmix_alpha and mix.mixup_alpha must be >= 0")
+        for name in ("prob", "switch_prob", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"mix.{name}: {getattr(self, name)} is not in [0, 1]")
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.cutmix_alpha > 0 or self.mixup_alpha > 0)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = field(default=5e-4, metadata={"help": "base LR for a global batch of lr_base_batch"})
+    lr_base_batch: int = 256
+    lr_scale: str = field(default="linear", metadata={"help": "linear, sqrt or none: LR scaling with global batch"})
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0: off)"})
+    accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.lr_base_batch < 1:
+            raise ConfigError("optim.lr must be > 0 and optim.lr_base_batch >= 1")
+        if self.lr_scale not in ("linear", "sqrt", "none"):
+            raise ConfigError(f"optim.lr_scale: {self.lr_scale!r} not accepted; use linear, sqrt or none")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: {self.betas} must hold two numbers")
+        if self.warmup_steps < 0 or self.accum_steps < 1 or self.clip_grad < 0:
+            raise ConfigError("optim.warmup_steps >= 0, optim.accum_steps >= 1 and optim.clip_grad >= 0 required")
+
+
+@dataclass(kw_only=True)
+class PretrainConfig:
+    data: list[str] = field(default_factory=lambda: ["shards/demo"],
+                            metadata={"help": "dataset folder(s) of synthvit shards (with _info.json)"})
+    data_weights: list[float] = field(default_factory=list, metadata={"help": "sampling weight per folder"})
+    model: str = field(default="vit_tiny_patch16_224", metadata={"help": "any timm model name"})
+    weights: str = field(default="", metadata={"help": "local weights file to start from (safetensors)"})
+    out_dir: str = "runs/pretrain"
+    objective: str = field(default="cls", metadata={"help": "cls, seg or cls+seg"})
+    seg_weight: float = field(default=1.0, metadata={"help": "weight of the seg loss in cls+seg"})
+    steps: int = 300
+    batch_size: int = field(default=32, metadata={"help": "per process, per micro-step"})
+    image_size: int = 224
+    in_chans: int = field(default=3, metadata={"help": "3 (grayscale replicated) or 1"})
+    drop_path: float = 0.1
+    seed: int = 0
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    resample: bool = field(default=True, metadata={"help": "draw shards with replacement (false: one pass each)"})
+    scale: list[float] = field(default_factory=lambda: [0.25, 1.0], metadata={"help": "random-resized-crop area"})
+    jitter: float = field(default=0.2, metadata={"help": "brightness/contrast jitter strength"})
+    class_names: list[str] = field(default_factory=list,
+                                   metadata={"help": "expected classes (empty: take them from the data)"})
+    mix: MixConfig = field(default_factory=MixConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (through Accelerate)"})
+    compile: bool = False
+    ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off, e.g. 0.9998)"})
+    log_every: int = 10
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    keep_last: int = 2
+    resume: str = field(default="auto", metadata={"help": "auto (newest complete checkpoint), none, or a path"})
+    stop_at: int = field(default=0, metadata={"help": "end this run after step N with a checkpoint (0: run all)"})
+    record_keys: bool = field(default=False, metadata={"help": "log the sample keys each rank trains on"})
+
+    def __post_init__(self):
+        if not self.data:
+            raise ConfigError("data: give at least one dataset folder")
+        if self.data_weights and (len(self.data_weights) != len(self.data) or min(self.data_weights) <= 0):
+            raise ConfigError(f"data_weights: {self.data_weights} needs one positive weight per data folder "
+                              f"({len(self.data)})")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective: {self.objective!r} not accepted; use {', '.join(OBJECTIVES)}")
+        if self.in_chans not in (1, 3):
+            raise ConfigError(f"in_chans: {self.in_chans} not accepted; use 1 or 3")
+        if self.precision not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"precision: {self.precision!r} not accepted; use no, bf16 or fp16")
+        if self.steps < 1 or self.batch_size < 1 or self.image_size < 16 or self.num_workers < 0:
+            raise ConfigError("steps >= 1, batch_size >= 1, image_size >= 16 and num_workers >= 0 required")
+        if self.mix.active and self.batch_size % 2:
+            raise ConfigError(f"batch_size: {self.batch_size} is odd; CutMix pairs each image with another in the "
+                              f"batch and needs an even per-process batch (or set mix.prob=0)")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ConfigError(f"scale: {self.scale} must be [min, max] with 0 < min <= max <= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: {self.ema_decay} must be in [0, 1)")
+        if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
+            raise ConfigError("save_every, keep_last and log_every must be >= 1")
+        if self.stop_at < 0 or self.stop_at > self.steps:
+            raise ConfigError(f"stop_at: {self.stop_at} must be in 0..steps ({self.steps})")

@@ -1,0 +1,232 @@
+"""The training stream: public ``webdataset`` stages over synthvit shards, deterministic for any resume point.
+
+Each (rank, worker role) owns a slot. Per epoch, a slot draws shards with a ``random.Random`` seeded by
+(seed, epoch, slot) -- with replacement (``resample``) or as a shuffled pass over its own disjoint share of the
+shards -- then ``tarfile_to_samples -> shuffle (seeded) -> decode + augment (seeded per sample) -> batched``, and
+``with_epoch`` gives every slot the same number of batches, so every rank gets the same number per epoch and DDP
+never waits on a rank that ran dry. webdataset's own ``ResampledShards`` draws from an unseeded generator, hence
+the small sampler here.
+
+Batches per epoch are a multiple of the worker count; the DataLoader takes batches from workers round-robin, so
+global batch ``i`` always comes from role ``i % workers``. Resuming at batch ``c`` rotates the roles by
+``c % workers`` and each role skips, *before decoding*, the samples it had already served: the stream continues
+exactly where it stopped.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from generate.schema import CLS_KEY, IMAGE_KEYS, MASK_KEY, read_info
+from synthvit.io import SynthvitError
+
+log = logging.getLogger("synthvit.pretrain")
+
+
+@dataclass
+class Source:
+    folder: Path
+    urls: list[str]
+    weight: float
+    num_samples: int
+
+
+def load_sources(folders: list[str], weights: list[float], expected_classes: list[str]) -> tuple[list[Source], list]:
+    """Read every dataset's ``_info.json``; all must share one class list (and match ``expected_classes``)."""
+    sources, class_names = [], None
+    for i, folder in enumerate(folders):
+        info = read_info(folder)
+        split = info["splits"]["train"]
+        names = list(info["class_names"])
+        if class_names is None:
+            class_names = names
+        elif names != class_names:
+            raise SynthvitError(f"dataset {folder} has classes {names}, but {folders[0]} has {class_names}; "
+                                f"datasets mixed in one run must share one class list")
+        urls = [str(Path(folder) / f) for f in split["filenames"]]
+        missing = [u for u in urls if not Path(u).is_file()]
+        if missing:
+            raise SynthvitError(f"{len(missing)} shard(s) listed in {folder}/_info.json are missing, e.g. "
+                                f"{missing[0]}; run `synthvit generate out_dir={folder} verify=true`")
+        sources.append(Source(Path(folder), urls, weights[i] if weights else 1.0, int(split["num_samples"])))
+    if expected_classes and expected_classes != class_names:
+        raise SynthvitError(f"class_names in the config {expected_classes} differ from the data's {class_names} "
+                            f"({folders[0]}/_info.json); fix class_names or leave it empty to take the data's")
+    return sources, class_names
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs to rebuild its slice of the stream (picklable)."""
+    sources: list[Source]
+    batch_size: int
+    image_size: int
+    in_chans: int
+    scale: tuple[float, float]
+    jitter: float
+    with_mask: bool
+    seed: int
+    rank: int
+    world: int
+    workers: int  # >= 1 (0 workers -> 1 role, in the main process)
+    resample: bool
+    shuffle_buffer: int
+    batches_per_epoch: int  # per rank, a multiple of workers
+    start_batch: int = 0  # batches this rank had consumed before (resume)
+
+    @property
+    def slots(self) -> int:
+        return self.world * self.workers
+
+
+def batches_per_epoch(total_samples: int, batch_size: int, world: int, workers: int) -> int:
+    per_rank = math.ceil(total_samples / (batch_size * world))
+    return max(1, math.ceil(per_rank / workers)) * workers
+
+
+def check_shard_counts(sources: list[Source], world: int, workers: int, resample: bool) -> None:
+    slots = world * workers
+    for s in sources:
+        if len(s.urls) >= slots:
+            continue
+        msg = (f"{s.folder} has {len(s.urls)} shard(s) for {world} rank(s) x {workers} worker(s) = {slots} "
+               f"readers")
+        if not resample:
+            raise SynthvitError(f"{msg}: without resampling each reader needs its own shard. Write more, smaller "
+                                f"shards (samples_per_shard), use fewer num_workers, or set resample=true")
+        log.warning("%s: readers share shards, so ranks do not see disjoint samples", msg)
+
+
+class SkipCounter:
+    """Handler for webdataset stages: log a corrupt shard/sample, count it, continue."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        log.warning("skipping unreadable data (%d so far): %r", self.count, exn)
+        return True
+
+
+def _shard_urls(spec: StreamSpec, slot: int, epoch: int):
+    rng = random.Random(f"synthvit/{spec.seed}/{epoch}/{slot}")
+    shares = [s.urls[slot::spec.slots] if len(s.urls) >= spec.slots else s.urls for s in spec.sources]
+    weights = [s.weight for s in spec.sources]
+    if spec.resample:
+        while True:
+            k = rng.choices(range(len(shares)), weights)[0] if len(shares) > 1 else 0
+            yield {"url": rng.choice(shares[k])}
+    while True:  # passes without replacement over this slot's own shards
+        order = [(k, u) for k, share in enumerate(shares) for u in share]
+        rng.shuffle(order)
+        for _, url in order:
+            yield {"url": url}
+
+
+def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generator, spec: StreamSpec):
+    """Random resized crop at the model size, 90-degree rotations and flips, brightness/contrast jitter.
+
+    The mask gets the same crop (nearest), rotation and flip. Returns uint8 (C, S, S) and (S, S) arrays.
+    """
+    W, H = image.size
+    area = W * H * rng.uniform(*spec.scale)
+    ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w, h = min(W, max(1, round(math.sqrt(area * ratio)))), min(H, max(1, round(math.sqrt(area / ratio))))
+    x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+    box, size = (x0, y0, x0 + w, y0 + h), (spec.image_size, spec.image_size)
+    image = image.convert("L" if spec.in_chans == 1 else "RGB").resize(size, Image.BILINEAR, box=box)
+    arr = np.asarray(image, dtype=np.float32)
+    k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+    if spec.jitter:
+        contrast, brightness = 1 + rng.uniform(-spec.jitter, spec.jitter), 1 + rng.uniform(-spec.jitter, spec.jitter)
+        mean = float(arr.mean())
+        arr = (arr - mean) * contrast + mean * brightness
+    arr = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    arr = np.rot90(arr, k, axes=(1, 2))
+    arr = np.ascontiguousarray(arr[:, :, ::-1] if flip else arr)
+    if mask is None:
+        return arr, None
+    m = np.rot90(np.asarray(mask.resize(size, Image.NEAREST, box=box)), k)
+    return arr, np.ascontiguousarray(m[:, ::-1] if flip else m)
+
+
+def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None or CLS_KEY not in sample or (spec.with_mask and MASK_KEY not in sample):
+        raise SynthvitError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks jpg|png, cls or "
+                            f"mask.png")
+    with Image.open(io.BytesIO(sample[key])) as im:
+        im.load()
+        mask = Image.open(io.BytesIO(sample[MASK_KEY])) if spec.with_mask else None
+        image, m = augment(im, mask, rng, spec)
+    out = {"image": image, "cls": int(sample[CLS_KEY]), "key": f"{Path(sample['__url__']).name}/{sample['__key__']}"}
+    if m is not None:
+        out["mask"] = m
+    return out
+
+
+def _collate(samples: list[dict], skipped: SkipCounter, role: int) -> dict:
+    batch = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])),
+             "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.long),
+             "keys": [s["key"] for s in samples], "skipped": (role, skipped.count)}
+    if "mask" in samples[0]:
+        batch["mask"] = torch.from_numpy(np.stack([s["mask"] for s in samples]))
+    return batch
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """An endless stream of batches for one rank; see the module docstring for the determinism contract."""
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+
+    def __iter__(self):
+        spec = self.spec
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        role = (worker + spec.start_batch) % spec.workers
+        slot = spec.rank * spec.workers + role
+        per_role = spec.batches_per_epoch // spec.workers
+        epoch, within = divmod(spec.start_batch, spec.batches_per_epoch)
+        done = max(0, math.ceil((within - role) / spec.workers))  # batches this role served in the epoch
+        skipped = SkipCounter()
+        while True:
+            if per_role > done:  # with_epoch(0) would mean "no limit"
+                yield from self._epoch(slot, role, epoch, done, per_role - done, skipped)
+            epoch, done = epoch + 1, 0
+
+    def _epoch(self, slot: int, role: int, epoch: int, skip_batches: int, num_batches: int, skipped: SkipCounter):
+        spec = self.spec
+        counter = iter(range(skip_batches * spec.batch_size, 1 << 62))
+        pipeline = wds.DataPipeline(
+            lambda: _shard_urls(spec, slot, epoch),
+            wds.tarfile_to_samples(handler=skipped),
+            wds.shuffle(spec.shuffle_buffer, min(spec.shuffle_buffer, 100),
+                        rng=random.Random(f"synthvit-shuffle/{spec.seed}/{epoch}/{slot}")),
+            lambda src: islice(src, skip_batches * spec.batch_size, None),  # resume: skip before decoding
+            wds.map(lambda s: _decode(s, spec, np.random.default_rng((spec.seed, epoch, slot, next(counter)))),
+                    handler=skipped),
+            wds.batched(spec.batch_size, collation_fn=lambda b: _collate(b, skipped, role), partial=False),
+        )
+        return pipeline.with_epoch(num_batches)
+
+
+def make_loader(spec: StreamSpec, num_workers: int) -> torch.utils.data.DataLoader:
+    """Not passed through ``accelerator.prepare``: each rank already reads its own slots; move batches yourself."""
+    if num_workers == 0:
+        return wds.WebLoader(TrainStream(spec), batch_size=None, num_workers=0)
+    return wds.WebLoader(TrainStream(spec), batch_size=None, num_workers=num_workers, persistent_workers=True,
+                         prefetch_factor=4)

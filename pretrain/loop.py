@@ -1,0 +1,231 @@
+"""The training loop: ``Trainer.train()`` -> ``train_step()``, readable top to bottom.
+
+Every step reseeds torch and numpy from (seed, step, rank), so CutMix boxes, drop-path and dropout depend on the
+step alone: a resumed run matches an uninterrupted one. The LR is a pure function of the step (warmup + cosine),
+set on the optimizer each step, so the only state to restore is Accelerate's (model, optimizer, scaler) and the
+EMA weights (safetensors).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
+from tqdm.auto import tqdm
+
+from pretrain import checkpoint
+from pretrain.data import StreamSpec, batches_per_epoch, make_loader
+from pretrain.mix import create_mixer
+from pretrain.model import normalizer
+from synthvit.io import SynthvitError
+
+log = logging.getLogger("synthvit.pretrain")
+EMA_FILE = "ema.safetensors"
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def scaled_lr(optim_cfg, global_batch: int) -> float:
+    ratio = global_batch / optim_cfg.lr_base_batch
+    return optim_cfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim_cfg.lr_scale]
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    s = int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg, accelerator, model, sources, class_names: list[str], run_dir: Path):
+        self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
+        self.class_names, self.sources = class_names, sources
+        self.mean, self.std = (t.to(accelerator.device) for t in normalizer(model.backbone, cfg.in_chans))
+        self.global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.accum_steps
+        self.base_lr = scaled_lr(cfg.optim, self.global_batch)
+        optimizer = create_optimizer_v2(model, "adamw", lr=self.base_lr, weight_decay=cfg.optim.weight_decay,
+                                        betas=tuple(cfg.optim.betas))
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.mixer = create_mixer(cfg.mix, cfg.objective, len(class_names))
+        self.soft_ce = SoftTargetCrossEntropy()
+        self.step, self.images_seen, self.skipped_before = 0, 0, 0
+        self.skipped: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict:
+        return dict(step=self.step, images_seen=self.images_seen, skipped=self.skipped_total_local(),
+                    num_processes=self.acc.num_processes)
+
+    def skipped_total_local(self) -> int:
+        return self.skipped_before + sum(self.skipped.values())
+
+    def save(self) -> Path:
+        path = checkpoint.save_checkpoint(self.acc, self.run_dir, self.step, self._state(), self.cfg.keep_last)
+        if self.ema is not None and self.acc.is_main_process:
+            save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(path / EMA_FILE))
+        return path
+
+    def resume(self, ckpt: Path) -> None:
+        self.acc.load_state(str(ckpt))
+        state = checkpoint.read_state(ckpt)
+        if state.get("num_processes", self.acc.num_processes) != self.acc.num_processes:
+            log.warning("resuming a %s-process run on %s processes: the data stream will differ",
+                        state["num_processes"], self.acc.num_processes)
+        self.step, self.images_seen, self.skipped_before = state["step"], state["images_seen"], state["skipped"]
+        if self.ema is not None and (ckpt / EMA_FILE).is_file():
+            self.ema.module.load_state_dict(load_file(str(ckpt / EMA_FILE), device=str(self.acc.device)))
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # ------------------------------------------------------------------ one step
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        cfg, dev = self.cfg, self.acc.device
+        x = (batch["image"].to(dev, non_blocking=True).float() - self.mean) / self.std
+        target = batch["cls"].to(dev, non_blocking=True)
+        mask = batch["mask"].to(dev, non_blocking=True).long() if "mask" in batch else None
+        soft = None
+        if self.mixer is not None and mask is None:
+            x, soft = self.mixer(x, target)
+        elif self.mixer is not None:
+            x, mask, soft, _ = self.mixer(x, mask, target)
+        with self.acc.autocast():
+            out = self.model(x)
+        losses = {}
+        if "cls" in out:
+            logits = out["cls"].float()
+            losses["cls"] = self.soft_ce(logits, soft) if soft is not None else F.cross_entropy(
+                logits, target, label_smoothing=cfg.mix.label_smoothing)
+        if "seg" in out:
+            losses["seg"] = F.cross_entropy(out["seg"].float(), mask)
+        losses["loss"] = losses.get("cls", 0.0) + cfg.seg_weight * losses.get("seg", 0.0)
+        return losses
+
+    def train_step(self, batches: list[dict]) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(self.step, self.base_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        totals: dict[str, float] = {}
+        for batch in batches:
+            with self.acc.accumulate(self.model):
+                losses = self.losses(batch)
+                self.acc.backward(losses["loss"])
+                if self.acc.sync_gradients and cfg.optim.clip_grad > 0:
+                    self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v.detach() / len(batches)
+        if self.ema is not None:
+            self.ema.update(self.acc.unwrap_model(self.model), step=self.step)
+        self._check_finite(totals["loss"])
+        return {k: float(self.acc.reduce(v, "mean")) for k, v in totals.items()} | {"lr": lr}
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        bad = self.acc.reduce((~torch.isfinite(loss)).float().reshape(1), "sum")
+        if bad.item() > 0:
+            last = checkpoint.complete_checkpoints(self.run_dir)
+            kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
+            raise SynthvitError(f"loss is not finite at step {self.step + 1}; {kept}. Lower optim.lr, keep "
+                                f"optim.clip_grad > 0, or use precision=bf16 instead of fp16, then resume")
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, end_step: int) -> dict:
+        cfg, acc = self.cfg, self.acc
+        workers = max(1, cfg.num_workers)
+        total = sum(s.num_samples for s in self.sources)
+        spec = StreamSpec(self.sources, cfg.batch_size, cfg.image_size, cfg.in_chans, tuple(cfg.scale), cfg.jitter,
+                          "seg" in cfg.objective, cfg.seed, acc.process_index, acc.num_processes, workers,
+                          cfg.resample, cfg.shuffle_buffer,
+                          batches_per_epoch(total, cfg.batch_size, acc.num_processes, workers),
+                          start_batch=self.step * cfg.optim.accum_steps)
+        batches = iter(make_loader(spec, cfg.num_workers))
+        metrics = MetricsLog(self.run_dir, acc, cfg.record_keys)
+        metrics.truncate_after(self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not acc.is_main_process)
+        t_start = t_log = time.perf_counter()
+        start_step, images_at_log = self.step, self.images_seen
+        window: dict[str, float] = {}  # sums over the steps since the last log line
+        while self.step < end_step:
+            seed_step(cfg.seed, self.step, acc.process_index)
+            group = [next(batches) for _ in range(cfg.optim.accum_steps)]
+            for b in group:
+                self.skipped[b["skipped"][0]] = int(b["skipped"][1])
+                metrics.keys(self.step, b["keys"])
+            out = self.train_step(group)
+            self.step += 1
+            self.images_seen += self.global_batch
+            bar.update(1)
+            for k, v in out.items():
+                window[k] = window.get(k, 0.0) + v
+            window["n"] = window.get("n", 0) + 1
+            if self.step % cfg.log_every == 0 or self.step == end_step:
+                n = window.pop("n")
+                out = {k: v / n for k, v in window.items()} | {"lr": out["lr"]}
+                window = {}
+                now = time.perf_counter()
+                out["images_per_s"] = (self.images_seen - images_at_log) / max(now - t_log, 1e-9)
+                out["skipped"] = int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device), "sum"))
+                t_log, images_at_log = now, self.images_seen
+                metrics.write(self.step, out)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{out['images_per_s']:.0f}")
+            if self.step % cfg.save_every == 0 or self.step == end_step:
+                self.save()
+        bar.close()
+        wall = time.perf_counter() - t_start
+        trained = (self.step - start_step) * self.global_batch
+        return dict(steps=self.step, images_seen=self.images_seen, wall_time_s=round(wall, 2),
+                    images_per_s=round(trained / wall, 2) if trained else 0.0,
+                    skipped_samples=int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device),
+                                                   "sum")),
+                    ranks_in_sync=self.ranks_in_sync())
+
+    def ranks_in_sync(self) -> bool:
+        """Gather a fingerprint of every rank's parameters and compare them."""
+        params = [p.detach().float() for p in self.acc.unwrap_model(self.model).parameters()]
+        fp = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).flatten()[None]
+        everyone = self.acc.gather(fp)
+        return bool(torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=1e-6, atol=1e-6))
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (main process), Accelerate trackers, and optional per-rank sample-key logs."""
+
+    def __init__(self, run_dir: Path, accelerator, record_keys: bool):
+        self.path, self.acc = run_dir / "metrics.jsonl", accelerator
+        self.keys_path = run_dir / f"keys_rank{accelerator.process_index}.txt" if record_keys else None
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records of steps the resumed run will redo."""
+        if self.acc.is_main_process and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        if self.keys_path is not None and self.keys_path.is_file():
+            kept = [ln for ln in self.keys_path.read_text().splitlines() if int(ln.split(" ", 1)[0]) < step]
+            self.keys_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, step: int, values: dict) -> None:
+        self.acc.log({k: v for k, v in values.items()}, step=step)
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in values.items()}}) + "\n")
+
+    def keys(self, step: int, keys: list[str]) -> None:
+        if self.keys_path is not None:
+            with open(self.keys_path, "a") as f:
+                f.write(f"{step} {' '.join(keys)}\n")

@@ -1,0 +1,75 @@
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from pretrain.data import StreamSpec, batches_per_epoch, check_shard_counts, load_sources, make_loader
+from synthvit.io import SynthvitError
+
+
+def spec_for(folder, **kw) -> StreamSpec:
+    sources, _ = load_sources([str(folder)], [], [])
+    base = dict(sources=sources, batch_size=4, image_size=32, in_chans=3, scale=(0.3, 1.0), jitter=0.2,
+                with_mask=True, seed=0, rank=0, world=1, workers=2, resample=True, shuffle_buffer=20,
+                batches_per_epoch=batches_per_epoch(40, 4, 1, 2))
+    base.update(kw)
+    return StreamSpec(**base)
+
+
+def take(spec, num_workers, n):
+    it = iter(make_loader(spec, num_workers))
+    return [next(it) for _ in range(n)]
+
+
+def same(a, b):
+    return a["keys"] == b["keys"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+
+
+def test_batches_shapes_and_types(tiny_dataset):
+    (b,) = take(spec_for(tiny_dataset), 0, 1)
+    assert b["image"].shape == (4, 3, 32, 32) and b["image"].dtype == torch.uint8
+    assert b["mask"].shape == (4, 32, 32) and b["cls"].dtype == torch.long
+    (g,) = take(spec_for(tiny_dataset, in_chans=1, with_mask=False), 0, 1)
+    assert g["image"].shape == (4, 1, 32, 32) and "mask" not in g
+
+
+@pytest.mark.parametrize("start", [3, 9, 10, 17])  # 9, 17: a role has no batch left in its epoch
+def test_stream_resumes_exactly_where_it_stopped(tiny_dataset, start):
+    spec = spec_for(tiny_dataset)
+    full = take(spec, 2, 24)
+    resumed = take(dataclasses.replace(spec, start_batch=start), 2, 24 - start)
+    assert all(same(a, b) for a, b in zip(full[start:], resumed))
+    assert not same(full[0], full[1])
+
+
+def test_ranks_read_disjoint_shards(tiny_dataset):
+    spec = spec_for(tiny_dataset, world=2, workers=2, batches_per_epoch=batches_per_epoch(40, 4, 2, 2))
+    shards = []
+    for rank in (0, 1):
+        keys = {k for b in take(dataclasses.replace(spec, rank=rank), 2, 8) for k in b["keys"]}
+        shards.append({k.split("/")[0] for k in keys})
+    assert shards[0] and shards[1] and not shards[0] & shards[1]
+
+
+def test_corrupt_shard_is_skipped_and_counted(tiny_dataset, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    victim = ds / "synthvit-000002.tar"
+    victim.write_bytes(victim.read_bytes()[:3000])  # truncated mid-sample
+    batches = take(spec_for(ds, resample=False, workers=1, batches_per_epoch=20), 0, 20)
+    assert len(batches) == 20 and batches[-1]["skipped"][1] >= 1
+    assert {k.split("/")[0] for b in batches for k in b["keys"]} >= {"synthvit-000000.tar", "synthvit-000004.tar"}
+
+
+def test_bad_sources(tiny_dataset, tmp_path):
+    with pytest.raises(SynthvitError, match="does not exist"):
+        load_sources([str(tmp_path / "nope")], [], [])
+    with pytest.raises(SynthvitError, match="_info.json is missing"):
+        load_sources([str(tmp_path)], [], [])
+    with pytest.raises(SynthvitError, match=r"class_names in the config \['good', 'rust'\] differ"):
+        load_sources([str(tiny_dataset)], [], ["good", "rust"])
+    sources, _ = load_sources([str(tiny_dataset)], [], [])
+    with pytest.raises(SynthvitError, match="has 5 shard.* for 2 rank.* x 4 worker.*without resampling"):
+        check_shard_counts(sources, world=2, workers=4, resample=False)
+    check_shard_counts(sources, world=2, workers=4, resample=True)  # shared shards: a warning only

@@ -1,0 +1,131 @@
+"""End-to-end pretraining runs in subprocesses, as users launch them (python -m / accelerate launch)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_cli
+
+TINY = ["model=vit_tiny_patch16_224", "image_size=32", "batch_size=8", "optim.warmup_steps=2", "optim.lr=4e-3",
+        "log_every=2", "shuffle_buffer=20", "drop_path=0.0"]
+
+
+def pretrain_args(data, out, *extra):
+    return ["pretrain", f"data=[{data}]", f"out_dir={out}", *TINY, *extra]
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_process_accelerate_launch(tiny_dataset, tmp_path):
+    """accelerate launch with 2 CPU processes: disjoint data, identical parameters, one export, loss goes down.
+
+    `--multi_gpu` makes accelerate start them through torchrun; with no GPU present synthvit uses gloo on CPU
+    (`--cpu --num_processes 2` starts a single process in accelerate, see accelerate#2741).
+    """
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "synthvit", *pretrain_args(tiny_dataset, out, "steps=40", "num_workers=1", "record_keys=true",
+                                            "save_every=20")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks_in_sync"] is True and summary["steps"] == 40
+    assert summary["images_seen"] == 40 * 8 * 2
+    keys = [{k for ln in (out / f"keys_rank{r}.txt").read_text().splitlines() for k in ln.split(" ")[1:]}
+            for r in (0, 1)]
+    shards = [{k.split("/")[0] for k in ks} for ks in keys]
+    assert keys[0] and keys[1] and not shards[0] & shards[1], "ranks must read disjoint shards"
+    assert sorted(p.name for p in (out / "export").iterdir()) == ["config.json", "model.safetensors"]
+    losses = [m["loss"] for m in metrics(out)]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, losses
+
+
+def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
+    common = ("steps=12", "num_workers=2", "save_every=3", "objective=cls+seg", "ema_decay=0.9")
+    a, b = tmp_path / "a", tmp_path / "b"
+    first = run_cli(*pretrain_args(tiny_dataset, a, *common, "stop_at=5"), check=True)
+    assert "stopped at step 5 of 12" in first.stderr and not (a / "export").exists()
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_00000003", "step_00000005"]
+    second = run_cli(*pretrain_args(tiny_dataset, a, *common), check=True)
+    assert "resumed from" in second.stderr and "step_00000005" in second.stderr
+    run_cli(*pretrain_args(tiny_dataset, b, *common), check=True)
+    wa, wb = load_file(a / "export" / "model.safetensors"), load_file(b / "export" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    ha, hb = load_file(a / "export" / "seg_head.safetensors"), load_file(b / "export" / "seg_head.safetensors")
+    for k in ha:
+        torch.testing.assert_close(ha[k], hb[k], rtol=1e-5, atol=1e-6, msg=k)
+    logged_a = {m["step"]: m for m in metrics(a)}
+    assert [m["step"] for m in metrics(a)] == [2, 4, 5, 6, 8, 10, 12]  # the stopped run logged its last step
+    for m in metrics(b)[3:]:  # windows wholly after the resume point
+        assert logged_a[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-5)
+    assert len(list((a / "checkpoints").iterdir())) == 2  # keep_last
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    run_cli(*pretrain_args(tiny_dataset, out, "steps=4", "num_workers=0", "objective=cls+seg"), check=True)
+    return out / "export"
+
+
+def test_export_loads_in_timm_with_new_size_and_head(exported):
+    cfg = json.loads((exported / "config.json").read_text())
+    assert cfg["model"] == "vit_tiny_patch16_224" and cfg["img_size"] == 32 and cfg["num_classes"] == 8
+    assert cfg["class_names"][0] == "good" and cfg["objective"] == "cls+seg" and cfg["in_chans"] == 3
+    model = timm.create_model(cfg["model"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(exported / "model.safetensors")),
+                              num_classes=3, img_size=64)
+    saved = load_file(exported / "model.safetensors")
+    assert model.pos_embed.shape == (1, 1 + 16, 192) and saved["pos_embed"].shape == (1, 1 + 4, 192)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("extra, rc, message", [
+    (["data=[/nonexistent/ds]"], 1, "dataset folder /nonexistent/ds does not exist"),
+    (["model=vit_tinyy_patch16_224"], 1, "unknown timm model 'vit_tinyy_patch16_224'; similar names: "
+                                         "vit_tiny_patch16_224"),
+    (["batch_size=7"], 2, "batch_size: 7 is odd"),
+    (["class_names=[good,rust]"], 1, "differ from the data's"),
+    (["objective=detect"], 2, "objective: 'detect' not accepted"),
+    (["weights=/nonexistent.safetensors"], 1, "weights: /nonexistent.safetensors is not a file"),
+    (["resume=/nonexistent"], 1, "resume: /nonexistent is not a complete checkpoint folder"),
+])
+def test_bad_input(tiny_dataset, tmp_path, extra, rc, message):
+    res = run_cli(*pretrain_args(tiny_dataset, tmp_path / "run", "steps=2", "num_workers=0"), *extra)
+    assert res.returncode == rc and message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_info_json(tiny_dataset, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, ds)
+    (ds / "_info.json").unlink()
+    res = run_cli(*pretrain_args(ds, tmp_path / "run", "steps=2"))
+    assert res.returncode == 1 and "_info.json is missing" in res.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
+    out = tmp_path / "nan"
+    run_cli(*pretrain_args(tiny_dataset, out, "steps=30", "num_workers=0", "save_every=2", "stop_at=2"),
+            check=True)
+    res = run_cli(*pretrain_args(tiny_dataset, out, "steps=30", "num_workers=0", "save_every=2",
+                                 "optim.lr=1e30", "optim.clip_grad=0", "mix.prob=0"))
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "loss is not finite at step" in res.stderr and "the last good checkpoint" in res.stderr
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts and not (out / "export").exists()
+    state = json.loads((out / "checkpoints" / ckpts[-1] / "trainer_state.json").read_text())
+    assert state["step"] >= 2
