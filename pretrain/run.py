@@ -40,9 +40,10 @@ def make_accelerator(cfg: PretrainConfig, run_dir: Path) -> Accelerator:
                     "CPU processes only through mpirun. For N CPU processes use `accelerate launch --multi_gpu "
                     "--num_processes N -m synthvit pretrain ...` (torchrun; synthvit uses gloo when no GPU is present)")
     trackers = "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.optim.accum_steps,
-                      log_with=trackers, dynamo_backend="inductor" if cfg.compile else "no",
-                      project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")))
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb"))
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.precision,
+                      gradient_accumulation_steps=cfg.optim.accum_steps, log_with=trackers,
+                      dynamo_backend="inductor" if cfg.compile else "no", project_config=project)
     if trackers:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in to_dict(cfg).items()}
         acc.init_trackers("pretrain", config=flat)
