@@ -15,12 +15,14 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/demo.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit pretrain --config configs/pretrain/demo.yaml
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_pretrain.py
 
 clean:
-	rm -rf $(VENV) shards/demo
+	rm -rf $(VENV) shards/demo runs/demo-pretrain

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
-from tqdm.auto import tqdm
 
 from generate.backends import create_backend
 from generate.schema import encode_sample, shard_filename
 from synthvit.io import TMP_SUFFIX, atomic_open, sha256_file
+from synthvit.progress import progress_bar
 
 
 def tune_allocator() -> None:
@@ -104,7 +104,7 @@ def write_shards(cfg, shards: list[ShardPlan], out_dir: Path, desc: str = "gener
     """Write ``shards`` with ``cfg.num_workers`` processes (0: in this process), showing a progress bar."""
     results: dict[int, tuple] = {}
     total = sum(s.num_samples for s in shards)
-    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, smoothing=0.1) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", smoothing=0.1) as bar:
         if cfg.num_workers == 0 or len(shards) <= 1:
             tune_allocator()
             backend = create_backend(cfg.backend, cfg)

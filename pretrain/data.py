@@ -135,31 +135,41 @@ def _shard_urls(spec: StreamSpec, slot: int, epoch: int):
 
 
 def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generator, spec: StreamSpec):
-    """Random resized crop at the model size, 90-degree rotations and flips, brightness/contrast jitter.
+    """Random resized crop at the model size, 90-degree rotations and flips; the mask gets the same crop
+    (nearest), rotation and flip. Brightness/contrast jitter factors are drawn here and applied batch-wise on the
+    device (``jitter_batch``). JPEGs are decoded at the smallest DCT scale that still covers the crop.
 
-    The mask gets the same crop (nearest), rotation and flip. Returns uint8 (C, S, S) and (S, S) arrays.
+    Returns uint8 (C, S, S), uint8 (S, S) or None, and (contrast, brightness).
     """
     W, H = image.size
     area = W * H * rng.uniform(*spec.scale)
     ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     w, h = min(W, max(1, round(math.sqrt(area * ratio)))), min(H, max(1, round(math.sqrt(area / ratio))))
     x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-    box, size = (x0, y0, x0 + w, y0 + h), (spec.image_size, spec.image_size)
-    image = image.convert("L" if spec.in_chans == 1 else "RGB").resize(size, Image.BILINEAR, box=box)
-    arr = np.asarray(image, dtype=np.float32)
+    size, mode = (spec.image_size, spec.image_size), ("L" if spec.in_chans == 1 else "RGB")
+    mask_box = (x0, y0, x0 + w, y0 + h)
+    if image.format == "JPEG":
+        image.draft(mode, (math.ceil(W * size[0] / w), math.ceil(H * size[1] / h)))
+    fx, fy = image.size[0] / W, image.size[1] / H
+    box = (x0 * fx, y0 * fy, (x0 + w) * fx, (y0 + h) * fy)
+    arr = np.asarray(image.convert(mode).resize(size, Image.BILINEAR, box=box))
     k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
-    if spec.jitter:
-        contrast, brightness = 1 + rng.uniform(-spec.jitter, spec.jitter), 1 + rng.uniform(-spec.jitter, spec.jitter)
-        mean = float(arr.mean())
-        arr = (arr - mean) * contrast + mean * brightness
-    arr = np.clip(arr + 0.5, 0, 255).astype(np.uint8)
+    jitter = (1 + rng.uniform(-spec.jitter, spec.jitter), 1 + rng.uniform(-spec.jitter, spec.jitter)) \
+        if spec.jitter else (1.0, 1.0)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     arr = np.rot90(arr, k, axes=(1, 2))
     arr = np.ascontiguousarray(arr[:, :, ::-1] if flip else arr)
     if mask is None:
-        return arr, None
-    m = np.rot90(np.asarray(mask.resize(size, Image.NEAREST, box=box)), k)
-    return arr, np.ascontiguousarray(m[:, ::-1] if flip else m)
+        return arr, None, jitter
+    m = np.rot90(np.asarray(mask.resize(size, Image.NEAREST, box=mask_box)), k)
+    return arr, np.ascontiguousarray(m[:, ::-1] if flip else m), jitter
+
+
+def jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Per-image contrast and brightness on a float batch in 0..255: (x - mean) * c + mean * b, clamped."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    c, b = factors[:, 0].view(-1, 1, 1, 1), factors[:, 1].view(-1, 1, 1, 1)
+    return ((x - mean) * c + mean * b).clamp_(0, 255)
 
 
 def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
@@ -168,10 +178,10 @@ def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
         raise SynthvitError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks jpg|png, cls or "
                             f"mask.png")
     with Image.open(io.BytesIO(sample[key])) as im:
-        im.load()
         mask = Image.open(io.BytesIO(sample[MASK_KEY])) if spec.with_mask else None
-        image, m = augment(im, mask, rng, spec)
-    out = {"image": image, "cls": int(sample[CLS_KEY]), "key": f"{Path(sample['__url__']).name}/{sample['__key__']}"}
+        image, m, jitter = augment(im, mask, rng, spec)
+    out = {"image": image, "cls": int(sample[CLS_KEY]), "jitter": jitter,
+           "key": f"{Path(sample['__url__']).name}/{sample['__key__']}"}
     if m is not None:
         out["mask"] = m
     return out
@@ -180,6 +190,7 @@ def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
 def _collate(samples: list[dict], skipped: SkipCounter, role: int) -> dict:
     batch = {"image": torch.from_numpy(np.stack([s["image"] for s in samples])),
              "cls": torch.tensor([s["cls"] for s in samples], dtype=torch.long),
+             "jitter": torch.tensor([s["jitter"] for s in samples], dtype=torch.float32),
              "keys": [s["key"] for s in samples], "skipped": (role, skipped.count)}
     if "mask" in samples[0]:
         batch["mask"] = torch.from_numpy(np.stack([s["mask"] for s in samples]))

@@ -20,13 +20,13 @@ from safetensors.torch import load_file, save_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
-from tqdm.auto import tqdm
 
 from pretrain import checkpoint
-from pretrain.data import StreamSpec, batches_per_epoch, make_loader
+from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer
 from pretrain.model import normalizer
 from synthvit.io import SynthvitError
+from synthvit.progress import progress_bar
 
 log = logging.getLogger("synthvit.pretrain")
 EMA_FILE = "ema.safetensors"
@@ -94,7 +94,8 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg, dev = self.cfg, self.acc.device
-        x = (batch["image"].to(dev, non_blocking=True).float() - self.mean) / self.std
+        x = jitter_batch(batch["image"].to(dev, non_blocking=True).float(), batch["jitter"].to(dev))
+        x = (x - self.mean) / self.std
         target = batch["cls"].to(dev, non_blocking=True)
         mask = batch["mask"].to(dev, non_blocking=True).long() if "mask" in batch else None
         soft = None
@@ -156,8 +157,8 @@ class Trainer:
         batches = iter(make_loader(spec, cfg.num_workers))
         metrics = MetricsLog(self.run_dir, acc, cfg.record_keys)
         metrics.truncate_after(self.step)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
-                   disable=not acc.is_main_process)
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc="pretrain", unit="step",
+                           disable=not acc.is_main_process)
         t_start = t_log = time.perf_counter()
         start_step, images_at_log = self.step, self.images_seen
         window: dict[str, float] = {}  # sums over the steps since the last log line

@@ -94,3 +94,20 @@ def test_every_config_is_a_kw_only_dataclass():
     assert dataclasses.is_dataclass(GenerateConfig)
     with pytest.raises(TypeError):
         GenerateConfig(1)  # kw_only: no positional construction
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    import yaml
+
+    from pretrain.config import PretrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for stage, cls in (("generate", GenerateConfig), ("pretrain", PretrainConfig)):
+        files = sorted((root / stage).glob("*.yaml"))
+        assert files
+        for f in files:
+            load_config(cls, f)
+    for f in sorted((root / "accelerate").glob("*.yaml")):
+        assert "distributed_type" in yaml.safe_load(f.read_text())

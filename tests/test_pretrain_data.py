@@ -73,3 +73,28 @@ def test_bad_sources(tiny_dataset, tmp_path):
     with pytest.raises(SynthvitError, match="has 5 shard.* for 2 rank.* x 4 worker.*without resampling"):
         check_shard_counts(sources, world=2, workers=4, resample=False)
     check_shard_counts(sources, world=2, workers=4, resample=True)  # shared shards: a warning only
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_augment_keeps_mask_aligned(fmt):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pretrain.data import augment
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((300, 400), np.uint8)
+    for _ in range(12):
+        y, x = rng.integers(0, 260), rng.integers(0, 360)
+        mask[y:y + 40, x:x + 40] = 1
+    buf = io.BytesIO()
+    Image.fromarray(mask * 255).save(buf, format=fmt, quality=98)
+    sources = []
+    spec = StreamSpec(sources, 4, 64, 1, (0.05, 0.3), 0.0, True, 0, 0, 1, 1, True, 10, 1)
+    for i in range(20):
+        img, m, _ = augment(Image.open(io.BytesIO(buf.getvalue())), Image.fromarray(mask),
+                            np.random.default_rng(i), spec)
+        agree = ((img[0] > 127) == (m > 0)).mean()
+        assert agree > 0.95, (i, agree)

@@ -1,0 +1,118 @@
+"""Pretraining speed on this machine, side by side in one run.
+
+1. Loop overhead: images/s of the full `synthvit pretrain` step (data workers, CutMix, optimizer, EMA-free,
+   logging) against the bare model's forward + backward + AdamW step on one fixed batch of the same size.
+2. Data pipeline alone: samples/s of the training stream (decode + augment + batch) per worker, against merely
+   decoding the same JPEGs (the limit a worker can approach).
+
+    python benchmarks/bench_pretrain.py [--data shards/demo] [--model vit_tiny_patch16_224] [--size 64]
+                                        [--batch 64] [--steps 60] [--workers 1]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from timm.optim import create_optimizer_v2
+
+from generate.config import GenerateConfig
+from generate.run import run as generate
+from pretrain.data import StreamSpec, batches_per_epoch, load_sources, make_loader
+from pretrain.model import create_backbone
+
+
+def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_classes: int) -> float:
+    torch.manual_seed(0)
+    model = create_backbone(model_name, num_classes, size, 3, 0.1)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randn(batch, num_classes).softmax(-1)
+    def step():
+        loss = torch.sum(-y * torch.log_softmax(model(x), -1), -1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def full_step_rate(data: str, model_name: str, size: int, batch: int, steps: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "synthvit", "pretrain", f"data=[{data}]", f"out_dir={d}/run",
+               f"model={model_name}", f"image_size={size}", f"batch_size={batch}", f"steps={steps}",
+               f"num_workers={workers}", "log_every=10", f"save_every={steps}", "optim.warmup_steps=5"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        records = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = records[1:]  # the first window holds start-up (worker spawn, first batches)
+    return sum(r["images_per_s"] for r in steady) / len(steady)
+
+
+def pipeline_rate(data: str, size: int, batch: int, batches: int) -> tuple[float, float]:
+    sources, _ = load_sources([data], [], [])
+    spec = StreamSpec(sources, batch, size, 3, (0.25, 1.0), 0.2, False, 0, 0, 1, 1, True, 1000,
+                      batches_per_epoch(sources[0].num_samples, batch, 1, 1))
+    it = iter(make_loader(spec, 0))  # in this process: one worker's work, no IPC
+    next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    stream = batches * batch / (time.perf_counter() - t)
+    jpgs = []
+    for url in sources[0].urls:
+        with tarfile.open(url) as tar:
+            jpgs += [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+    t = time.perf_counter()
+    for b in jpgs:
+        with Image.open(io.BytesIO(b)) as im:
+            im.load()
+    return stream, len(jpgs) / (time.perf_counter() - t)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="", help="a synthvit dataset (default: generate 512 samples at 256 px)")
+    ap.add_argument("--model", default="vit_tiny_patch16_224")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as d:
+        data = args.data
+        if not data:
+            data = str(Path(d) / "ds")
+            generate(GenerateConfig(out_dir=data, num_samples=512, samples_per_shard=64, image_size=256,
+                                    num_workers=2, preview=0))
+        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+              f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+        print(f"\n1. loop overhead: {args.model} at {args.size}px, batch {args.batch}, {args.steps} steps, "
+              f"{args.workers} data worker(s)")
+        bare = bare_step_rate(args.model, args.size, args.batch, args.steps, 8)
+        full = full_step_rate(data, args.model, args.size, args.batch, args.steps, args.workers)
+        print("| bare fwd+bwd+AdamW img/s | full synthvit step img/s | overhead |")
+        print("|---|---|---|")
+        print(f"| {bare:.1f} | {full:.1f} | {bare / full - 1:+.1%} |")
+        stream, decode = pipeline_rate(data, args.size, args.batch, 20)
+        print(f"\n2. data pipeline, one worker, {args.size}px crops from 256 px JPEGs")
+        print("| stream (decode+augment+batch) samples/s | decode-only samples/s | ratio |")
+        print("|---|---|---|")
+        print(f"| {stream:.1f} | {decode:.1f} | {stream / decode:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
