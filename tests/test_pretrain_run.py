@@ -129,3 +129,43 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
     assert ckpts and not (out / "export").exists()
     state = json.loads((out / "checkpoints" / ckpts[-1] / "trainer_state.json").read_text())
     assert state["step"] >= 2
+
+
+@pytest.mark.parametrize("model, extra", [
+    ("resnet18", ["objective=cls", "in_chans=1", "optim.accum_steps=2"]),  # a CNN baseline, grayscale
+    ("vit_small_r26_s32_224", ["objective=seg", "image_size=64", "precision=bf16"]),  # conv-stem hybrid
+])
+def test_other_models_objectives_and_options(tiny_dataset, tmp_path, model, extra):
+    out = tmp_path / "run"
+    run_cli(*pretrain_args(tiny_dataset, out, "steps=2", "num_workers=0", f"model={model}", *extra), check=True)
+    cfg = json.loads((out / "export" / "config.json").read_text())
+    assert cfg["model"] == model
+    summary = json.loads((out / "summary.json").read_text())
+    accum = 2 if "optim.accum_steps=2" in extra else 1
+    assert summary["images_seen"] == 2 * 8 * accum
+    if "objective=seg" in extra:
+        assert cfg["seg_head"] == "seg_head.safetensors" and cfg["num_classes"] == 0
+    else:
+        assert cfg["in_chans"] == 1
+        m = timm.create_model(model, pretrained=True, in_chans=1, num_classes=8,
+                              pretrained_cfg_overlay=dict(file=str(out / "export" / "model.safetensors")))
+        assert m(torch.randn(2, 1, 32, 32)).shape == (2, 8)
+
+
+def test_tensorboard_logs_when_installed(exported):
+    pytest.importorskip("tensorboard")
+    run_dir = exported.parent
+    assert list((run_dir / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    from pretrain.checkpoint import CKPT_DIR, STATE_FILE, complete_checkpoints, resolve_resume
+
+    root = tmp_path / CKPT_DIR
+    (root / "step_00000004").mkdir(parents=True)
+    (root / "step_00000004" / STATE_FILE).write_text("{}")
+    (root / ".step_00000006.tmp").mkdir()  # a crash mid-save
+    (root / "step_00000008").mkdir()  # no trainer state: not complete
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000004"]
+    assert resolve_resume("auto", tmp_path).name == "step_00000004"
+    assert resolve_resume("none", tmp_path) is None
