@@ -1,0 +1,115 @@
+"""Tiled inference for frames far larger than a model's input (4K, 8K), with smooth blending of overlaps.
+
+A :class:`Tiler` cuts a frame into ``tile``-sized windows overlapping by ``overlap`` (10 % by default), the last
+row and column snapped to the frame's border, runs them through a model in batches and stitches the per-pixel
+probabilities back into the full-resolution map. Overlaps are blended with a separable ramp window (weights fall
+off linearly across the overlap band, never to zero), normalised so the weights at every pixel sum to one.
+
+Memory stays bounded: the frame is kept in its own dtype (uint8 for images) and only one batch of tiles is
+converted to float at a time; there is never a tensor holding all tiles. The normaliser is separable
+(``row_sums[:, None] * col_sums[None, :]``), so no per-pixel weight map is stored either. Frames smaller than a
+tile are zero-padded to the tile size and cropped back.
+
+MONAI's ``sliding_window_inference`` solves the same problem for 3-D medical volumes; it materialises a full
+importance map and pads the input, which is what ``benchmarks/bench_tiling.py`` compares against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # (B, C, th, tw) float -> (B, K, th, tw)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets along one axis: stride ``tile - round(tile * overlap)``, the last start snapped to the end."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - round(tile * overlap))
+    starts = list(range(0, length - tile, stride))
+    if not starts or starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def ramp_window(tile: int, ramp: int, floor: float = 1e-3) -> torch.Tensor:
+    """1-D blending weights: linear from ``floor`` at the tile edge to 1 after ``ramp`` pixels, symmetric."""
+    if ramp <= 0:
+        return torch.ones(tile)
+    i = torch.arange(tile, dtype=torch.float64)
+    edge = torch.minimum(i + 0.5, tile - i - 0.5)
+    return (edge / ramp).clamp(floor, 1.0).float()
+
+
+@dataclass
+class Tiler:
+    tile: int = 512
+    overlap: float = 0.1
+    batch_size: int = 8
+
+    def __post_init__(self):
+        if self.tile < 8:
+            raise ValueError(f"tile: {self.tile} is too small; use >= 8 px")
+        if not 0.0 <= self.overlap < 0.5:
+            raise ValueError(f"overlap: {self.overlap} must be in [0, 0.5)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
+
+    def grid(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(y, x) of every tile, row by row (for a frame already padded to at least one tile)."""
+        ys = tile_starts(height, self.tile, self.overlap)
+        xs = tile_starts(width, self.tile, self.overlap)
+        return [(y, x) for y in ys for x in xs]
+
+    def _axis_weights(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tile window and the sum of all windows covering each position along one axis."""
+        window = ramp_window(self.tile, round(self.tile * self.overlap)).to(device)
+        total = torch.zeros(length, device=device)
+        for s in tile_starts(length, self.tile, self.overlap):
+            total[s:s + self.tile] += window
+        return window, total
+
+    def batches(self, frame: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
+        """Yield (positions, tiles (B, C, tile, tile) as float32) for a padded (C, H, W) frame."""
+        positions = self.grid(frame.shape[-2], frame.shape[-1])
+        for i in range(0, len(positions), self.batch_size):
+            chunk = positions[i:i + self.batch_size]
+            tiles = torch.stack([frame[:, y:y + self.tile, x:x + self.tile] for y, x in chunk])
+            yield chunk, tiles.float()
+
+    @torch.inference_mode()
+    def __call__(self, frame: torch.Tensor, predict: Predictor, num_outputs: int,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Blend ``predict`` over the tiles of ``frame`` (C, H, W), any dtype; returns (num_outputs, H, W) float32.
+
+        ``transform`` maps a float tile batch to the model's input (e.g. normalisation), on the frame's device.
+        ``autocast_dtype`` (e.g. torch.bfloat16 on GPU) runs the model under autocast.
+        """
+        C, H, W = frame.shape
+        pad_h, pad_w = max(0, self.tile - H), max(0, self.tile - W)
+        if pad_h or pad_w:
+            frame = F.pad(frame, (0, pad_w, 0, pad_h))
+        Hp, Wp = frame.shape[-2:]
+        win_y, sum_y = self._axis_weights(Hp, frame.device)
+        win_x, sum_x = self._axis_weights(Wp, frame.device)
+        window = win_y[:, None] * win_x[None, :]
+        out = torch.zeros(num_outputs, Hp, Wp, device=frame.device)
+        for positions, tiles in self.batches(frame):
+            if transform is not None:
+                tiles = transform(tiles)
+            with torch.autocast(frame.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                pred = predict(tiles)
+            pred = pred.float() * window
+            for (y, x), p in zip(positions, pred):
+                out[:, y:y + self.tile, x:x + self.tile] += p
+        out /= sum_y[:, None] * sum_x[None, :]
+        return out[:, :H, :W]
+
+    def num_tiles(self, height: int, width: int) -> int:
+        return len(tile_starts(max(height, self.tile), self.tile, self.overlap)) * len(
+            tile_starts(max(width, self.tile), self.tile, self.overlap))

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from finetune.tiling import Tiler, ramp_window, tile_starts
+
+
+@pytest.mark.parametrize("length, tile, overlap", [(3840, 512, 0.1), (2160, 512, 0.1), (517, 128, 0.25),
+                                                   (128, 128, 0.1), (100, 128, 0.1), (1000, 64, 0.0)])
+def test_tile_starts_cover_with_overlap_and_snap_to_the_border(length, tile, overlap):
+    starts = tile_starts(length, tile, overlap)
+    assert starts[0] == 0
+    if length > tile:
+        assert starts[-1] == length - tile
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert all(0 < g <= tile - round(tile * overlap) for g in gaps)
+    covered = torch.zeros(max(length, tile), dtype=torch.bool)
+    for s in starts:
+        covered[s:s + tile] = True
+    assert covered[:length].all()
+
+
+def test_ramp_window_is_smooth_positive_and_symmetric():
+    w = ramp_window(64, 8)
+    assert torch.all(w > 0) and torch.equal(w, w.flip(0)) and w[8:-8].eq(1).all()
+    assert torch.all(w[1:9] > w[:8])
+
+
+@pytest.mark.parametrize("size, tile", [((3, 60, 100), 128), ((3, 300, 517), 128), ((1, 517, 300), 96),
+                                        ((3, 2160, 3840), 512)])
+def test_identity_model_reproduces_the_input(size, tile):
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randint(0, 256, size, dtype=torch.uint8, generator=g)
+    tiler = Tiler(tile=tile, overlap=0.1, batch_size=4)
+    out = tiler(frame, lambda t: t, num_outputs=size[0])
+    assert out.shape == size and out.dtype == torch.float32
+    assert torch.allclose(out, frame.float(), atol=1e-4)
+    assert torch.equal(out.round().to(torch.uint8), frame)
+
+
+@pytest.mark.parametrize("size", [(40, 50), (300, 517), (2160, 3840)])
+def test_blend_weights_sum_to_one(size):
+    tiler = Tiler(tile=256, overlap=0.25)
+    out = tiler(torch.zeros(1, *size, dtype=torch.uint8), lambda t: torch.ones(len(t), 2, 256, 256), num_outputs=2)
+    assert torch.allclose(out, torch.ones(2, *size), atol=1e-5)
+
+
+def test_overlaps_are_blended_smoothly_not_averaged():
+    """Each tile predicts its own constant: the stitched map changes gradually across every overlap band."""
+    tiler = Tiler(tile=100, overlap=0.2, batch_size=1)
+    counter = iter(range(1000))
+    out = tiler(torch.zeros(1, 100, 260), lambda t: torch.full((1, 1, 100, 100), float(next(counter))),
+                num_outputs=1)[0, 0]
+    steps = (out[1:] - out[:-1]).abs()
+    assert steps.max() < 0.1  # an average of overlapping constants would jump by 0.5 at the band edges
+    assert out[0] == 0 and out[-1] == 2
+
+
+def test_bad_tiler_arguments():
+    with pytest.raises(ValueError, match="overlap"):
+        Tiler(overlap=0.6)
+    with pytest.raises(ValueError, match="tile"):
+        Tiler(tile=4)
