@@ -23,6 +23,12 @@ STAGES: dict[str, Stage] = {
                       "render synthetic defect images with masks and labels into WebDataset shards"),
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run:run",
                       "pretrain a timm model on synthvit shards with CutMix, through Accelerate"),
+    "finetune": Stage("finetune.config:FinetuneConfig", "finetune.run:run",
+                      "fine-tune a ViT or CNN baseline on real high-res images; tiled full-resolution test metrics"),
+    "evaluate": Stage("finetune.config:EvaluateConfig", "finetune.run:run_evaluate",
+                      "evaluate a finetune run on a split at full resolution (metrics_<split>.json)"),
+    "predict": Stage("finetune.config:PredictConfig", "finetune.run:run_predict",
+                     "predict masks, overlays and JSON for an image or a folder with a finetune run"),
 }
 
 USAGE = "usage: synthvit <stage> [--config FILE] [key=value ...]   (synthvit <stage> --help lists the keys)"
@@ -59,6 +65,13 @@ def _parse(argv: list[str]) -> tuple[str, str | None, list[str]]:
                 raise ConfigError("--config needs a file path")
         elif arg.startswith("--config="):
             config = arg.split("=", 1)[1]
+        elif arg.startswith("--") and len(arg) > 2:  # --key value / --key=value, as in `predict --input X`
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                value = next(rest, None)
+                if value is None:
+                    raise ConfigError(f"{arg} needs a value")
+            overrides.append(f"{key.replace('-', '_')}={value}")
         elif arg.startswith("-"):
             raise ConfigError(f"unknown option {arg}; options are --config FILE and --help, then key=value overrides")
         else:

@@ -86,8 +86,10 @@ def test_cli_errors_exit_codes(capsys, tmp_path):
     assert "config error: unknown key nope" in capsys.readouterr().err
     assert main(["pretrainx"]) == 2
     assert "unknown stage 'pretrainx'" in capsys.readouterr().err
-    assert main(["generate", "--bogus"]) == 2
-    assert "unknown option --bogus" in capsys.readouterr().err
+    assert main(["generate", "--bogus", "1"]) == 2
+    assert "unknown key bogus" in capsys.readouterr().err
+    assert main(["generate", "-x"]) == 2
+    assert "unknown option -x" in capsys.readouterr().err
 
 
 def test_every_config_is_a_kw_only_dataclass():

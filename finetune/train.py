@@ -1,0 +1,139 @@
+"""Fine-tuning on a few hundred real high-resolution images: random crops (many centred on defects) or whole-image
+resizes, mask-aligned flips and rotations, through Accelerate. Sample ``i`` of the run is drawn from
+``default_rng((seed, i))``, so a run is reproducible and the loader is a plain sequential range of sample ids."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.optim import create_optimizer_v2, param_groups_layer_decay
+
+from finetune.datasets import Item, RealData, to_array
+from pretrain.loop import lr_at, seed_step
+from synthvit.progress import progress_bar
+
+log = logging.getLogger("synthvit.finetune")
+
+
+class CropDataset(torch.utils.data.Dataset):
+    """Index i -> one augmented training sample (uint8 image (C, S, S), mask (S, S), class)."""
+
+    def __init__(self, data: RealData, items: list[Item], cfg, total: int):
+        self.data, self.items, self.cfg, self.total = data, items, cfg, total
+        self.with_mask = data.has_masks and cfg.task in ("seg", "both")
+
+    def __len__(self):
+        return self.total
+
+    def __getitem__(self, i: int) -> dict:
+        cfg = self.cfg
+        rng = np.random.default_rng((cfg.seed, i))
+        item = self.items[int(rng.integers(len(self.items)))]
+        with item.load() as im:
+            image = to_array(im, cfg.in_chans)
+        h, w = image.shape[:2]
+        mask = item.mask((w, h)) if self.with_mask else np.zeros((h, w), np.uint8)
+        image, mask = (resize_pair if cfg.input == "resize" else crop_pair)(image, mask, cfg, rng)
+        k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
+        image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k)
+        if flip:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        image = image[..., None] if image.ndim == 2 else image
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+                "cls": self.data.label_index(item)}
+
+
+def crop_pair(image: np.ndarray, mask: np.ndarray, cfg, rng) -> tuple[np.ndarray, np.ndarray]:
+    """A crop_size crop at full resolution, centred on a defect pixel with ``defect_crop_prob``; zero-padded."""
+    s = cfg.crop_size
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask) if rng.random() < cfg.defect_crop_prob else ((), ())
+    if len(ys):
+        j = int(rng.integers(len(ys)))
+        y0 = int(np.clip(ys[j] - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, max(0, h - s)))
+        x0 = int(np.clip(xs[j] - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, max(0, w - s)))
+    else:
+        y0, x0 = int(rng.integers(0, max(0, h - s) + 1)), int(rng.integers(0, max(0, w - s) + 1))
+    image, mask = image[y0:y0 + s, x0:x0 + s], mask[y0:y0 + s, x0:x0 + s]
+    ph, pw = s - mask.shape[0], s - mask.shape[1]
+    if ph or pw:
+        image = np.pad(image, ((0, ph), (0, pw)) + ((0, 0),) * (image.ndim - 2))
+        mask = np.pad(mask, ((0, ph), (0, pw)))
+    return image, mask
+
+
+def resize_pair(image: np.ndarray, mask: np.ndarray, cfg, rng) -> tuple[np.ndarray, np.ndarray]:
+    size = (cfg.crop_size, cfg.crop_size)
+    return (np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR)),
+            np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))
+
+
+def make_optimizer(model, cfg):
+    """AdamW; with ``layer_decay``, timm's layer-wise LR decay groups for the backbone (ViTs)."""
+    if cfg.layer_decay and hasattr(model, "backbone"):
+        groups = param_groups_layer_decay(model.backbone, weight_decay=cfg.optim.weight_decay,
+                                          layer_decay=cfg.layer_decay)
+        rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups] + [
+            {"params": rest, "weight_decay": cfg.optim.weight_decay}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+    return create_optimizer_v2(model, "adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                               betas=tuple(cfg.optim.betas))
+
+
+def losses(out: dict, batch: dict, label_smoothing: float) -> dict[str, torch.Tensor]:
+    parts = {}
+    if "seg" in out:
+        parts["seg"] = F.cross_entropy(out["seg"].float(), batch["mask"])
+    if "cls" in out:
+        parts["cls"] = F.cross_entropy(out["cls"].float(), batch["cls"], label_smoothing=label_smoothing)
+    parts["loss"] = sum(parts.values())
+    return parts
+
+
+def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir: Path) -> dict:
+    """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step."""
+    model.train()
+    optimizer = make_optimizer(model, cfg)
+    model, optimizer = acc.prepare(model, optimizer)
+    ds = CropDataset(data, items, cfg, cfg.steps * cfg.batch_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+                                         persistent_workers=cfg.num_workers > 0)
+    bar = progress_bar(total=cfg.steps, desc="finetune", unit="step", disable=not acc.is_main_process)
+    log_path, t0, window = run_dir / "metrics.jsonl", time.perf_counter(), []
+    for step, batch in enumerate(loader):
+        seed_step(cfg.seed, step, acc.process_index)
+        lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        x = (batch["image"].float() - mean) / std
+        with acc.autocast():
+            parts = losses(model(x), batch, 0.1)
+        acc.backward(parts["loss"])
+        if cfg.optim.clip_grad > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window.append({k: float(v.detach()) for k, v in parts.items()})
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rec = {k: round(sum(w[k] for w in window) / len(window), 6) for k in window[0]}
+            rec.update(step=step + 1, lr=lr)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if acc.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            window = []
+    bar.close()
+    wall = time.perf_counter() - t0
+    return {"steps": cfg.steps, "train_images": len(items), "train_wall_s": round(wall, 2),
+            "train_images_per_s": round(cfg.steps * cfg.batch_size * acc.num_processes / wall, 2),
+            "model": acc.unwrap_model(model)}
