@@ -103,8 +103,11 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     model.train()
     optimizer = make_optimizer(model, cfg)
     model, optimizer = acc.prepare(model, optimizer)
-    ds = CropDataset(data, items, cfg, cfg.steps * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.num_workers,
+    world, rank, b = acc.num_processes, acc.process_index, cfg.batch_size
+    ds = CropDataset(data, items, cfg, cfg.steps * b * world)
+    # rank r takes batch slots r, r + world, ...: disjoint sample ids across ranks, same ids on every rerun
+    ids = [(s * world + rank) * b + j for s in range(cfg.steps) for j in range(b)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=ids, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0)
     bar = progress_bar(total=cfg.steps, desc="finetune", unit="step", disable=not acc.is_main_process)
     log_path, t0, window = run_dir / "metrics.jsonl", time.perf_counter(), []
