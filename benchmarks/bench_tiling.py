@@ -8,6 +8,7 @@ Each method runs in its own process so peak memory (max RSS) is its own. Prints 
 plain batches, peak RSS, and how far MONAI's output is from ours.
 
     python benchmarks/bench_tiling.py [--size 3840x2160] [--model vit_tiny_patch16_224] [--tile 512]
+    python benchmarks/bench_tiling.py --model deeplabv3plus_resnet50 --methods tiler
 """
 from __future__ import annotations
 
@@ -24,14 +25,15 @@ from pathlib import Path
 
 import torch
 
+from finetune.config import FinetuneConfig
+from finetune.models import build_model
 from finetune.tiling import Tiler
-from pretrain.model import PretrainModel, create_backbone
 
 
 def build(model_name: str, tile: int) -> torch.nn.Module:
+    """Any finetune model (timm ViT with dense head, deeplabv3plus_resnet50, hrnet_w18_seg), random init."""
     torch.manual_seed(0)
-    model = PretrainModel(create_backbone(model_name, 0, tile, 3, 0.0), "seg", 8).eval()
-    return model
+    return build_model(FinetuneConfig(model=model_name, task="seg", crop_size=tile, drop_path=0.0), 8, 1).eval()
 
 
 def frame_of(size: str) -> torch.Tensor:
@@ -51,7 +53,7 @@ def run_method(method: str, args) -> dict:
     def predict(t):
         return model(t)["seg"].softmax(1)
     with torch.inference_mode():
-        predict(norm(frame[:, :args.tile, :args.tile].float()[None]))  # warm-up
+        predict(norm(frame[:, :args.tile, :args.tile].float()[None].expand(2, -1, -1, -1)))  # warm-up
         t0 = time.perf_counter()
         if method == "plain":
             for _, tiles in tiler.batches(frame):
@@ -77,6 +79,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--overlap", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--methods", default="plain,tiler,monai", help="which of plain, tiler, monai to run")
     ap.add_argument("--method", default="", help=argparse.SUPPRESS)
     ap.add_argument("--dump", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -87,7 +90,8 @@ def main(argv=None) -> None:
           f"{args.model}, {args.size}, tile {args.tile}, overlap {args.overlap}, batch {args.batch}")
     results = {}
     with tempfile.TemporaryDirectory() as d:
-        for method in ("plain", "tiler", "monai"):
+        methods = args.methods.split(",")
+        for method in methods:
             dump = str(Path(d) / f"{method}.pt")
             cmd = [sys.executable, __file__, "--method", method, "--dump", dump, "--size", args.size,
                    "--model", args.model, "--tile", str(args.tile), "--overlap", str(args.overlap),
@@ -95,17 +99,20 @@ def main(argv=None) -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
             results[method]["dump"] = dump
-        ours, monai = torch.load(results["tiler"]["dump"]).float(), torch.load(results["monai"]["dump"]).float()
-        diff = (ours - monai).abs().max().item()
-        agree = (ours.argmax(0) == monai.argmax(0)).float().mean().item()
-    plain = results["plain"]["seconds"]
-    print(f"\n{results['plain']['tiles']} tiles per frame")
+        if {"tiler", "monai"} <= set(methods):
+            ours, monai = torch.load(results["tiler"]["dump"]).float(), torch.load(results["monai"]["dump"]).float()
+            diff = (ours - monai).abs().max().item()
+            agree = (ours.argmax(0) == monai.argmax(0)).float().mean().item()
+    plain = results["plain"]["seconds"] if "plain" in results else None
+    print(f"\n{results[methods[0]]['tiles']} tiles per frame")
     print("| method | s/frame | frames/s | vs plain batches | peak RSS MB |")
     print("|---|---|---|---|---|")
-    for m in ("plain", "tiler", "monai"):
+    for m in methods:
         r = results[m]
-        print(f"| {m} | {r['seconds']:.2f} | {1 / r['seconds']:.3f} | {r['seconds'] / plain:.3f}x | "
-              f"{r['peak_rss_mb']:.0f} |")
+        ratio = f"{r['seconds'] / plain:.3f}x" if plain else "-"
+        print(f"| {m} | {r['seconds']:.2f} | {1 / r['seconds']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} |")
+    if not {"tiler", "monai"} <= set(methods):
+        return
     print(f"\nMONAI vs synthvit output, ViT: max |diff| of probabilities {diff:.4f}, argmax agreement {agree:.4%} "
           f"(tile predictions of a ViT depend on the tile's position; the two blend overlaps with different windows)")
     print(f"MONAI vs synthvit output, a pointwise model (1x1 conv + softmax, identical predictions in overlaps): "

@@ -197,7 +197,7 @@ def _canonical(root: Path, problems: list[str]) -> RealData:
             try:
                 with Image.open(p) as im:
                     per_mask[i] = set(np.unique(np.asarray(im)).tolist())
-            except OSError as e:
+            except (OSError, Image.DecompressionBombError) as e:
                 problems.append(f"masks/{p.name}: unreadable ({e})")
         values = set().union(*per_mask.values()) if per_mask else {0}
         binary = 1 if 255 in values and not seg_classes else None
@@ -375,7 +375,7 @@ def validate(data: RealData) -> list[str]:
             continue
         try:
             mask = item.mask(size)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             problems.append(f"{item.source}: unreadable mask ({e})")
             continue
         if mask.shape != (size[1], size[0]):

@@ -103,10 +103,11 @@ def test_every_shipped_config_loads():
 
     import yaml
 
+    from finetune.config import FinetuneConfig
     from pretrain.config import PretrainConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    for stage, cls in (("generate", GenerateConfig), ("pretrain", PretrainConfig)):
+    for stage, cls in (("generate", GenerateConfig), ("pretrain", PretrainConfig), ("finetune", FinetuneConfig)):
         files = sorted((root / stage).glob("*.yaml"))
         assert files
         for f in files:

@@ -169,3 +169,10 @@ def test_error_lists_first_20_and_a_count(tmp_path):
         (root / "images" / f"x{i:02d}.png").write_bytes(b"junk")
     with pytest.raises(DataError, match=r"25 problem\(s\)[\s\S]*and 5 more"):
         load_real_data(root)
+
+
+def test_pixel_cap_is_configurable(tmp_path):
+    root = canonical(tmp_path / "c", n=2)
+    with pytest.raises(DataError, match="unreadable image"):
+        load_real_data(root, max_pixels=100)  # 40x30 = 1200 px is more than twice the cap: refused
+    assert len(load_real_data(root, max_pixels=10_000).items) == 2

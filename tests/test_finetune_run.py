@@ -143,3 +143,22 @@ def test_cls_only_data_refuses_seg(tmp_path):
 def test_predict_bad_input(real_data, tmp_path):
     res = run_cli("predict", "--checkpoint", tmp_path / "none", "--input", real_data / "images")
     assert res.returncode == 1 and "is not a finished finetune run" in res.stderr
+
+
+def test_two_process_finetune_under_accelerate(real_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29544",
+           "-m", "synthvit", "finetune", f"data={real_data}", f"out_dir={run}", "train_limit=8", *FT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train_images"] == 8 and metrics["images"] == 4
+    assert (run / "export" / "model.safetensors").is_file()

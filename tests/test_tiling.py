@@ -60,3 +60,15 @@ def test_bad_tiler_arguments():
         Tiler(overlap=0.6)
     with pytest.raises(ValueError, match="tile"):
         Tiler(tile=4)
+
+
+def test_8k_frame_is_processed_one_batch_of_tiles_at_a_time():
+    frame = torch.zeros(1, 4320, 7680, dtype=torch.uint8)
+    seen = []
+
+    def predict(t):
+        seen.append(t.shape[0])
+        return t
+    out = Tiler(tile=512, overlap=0.1, batch_size=4)(frame, predict, num_outputs=1)
+    assert out.shape == (1, 4320, 7680) and max(seen) <= 4
+    assert sum(seen) == Tiler(tile=512, overlap=0.1).num_tiles(4320, 7680) == 10 * 17
