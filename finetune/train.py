@@ -45,8 +45,8 @@ class CropDataset(torch.utils.data.Dataset):
         if flip:
             image, mask = image[:, ::-1], mask[:, ::-1]
         image = image[..., None] if image.ndim == 2 else image
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)).long(),
+        return {"image": torch.from_numpy(np.array(image.transpose(2, 0, 1))),
+                "mask": torch.from_numpy(np.array(mask, dtype=np.int64)),
                 "cls": self.data.label_index(item)}
 
 

@@ -162,3 +162,24 @@ def test_two_process_finetune_under_accelerate(real_data, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_images"] == 8 and metrics["images"] == 4
     assert (run / "export" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("mode", ["crop", "resize"])
+def test_training_samples_keep_masks_aligned(real_data, mode):
+    from finetune.datasets import load_real_data
+    from finetune.train import CropDataset
+
+    data = load_real_data(real_data)
+    cfg = FinetuneConfig(data=str(real_data), crop_size=32, input=mode, defect_crop_prob=1.0, task="seg")
+    ds = CropDataset(data, data.items, cfg, total=40)
+    seen_defect = 0
+    for i in range(40):
+        s = ds[i]
+        assert s["image"].shape == (3, 32, 32) and s["mask"].shape == (32, 32)
+        dark = s["image"][0] < 65  # defects were painted at grey 30 on a 100..140 background
+        if mode == "crop":
+            assert torch.equal(dark, s["mask"] > 0)
+        else:  # bilinear image vs nearest mask: agree away from the edges
+            assert (dark == (s["mask"] > 0)).float().mean() > 0.97
+        seen_defect += int(s["mask"].any())
+    assert seen_defect >= 15  # defect_crop_prob=1 centres crops of defective frames on their defects
