@@ -35,6 +35,7 @@ class FinetuneConfig:
     crop_size: int = 512
     input: str = field(default="crop", metadata={"help": "crop (random crops at full resolution) or resize"})
     defect_crop_prob: float = field(default=0.5, metadata={"help": "share of crops centred on a defect pixel"})
+    seg_loss: str = field(default="ce+dice", metadata={"help": "ce, or ce+dice (Dice over defect classes)"})
     seed: int = 0
     train_limit: int = field(default=0, metadata={"help": "use only the first N train images (seeded; 0: all)"})
     test_fraction: float = field(default=0.3, metadata={"help": "test share of the seeded split (no splits.csv)"})
@@ -51,6 +52,8 @@ class FinetuneConfig:
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
 
     def __post_init__(self):
+        if self.seg_loss not in ("ce", "ce+dice"):
+            raise ConfigError(f"seg_loss: {self.seg_loss!r} not accepted; use ce or ce+dice")
         if self.task not in TASKS:
             raise ConfigError(f"task: {self.task!r} not accepted; use seg, cls or both")
         if self.input not in ("crop", "resize"):

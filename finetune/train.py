@@ -88,10 +88,24 @@ def make_optimizer(model, cfg):
                                betas=tuple(cfg.optim.betas))
 
 
-def losses(out: dict, batch: dict, label_smoothing: float) -> dict[str, torch.Tensor]:
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice over the defect classes (not background), pooled over the batch: counters the rarity of defect
+    pixels that lets plain cross-entropy settle on "all background"."""
+    k = logits.shape[1]
+    probs = logits.softmax(1)[:, 1:]
+    onehot = F.one_hot(target, k).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    inter = (probs * onehot).sum((0, 2, 3))
+    union = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1 - ((2 * inter + eps) / (union + eps)).mean()
+
+
+def losses(out: dict, batch: dict, label_smoothing: float, seg_loss: str = "ce") -> dict[str, torch.Tensor]:
     parts = {}
     if "seg" in out:
-        parts["seg"] = F.cross_entropy(out["seg"].float(), batch["mask"])
+        logits = out["seg"].float()
+        parts["seg"] = F.cross_entropy(logits, batch["mask"])
+        if seg_loss == "ce+dice":
+            parts["dice"] = dice_loss(logits, batch["mask"])
     if "cls" in out:
         parts["cls"] = F.cross_entropy(out["cls"].float(), batch["cls"], label_smoothing=label_smoothing)
     parts["loss"] = sum(parts.values())
@@ -119,7 +133,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         x = (batch["image"].float() - mean) / std
         with acc.autocast():
-            parts = losses(model(x), batch, 0.1)
+            parts = losses(model(x), batch, 0.1, cfg.seg_loss)
         acc.backward(parts["loss"])
         if cfg.optim.clip_grad > 0:
             acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)

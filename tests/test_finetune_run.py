@@ -183,3 +183,15 @@ def test_training_samples_keep_masks_aligned(real_data, mode):
             assert (dark == (s["mask"] > 0)).float().mean() > 0.97
         seen_defect += int(s["mask"].any())
     assert seen_defect >= 15  # defect_crop_prob=1 centres crops of defective frames on their defects
+
+
+def test_dice_loss_is_zero_for_perfect_and_high_for_missed_defects():
+    from finetune.train import dice_loss
+
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, 2:4, 2:4] = 1
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 50
+    assert dice_loss(perfect, target) < 1e-3
+    all_background = torch.zeros(2, 2, 8, 8)
+    all_background[:, 0] = 50
+    assert dice_loss(all_background, target) > 0.85  # 1 - eps / (8 defect pixels + eps)
