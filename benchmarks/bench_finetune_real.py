@@ -35,6 +35,9 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--pretrain-steps", type=int, default=600)
     ap.add_argument("--samples", type=int, default=4000)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--defect-prob", type=float, default=0.5, help="defect_crop_prob")
+    ap.add_argument("--runs", default="", help="folder for the fine-tune runs (default: --work)")
     args = ap.parse_args(argv)
     work = Path(args.work)
     shards, pre = work / "shards", work / "pretrain"
@@ -46,19 +49,22 @@ def main(argv=None) -> None:
                  f"image_size={args.crop}", "batch_size=32", f"steps={args.pretrain_steps}", "objective=cls+seg",
                  "num_workers=1", "optim.lr=2e-3", "optim.warmup_steps=50", "save_every=200", "log_every=50")
     common = [f"data={args.data}", "task=seg", f"crop_size={args.crop}", f"steps={args.steps}",
-              f"batch_size={args.batch}", "num_workers=1", "optim.lr=5e-4", "log_every=50"]
+              f"batch_size={args.batch}", "num_workers=1", f"optim.lr={args.lr}", "log_every=50",
+              f"defect_crop_prob={args.defect_prob}"]
+    runs = Path(args.runs or args.work)
     cells = {"vit_tiny scratch": ["model=vit_tiny_patch16_224"],
              "vit_tiny synthvit-pretrained": ["model=vit_tiny_patch16_224", f"init={pre / 'export'}"],
              "deeplabv3plus_resnet50": ["model=deeplabv3plus_resnet50"]}
     rows = []
     for name, extra in cells.items():
-        run = work / name.replace(" ", "_")
+        run = runs / name.replace(" ", "_")
         if not (run / "metrics.json").is_file():
             synthvit("finetune", f"out_dir={run}", *common, *extra)
         m = json.loads((run / "metrics.json").read_text())
         rows.append((name, m))
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; data {args.data}; task seg; "
-          f"{args.steps} steps x batch {args.batch} at {args.crop} px crops; test at full resolution")
+          f"{args.steps} steps x batch {args.batch} at {args.crop} px crops, lr {args.lr}, defect_crop_prob "
+          f"{args.defect_prob}; test at full resolution")
     print("| model | test mIoU | defect IoU | pixel AP | image AUROC | s/image | train s | params |")
     print("|---|---|---|---|---|---|---|---|")
     for name, m in rows:
