@@ -68,10 +68,12 @@ def defective(data: RealData, item: Item, mask: np.ndarray | None) -> int:
 def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: int, progress=None) -> dict:
     meta, dev = predictor.meta, torch.device("cpu")
     seg_k, cls_k = len(meta["seg_classes"]), len(meta["cls_classes"])
-    pix = dict(iou=MulticlassJaccardIndex(seg_k, average="none"), dice=MulticlassF1Score(seg_k, average="none"),
-               ap=BinaryAveragePrecision(thresholds=200)) if seg_k else {}
-    img = dict(auroc=BinaryAUROC(), ap=BinaryAveragePrecision())
-    cls = dict(acc=MulticlassAccuracy(cls_k, average="micro"), cm=MulticlassConfusionMatrix(cls_k)) \
+    local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
+    pix = dict(iou=MulticlassJaccardIndex(seg_k, average="none", **local),
+               dice=MulticlassF1Score(seg_k, average="none", **local),
+               ap=BinaryAveragePrecision(thresholds=200, **local)) if seg_k else {}
+    img = dict(auroc=BinaryAUROC(**local), ap=BinaryAveragePrecision(**local))
+    cls = dict(acc=MulticlassAccuracy(cls_k, average="micro", **local), cm=MulticlassConfusionMatrix(cls_k, **local)) \
         if cls_k and meta["task"] in ("cls", "both") else {}
     scores, labels, seconds = [], [], []
     for item in items:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import queue
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,9 @@ _WORKER: dict = {}
 
 
 def _init_worker(cfg, out_dir: str, progress_queue) -> None:
+    # Ctrl-C reaches the whole process group: only the main process reacts (it terminates the pool), so no
+    # worker dies mid-task and gets replaced by a fresh one that keeps writing shards.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_allocator()
     _WORKER.update(cfg=cfg, out_dir=Path(out_dir), queue=progress_queue,
                    backend=create_backend(cfg.backend, cfg), pending=0, last=time.monotonic())

@@ -79,10 +79,12 @@ def test_outputs_config_and_preview(tiny_dataset):
     assert not list(tiny_dataset.glob(".*"))  # no temporaries left behind
 
 
+KILL_RUN = dict(num_samples=1200, samples_per_shard=20, image_size=128, num_workers=2, preview=0)  # ~60 shards
+
+
 def _start(out, *extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    args = [sys.executable, "-m", "synthvit", "generate", *tiny_overrides(
-        out, num_samples=400, samples_per_shard=10, image_size=96, num_workers=2, preview=0), *extra]
+    args = [sys.executable, "-m", "synthvit", "generate", *tiny_overrides(out, **KILL_RUN), *extra]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
 
@@ -97,18 +99,16 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, sig):
     os.killpg(proc.pid, sig)
     proc.communicate(timeout=60)
     finished = len(list(out.glob("*.tar")))
-    assert 3 <= finished < 40, "the run should have been interrupted midway"
+    assert 3 <= finished < 60, "the run should have been interrupted midway"
     assert not (out / INFO_FILE).exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    resumed = run_cli("generate", *tiny_overrides(out, num_samples=400, samples_per_shard=10, image_size=96,
-                                                  num_workers=1, preview=0), check=True)
+    resumed = run_cli("generate", *tiny_overrides(out, **dict(KILL_RUN, num_workers=1)), check=True)
     assert "resuming" in resumed.stderr
     # finished shards were not redone
     assert all((out / n).stat().st_mtime_ns == t for n, t in before.items())
     full = tmp_path / "full"
-    run_cli("generate", *tiny_overrides(full, num_samples=400, samples_per_shard=10, image_size=96, num_workers=2,
-                                        preview=0), check=True)
-    assert tree_bytes(out) == tree_bytes(full) and len(tree_bytes(full)) == 40
+    run_cli("generate", *tiny_overrides(full, **KILL_RUN), check=True)
+    assert tree_bytes(out) == tree_bytes(full) and len(tree_bytes(full)) == 60
     assert (out / INFO_FILE).read_bytes() == (full / INFO_FILE).read_bytes()
     assert not list(out.glob(".*"))
 
