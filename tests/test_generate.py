@@ -79,7 +79,7 @@ def test_outputs_config_and_preview(tiny_dataset):
     assert not list(tiny_dataset.glob(".*"))  # no temporaries left behind
 
 
-KILL_RUN = dict(num_samples=1200, samples_per_shard=20, image_size=128, num_workers=2, preview=0)  # ~60 shards
+KILL_RUN = dict(num_samples=1200, samples_per_shard=20, image_size=256, num_workers=2, preview=0)  # 60 shards
 
 
 def _start(out, *extra):
@@ -97,9 +97,11 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, sig):
     while len(list(out.glob("*.tar"))) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, sig)
-    proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=60)
     finished = len(list(out.glob("*.tar")))
-    assert 3 <= finished < 60, "the run should have been interrupted midway"
+    assert 3 <= finished < 60, f"the run should have been interrupted midway:\n{err.decode()[-2000:]}"
+    if sig == signal.SIGINT:
+        assert b"interrupted; finished work is kept" in err
     assert not (out / INFO_FILE).exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     resumed = run_cli("generate", *tiny_overrides(out, **dict(KILL_RUN, num_workers=1)), check=True)
