@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 from synthvit.config import ConfigError, describe, load_config
@@ -92,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
+    if threading.current_thread() is threading.main_thread():
+        # A parent that ignores SIGINT (some launchers, test runners) passes that on to us; Ctrl-C must still stop
+        # a long stage cleanly, keeping finished work.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     name = argv[0]
     try:
         stage_name, config_path, overrides = _parse(argv)
