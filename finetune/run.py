@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
 from finetune.datasets import RealData, load_real_data, split_ids
@@ -66,8 +66,7 @@ def _export(model, out: Path, meta: dict) -> None:
         checkpoint.export(model, out, meta)
         return
     out.mkdir(parents=True, exist_ok=True)
-    buf = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(buf, str(out / checkpoint.EXPORT_WEIGHTS))
+    checkpoint.save_tensors(model.state_dict(), out / checkpoint.EXPORT_WEIGHTS)
     atomic_write_text(out / checkpoint.EXPORT_CONFIG, json.dumps(dict(meta, weights=checkpoint.EXPORT_WEIGHTS,
                                                                        seg_head=None), indent=2) + "\n")
 

@@ -46,7 +46,7 @@ def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
         raise SynthvitError(f"cannot create out_dir {out}: {e.strerror}; choose a writable folder") from None
     if not out.is_dir():
         raise SynthvitError(f"out_dir {out} exists and is not a folder")
-    probe = out / f".write-probe{'.tmp'}"
+    probe = out / ".write-probe.tmp"
     try:
         probe.write_bytes(b"")
         probe.unlink()

@@ -74,7 +74,8 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written under a temporary name and renamed (never a half file under the final name)."""
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     tmp.replace(path)
@@ -83,9 +84,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def export(model, out_dir: Path, meta: dict) -> Path:
     """Write the export contract into ``out_dir`` (atomically, file by file; config.json last)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_tensors(model.backbone.state_dict(), out_dir / EXPORT_WEIGHTS)
+    save_tensors(model.backbone.state_dict(), out_dir / EXPORT_WEIGHTS)
     if model.seg_head is not None:
-        _save_tensors(model.seg_head.state_dict(), out_dir / EXPORT_SEG_HEAD)
+        save_tensors(model.seg_head.state_dict(), out_dir / EXPORT_SEG_HEAD)
     meta = dict(meta, weights=EXPORT_WEIGHTS, seg_head=EXPORT_SEG_HEAD if model.seg_head is not None else None)
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out_dir

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -77,7 +77,7 @@ class Trainer:
     def save(self) -> Path:
         path = checkpoint.save_checkpoint(self.acc, self.run_dir, self.step, self._state(), self.cfg.keep_last)
         if self.ema is not None and self.acc.is_main_process:
-            save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(path / EMA_FILE))
+            checkpoint.save_tensors(self.ema.module.state_dict(), path / EMA_FILE)
         return path
 
     def resume(self, ckpt: Path) -> None:

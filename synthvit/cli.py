@@ -57,8 +57,9 @@ def _main_help() -> str:
     return "\n".join(lines)
 
 
-def _parse(argv: list[str]) -> tuple[str, str | None, list[str]]:
-    stage, config, overrides = argv[0], None, []
+def _parse(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(--config file, key=value overrides) from the arguments after the stage name."""
+    config, overrides = None, []
     rest = iter(argv[1:])
     for arg in rest:
         if arg in ("--config", "-c"):
@@ -78,7 +79,7 @@ def _parse(argv: list[str]) -> tuple[str, str | None, list[str]]:
             raise ConfigError(f"unknown option {arg}; options are --config FILE and --help, then key=value overrides")
         else:
             overrides.append(arg)
-    return stage, config, overrides
+    return config, overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     name = argv[0]
     try:
-        stage_name, config_path, overrides = _parse(argv)
+        config_path, overrides = _parse(argv)
         cfg = load_config(_load(STAGES[name].config), config_path, overrides)
         out = _load(STAGES[name].run)(cfg)
     except ConfigError as e:
