@@ -22,8 +22,9 @@ class TilingConfig:
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    data: str = field(default="", metadata={"help": "real-data folder (canonical, imagefolder, labelme, coco, hf)"})
-    format: str = field(default="auto", metadata={"help": "auto, canonical, imagefolder, labelme, coco or hf"})
+    data: str = field(default="", metadata={
+        "help": "real-data folder (canonical, imagefolder, labelme, coco, hf, or synthvit shards)"})
+    format: str = field(default="auto", metadata={"help": "auto, canonical, imagefolder, labelme, coco, hf or shards"})
     model: str = field(default="vit_tiny_patch16_224", metadata={
         "help": "a timm name (ViT, hybrid, resnet50, ...), deeplabv3plus_resnet50 or hrnet_w18_seg"})
     init: str = field(default="", metadata={"help": "a synthvit pretrain export folder to start from"})

@@ -10,7 +10,9 @@ Formats (detected from the folder, or named with ``fmt``):
 - ``coco``: an instance-segmentation JSON (``annotations.json``/``instances*.json`` or any ``*.json`` with
   ``images``, ``annotations``, ``categories``) with polygons or RLE, images beside it or under ``images/``;
 - ``hf``: a Hugging Face ``datasets`` folder saved with ``save_to_disk`` (columns ``image``, optional ``mask``,
-  optional ``label``).
+  optional ``label``);
+- ``shards``: a ``synthvit generate`` output folder (``_info.json`` + WebDataset shards), e.g. a procedural
+  stand-in for real frames; masks and labels come from the shard contract, the encoded samples are held in memory.
 
 Images may be 8- or 16-bit grayscale, RGB, RGBA or palette, with EXIF orientation, up to ``max_pixels``
 (Pillow's decompression-bomb guard is raised to that cap only). Every problem found in a folder is reported at
@@ -19,7 +21,9 @@ once: one :class:`DataError` listing the first 20 offending files and the count.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -320,10 +324,48 @@ def _hf(root: Path, problems: list[str]) -> RealData:
     return RealData(root, "hf", items, seg, cls)
 
 
-FORMATS = {"canonical": _canonical, "imagefolder": _imagefolder, "labelme": _labelme, "coco": _coco, "hf": _hf}
+def _bytes_image(data: bytes) -> Callable[[], Image.Image]:
+    return lambda: Image.open(io.BytesIO(data))
+
+
+def _bytes_mask(data: bytes) -> Callable[[tuple[int, int]], np.ndarray]:
+    def load(size):
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im).astype(np.uint8)
+    return load
+
+
+def _shards(root: Path, problems: list[str]) -> RealData:
+    from generate.schema import CLS_KEY, IMAGE_KEYS, MASK_KEY, SPLIT, iter_members, read_info
+
+    try:
+        info = read_info(root)
+    except SynthvitError as e:
+        problems.append(str(e))
+        return RealData(root, "shards", [])
+    names = info["class_names"]
+    items = []
+    for filename in info["splits"][SPLIT]["filenames"]:
+        try:
+            for m in iter_members(root / filename):
+                image_key = next((k for k in IMAGE_KEYS if k in m), None)
+                if image_key is None or MASK_KEY not in m or CLS_KEY not in m:
+                    problems.append(f"{filename}#{m['__key__']}: lacks jpg|png, {MASK_KEY} or {CLS_KEY}")
+                    continue
+                items.append(Item(m["__key__"], f"{root / filename}#{m['__key__']}", _bytes_image(m[image_key]),
+                                  names[int(m[CLS_KEY])], _bytes_mask(m[MASK_KEY])))
+        except (OSError, tarfile.TarError, ValueError) as e:
+            problems.append(f"{filename}: unreadable shard ({e})")
+    return RealData(root, "shards", items, ["background", *names[1:]], list(names))
+
+
+FORMATS = {"canonical": _canonical, "imagefolder": _imagefolder, "labelme": _labelme, "coco": _coco, "hf": _hf,
+           "shards": _shards}
 
 
 def detect_format(root: Path) -> str:
+    if (root / "_info.json").is_file():
+        return "shards"
     if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
         return "hf"
     if _coco_file(root) is not None:
@@ -335,7 +377,7 @@ def detect_format(root: Path) -> str:
     if any(p.is_dir() for p in root.iterdir()):
         return "imagefolder"
     raise DataError(f"{root}: no known layout (images/ folder, class folders, labelme or COCO JSON, or a "
-                    f"datasets save_to_disk folder)")
+                    f"datasets save_to_disk folder, or synthvit shards with _info.json)")
 
 
 def load_real_data(root: str | Path, fmt: str = "auto", check: bool = True, max_pixels: int = 8192 * 8192

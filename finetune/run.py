@@ -44,7 +44,7 @@ def _select(data: RealData, cfg: FinetuneConfig, split: dict[str, str]):
     return train_items, test_items
 
 
-def _check_task(data: RealData, cfg: FinetuneConfig) -> None:
+def check_task(data: RealData, cfg: FinetuneConfig) -> None:
     if cfg.task in ("seg", "both") and not data.has_masks:
         raise SynthvitError(f"task={cfg.task} needs masks, but {cfg.data} ({data.fmt}) has none; use task=cls")
     if cfg.task in ("cls", "both") and not data.has_labels:
@@ -92,7 +92,7 @@ def run(cfg: FinetuneConfig) -> Path:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
     run_dir = Path(cfg.out_dir)
     data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels)
-    _check_task(data, cfg)
+    check_task(data, cfg)
     split = split_ids(data, cfg.test_fraction, cfg.seed)
     train_items, test_items = _select(data, cfg, split)
     torch.manual_seed(cfg.seed)
@@ -102,8 +102,10 @@ def run(cfg: FinetuneConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        used = {i.id for i in train_items}  # a train_limit leaves the other train images "unused"
+        rows = sorted((i, "unused" if s == "train" and i not in used else s) for i, s in split.items())
         buf = io.StringIO()
-        csv.writer(buf).writerows([("id", "split"), *sorted(split.items())])
+        csv.writer(buf).writerows([("id", "split"), *rows])
         atomic_write_text(run_dir / "split.csv", buf.getvalue())
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         log.info("%s: %d train images (of %d), %d test; %s frozen parameters", cfg.data, len(train_items),

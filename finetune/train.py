@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -151,6 +152,9 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
             window = []
     bar.close()
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if acc.device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process peak: training's, in a fresh run
     return {"steps": cfg.steps, "train_images": len(items), "train_wall_s": round(wall, 2),
+            "train_peak_mb": round(peak, 1), "train_peak_kind": "cuda" if acc.device.type == "cuda" else "rss",
             "train_images_per_s": round(cfg.steps * cfg.batch_size * acc.num_processes / wall, 2),
             "model": acc.unwrap_model(model)}

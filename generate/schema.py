@@ -100,8 +100,8 @@ def decode_sample(members: dict[str, bytes]) -> Sample:
     return Sample(image, mask, int(members[CLS_KEY]), json.loads(members[META_KEY]))
 
 
-def iter_shard(path: str | Path):
-    """Decoded samples of one shard, in order (a small reader for tests, previews and verification)."""
+def iter_members(path: str | Path):
+    """Raw members of each sample of one shard, in order: ``{"__key__": key, "jpg": bytes, ...}``."""
     members: dict[str, bytes] = {}
     key = None
     with tarfile.open(path, "r") as tar:
@@ -111,12 +111,18 @@ def iter_shard(path: str | Path):
             base = info.name.rsplit("/", 1)[-1]
             k, ext = base.split(".", 1)
             if key is not None and k != key:
-                yield decode_sample({"__key__": key, **members})
+                yield {"__key__": key, **members}
                 members = {}
             key = k
             members[ext] = tar.extractfile(info).read()
     if key is not None:
-        yield decode_sample({"__key__": key, **members})
+        yield {"__key__": key, **members}
+
+
+def iter_shard(path: str | Path):
+    """Decoded samples of one shard, in order (a small reader for tests, previews and verification)."""
+    for members in iter_members(path):
+        yield decode_sample(members)
 
 
 def make_info(name: str, shards: list[tuple[str, int, str]], class_names: list[str], generator: dict) -> dict:

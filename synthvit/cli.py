@@ -31,6 +31,8 @@ STAGES: dict[str, Stage] = {
                       "evaluate a finetune run on a split at full resolution (metrics_<split>.json)"),
     "predict": Stage("finetune.config:PredictConfig", "finetune.run:run_predict",
                      "predict masks, overlays and JSON for an image or a folder with a finetune run"),
+    "compare": Stage("compare.config:CompareConfig", "compare.run:run",
+                     "run a matrix of models x real-data budgets (finetune + evaluate per cell) and write a report"),
 }
 
 USAGE = "usage: synthvit <stage> [--config FILE] [key=value ...]   (synthvit <stage> --help lists the keys)"

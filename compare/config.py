@@ -1,0 +1,76 @@
+"""Typed config of ``synthvit compare`` (light: the CLI imports it for --help)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from finetune.config import TASKS, FinetuneConfig
+from synthvit.config import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """One row of the matrix: a finetune ``model`` (+ optional ``init`` export) under a report name."""
+    name: str = field(default="", metadata={"help": "label in the report and folder name"})
+    model: str = field(default="", metadata={"help": "finetune model: a timm name or a segmentation baseline"})
+    init: str = field(default="", metadata={"help": "a synthvit pretrain export (synthetic pretraining)"})
+    task: str = field(default="", metadata={"help": "seg, cls or both (empty: finetune.task)"})
+    overrides: list[str] = field(default_factory=list, metadata={"help": "finetune key=value for this model"})
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("models: every entry needs a model (a timm name, deeplabv3plus_resnet50 or "
+                              "hrnet_w18_seg)")
+        self.name = self.name or self.model + ("-init" if self.init else "")
+        if not _NAME.match(self.name):
+            raise ConfigError(f"models: name {self.name!r} must be letters, digits and ._+- (it names a folder)")
+        if self.task and self.task not in TASKS:
+            raise ConfigError(f"models.{self.name}.task: {self.task!r} not accepted; use seg, cls or both")
+        bad = [o for o in self.overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"models.{self.name}.overrides: {bad} are not key=value")
+
+
+def _default_models() -> list[ModelSpec]:
+    return [ModelSpec(name="vit-scratch", model="vit_tiny_patch16_224"),
+            ModelSpec(name="cnn-deeplabv3plus-r50", model="deeplabv3plus_resnet50")]
+
+
+@dataclass(kw_only=True)
+class CompareConfig:
+    data: str = field(default="", metadata={"help": "real-data folder (any finetune format, or synthvit shards)"})
+    out_dir: str = "runs/compare"
+    models: list[ModelSpec] = field(default_factory=_default_models,
+                                    metadata={"help": "list of {name, model, init, task, overrides}"})
+    budgets: list[int] = field(default_factory=lambda: [50, 100, 250, 500, 0],
+                               metadata={"help": "nested train-image budgets (0: all train images)"})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
+                                     metadata={"help": "shared by every cell: equal budgets across models"})
+    parallel: int = field(default=0, metadata={"help": "cells at once (0: one per visible GPU, else 1)"})
+    probe_size: str = field(default="3840x2160", metadata={"help": "frame size of the inference speed probe"})
+    probe_repeats: int = 2
+    report_images: int = field(default=4, metadata={"help": "test images in the qualitative and saliency grids"})
+    cka_images: int = field(default=64, metadata={"help": "test crops for CKA (0: no CKA)"})
+    cka_batch: int = field(default=16, metadata={"help": "minibatch of the unbiased CKA estimator (>= 4)"})
+    analysis_size: int = field(default=0, metadata={"help": "crop side for grids and CKA (0: finetune.crop_size)"})
+
+    def __post_init__(self):
+        names = [m.name for m in self.models]
+        if not self.models:
+            raise ConfigError("models: give at least one model")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"models: names must be unique, got {names}")
+        if not self.budgets or any(b < 0 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
+            raise ConfigError(f"budgets: {self.budgets} not accepted; distinct counts >= 0 (0: all train images)")
+        if self.parallel < 0 or self.probe_repeats < 1 or self.report_images < 0 or self.cka_images < 0:
+            raise ConfigError("parallel >= 0, probe_repeats >= 1, report_images >= 0 and cka_images >= 0 required")
+        for key in ("data", "init", "weights"):
+            if getattr(self.finetune, key):
+                raise ConfigError(f"finetune.{key}: set per cell by compare; use data=..., or models[].init / "
+                                  f"models[].overrides")
+        if self.finetune.train_limit:
+            raise ConfigError("finetune.train_limit: set per cell by compare; use budgets=[...]")
+        if self.cka_images and self.cka_batch < 4:
+            raise ConfigError(f"cka_batch: {self.cka_batch} too small; the unbiased estimator needs >= 4")

@@ -1,0 +1,151 @@
+"""The experiment matrix: cells (model x budget), each a ``synthvit finetune`` run in its own folder and process.
+
+A cell is finished when its ``metrics.json`` exists (finetune writes it atomically, last), so re-running skips
+finished cells and a crash loses at most the cells that were running. Cells run in child processes: peak memory
+and wall time are the cell's own, one GPU per child (``CUDA_VISIBLE_DEVICES``), and under ``accelerate launch``
+each rank takes every ``world``-th cell on its local GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from compare.config import CompareConfig, ModelSpec
+from finetune.config import FinetuneConfig
+from synthvit.config import dump_yaml, load_config, to_dict
+from synthvit.io import atomic_write_text
+from synthvit.progress import progress_bar
+
+# Variables of the launching job that must not reach a child: each child is a job of its own.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "NODE_RANK")
+
+
+@dataclass
+class Job:
+    """One child process: a finetune cell or a model's speed probe. Finished when ``done_file`` exists."""
+    name: str
+    folder: Path
+    argv: list[str]
+    done_file: str
+    log_name: str = "log.txt"
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / self.done_file).is_file()
+
+    @property
+    def log(self) -> Path:
+        return self.folder / self.log_name
+
+
+@dataclass
+class Cell:
+    spec: ModelSpec
+    budget: int  # train images actually used
+    job: Job
+
+    @property
+    def folder(self) -> Path:
+        return self.job.folder
+
+
+def cell_config(cfg: CompareConfig, spec: ModelSpec, budget: int, n_train: int, folder: Path) -> FinetuneConfig:
+    """Write ``cell.yaml`` (the resolved finetune config of the cell); a finished cell whose config changed is
+    marked unfinished so that it runs again."""
+    tree = to_dict(cfg.finetune)
+    tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
+                task=spec.task or cfg.finetune.task, train_limit=0 if budget >= n_train else budget)
+    path = folder / "cell.yaml"
+    old = path.read_text() if path.is_file() else None
+    atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
+    resolved = load_config(FinetuneConfig, path, spec.overrides)
+    text = dump_yaml(resolved)
+    atomic_write_text(path, text)
+    if old is not None and old != text and (folder / "metrics.json").is_file():
+        print(f"compare: the config of {folder} changed; it runs again", file=sys.stderr)
+        (folder / "metrics.json").unlink()
+    return resolved
+
+
+def effective_budgets(budgets: list[int], n_train: int) -> list[int]:
+    """Distinct train-image counts, ascending; 0 and budgets above the train split mean all of it."""
+    return sorted({n_train if b == 0 or b > n_train else b for b in budgets})
+
+
+def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True) -> list[Cell]:
+    """The cells, models x budgets; with ``write``, each cell folder gets its ``cell.yaml`` (only one process of a
+    launched job writes) and a cell that will run loses any old ``probe.json``."""
+    cells = []
+    for spec in cfg.models:
+        for budget in effective_budgets(cfg.budgets, n_train):
+            folder = Path(cfg.out_dir) / "cells" / spec.name / f"n{budget:05d}"
+            argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / "cell.yaml")]
+            cell = Cell(spec, budget, Job(f"{spec.name} n={budget}", folder, argv, "metrics.json"))
+            if write:
+                folder.mkdir(parents=True, exist_ok=True)
+                cell_config(cfg, spec, budget, n_train, folder)
+                if not cell.job.done:
+                    (folder / "probe.json").unlink(missing_ok=True)
+            cells.append(cell)
+    return cells
+
+
+def largest_done(cells: list[Cell]) -> dict[str, Cell]:
+    """Per model: its finished cell with the most training images."""
+    best: dict[str, Cell] = {}
+    for c in cells:
+        if c.job.done and c.budget >= getattr(best.get(c.spec.name), "budget", -1):
+            best[c.spec.name] = c
+    return best
+
+
+def child_env(gpu: int | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("ACCELERATE_")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    return env
+
+
+def run_jobs(jobs: list[Job], slots: list[int | None], desc: str) -> list[Job]:
+    """Run the unfinished ``jobs``, one per slot at a time (a slot is a GPU index or None); returns failures."""
+    todo = [j for j in jobs if not j.done]
+    if len(todo) < len(jobs):
+        print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} already finished, skipped", file=sys.stderr)
+    failed: list[Job] = []
+    running: dict[int, tuple[Job, subprocess.Popen, float]] = {}
+    bar = progress_bar(total=len(todo), desc=desc, unit="job")
+    try:
+        while todo or running:
+            for slot in range(len(slots)):
+                if slot not in running and todo:
+                    job = todo.pop(0)
+                    with open(job.log, "w") as log:
+                        proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
+                                                env=child_env(slots[slot]))
+                    running[slot] = (job, proc, time.perf_counter())
+            time.sleep(0.2)
+            for slot, (job, proc, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                bar.update(1)
+                ok = proc.returncode == 0 and job.done
+                bar.write(f"{desc}: {job.name} {'done' if ok else 'FAILED'} in {time.perf_counter() - t0:.0f} s"
+                          + ("" if ok else f" (exit {proc.returncode}; see {job.log})"), file=sys.stderr)
+                if not ok:
+                    failed.append(job)
+    finally:
+        for job, proc, _ in running.values():
+            proc.terminate()
+        for job, proc, _ in running.values():
+            proc.wait()
+        bar.close()
+    return failed

@@ -1,0 +1,97 @@
+"""``synthvit compare``: run the matrix (skipping finished cells), probe each model's cost, write the report.
+
+Under ``accelerate launch`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK) each rank runs every
+``world``-th cell on its local GPU; ranks meet at a gloo barrier with a long timeout, and rank 0 writes the report.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from compare.config import CompareConfig
+from compare.matrix import Job, largest_done, plan_cells, run_jobs
+from finetune.datasets import load_real_data, split_ids
+from finetune.run import check_task
+from synthvit.config import ConfigError, dump_yaml
+from synthvit.io import SynthvitError, atomic_write_text
+
+log = logging.getLogger("synthvit.compare")
+
+
+class Ranks:
+    """This process's place in a launched job, and a barrier that outlasts long cells."""
+
+    def __init__(self):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.local = int(os.environ.get("LOCAL_RANK", 0))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def slots(self, parallel: int) -> list[int | None]:
+        """GPU per concurrent job: the local GPU under a launcher, else the first ``parallel`` GPUs (default all),
+        or ``parallel`` CPU jobs (default 1)."""
+        gpus = torch.cuda.device_count()
+        if self.world > 1:
+            return [self.local % gpus] if gpus else [None]
+        if gpus:
+            return [i % gpus for i in range(parallel or gpus)]
+        return [None] * max(parallel, 1)
+
+
+def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int) -> str:
+    return (f"Data: `{cfg.data}` ({data.fmt} layout): {n_train} train and {n_test} test images; segmentation classes "
+            f"{', '.join(data.seg_classes) or 'none'}; image classes {', '.join(data.cls_classes) or 'none'}.")
+
+
+def run(cfg: CompareConfig) -> Path:
+    if not cfg.data:
+        raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
+    ranks = Ranks()
+    out = Path(cfg.out_dir)
+    data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels)
+    for spec in cfg.models:
+        check_task(data, replace(cfg.finetune, data=cfg.data, task=spec.task or cfg.finetune.task))
+        if spec.init and not Path(spec.init).is_dir():
+            raise SynthvitError(f"models.{spec.name}.init: {spec.init} is not a folder; give a synthvit pretrain "
+                                f"export (holding model.safetensors and config.json)")
+    split = split_ids(data, cfg.finetune.test_fraction, cfg.finetune.seed)
+    test_items = [i for i in data.items if split[i.id] == "test"]
+    n_train = sum(v == "train" for v in split.values())
+    if ranks.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    cells = plan_cells(cfg, n_train, write=ranks.rank == 0)
+    ranks.barrier()
+    slots = ranks.slots(cfg.parallel)
+    run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")
+    ranks.barrier()
+    probes = [_probe_job(cfg, c) for c in largest_done(cells).values()]
+    run_jobs(probes[ranks.rank::ranks.world], slots, "probes")
+    ranks.barrier()
+    if ranks.rank == 0:
+        from compare.compose import compose
+
+        report = compose(cfg, cells, test_items, _data_note(cfg, data, n_train, len(test_items)))
+        md, page = report.write(out)
+        print(f"synthvit compare: report -> {page} (and {md.name})", file=sys.stderr)
+    unfinished = [c.job for c in cells if not c.job.done] + [p for p in probes if not p.done]
+    if unfinished:
+        raise SynthvitError(f"{len(unfinished)} job(s) did not finish: " + "; ".join(
+            f"{j.name} (log: {j.log})" for j in unfinished) + ". Re-run the same command to retry just those.")
+    return out
+
+
+def _probe_job(cfg: CompareConfig, cell) -> Job:
+    argv = [sys.executable, "-m", "compare.probe", str(cell.folder), "--size", cfg.probe_size,
+            "--repeats", str(cfg.probe_repeats)]
+    return Job(f"{cell.spec.name} probe", cell.folder, argv, "probe.json", "probe.log")
