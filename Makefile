@@ -13,9 +13,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# generate -> pretrain -> held-out 4K target set -> compare report (each stage skips work already done)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/demo.yaml
 	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit pretrain --config configs/pretrain/demo.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/target-4k.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit compare --config configs/compare/demo.yaml
+	@echo "report: runs/demo-compare/report.html (and report.md)"
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -25,4 +29,4 @@ bench: install
 	$(PY) benchmarks/bench_pretrain.py
 
 clean:
-	rm -rf $(VENV) shards/demo runs/demo-pretrain
+	rm -rf $(VENV) shards/demo shards/target-4k runs/demo-pretrain runs/demo-compare

@@ -128,6 +128,9 @@ def run_jobs(jobs: list[Job], slots: list[int | None], desc: str) -> list[Job]:
                 if slot not in running and todo:
                     job = todo.pop(0)
                     with open(job.log, "w") as log:
+                        log.write(f"# {' '.join(job.argv)}\n# rank {os.environ.get('RANK', '0')}, "
+                                  f"GPU {slots[slot] if slots[slot] is not None else 'none'}\n")
+                        log.flush()
                         proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
                                                 env=child_env(slots[slot]))
                     running[slot] = (job, proc, time.perf_counter())

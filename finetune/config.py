@@ -48,6 +48,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20, lr_scale="none"))
     precision: str = "no"
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    cache_mb: int = field(default=2048, metadata={"help": "decoded train frames kept per loader worker, MB"})
     max_pixels: int = field(default=8192 * 8192, metadata={"help": "Pillow's decompression-bomb cap, in pixels"})
     log_every: int = 10
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
@@ -59,8 +60,9 @@ class FinetuneConfig:
             raise ConfigError(f"task: {self.task!r} not accepted; use seg, cls or both")
         if self.input not in ("crop", "resize"):
             raise ConfigError(f"input: {self.input!r} not accepted; use crop or resize")
-        if self.steps < 1 or self.batch_size < 1 or self.crop_size < 16 or self.num_workers < 0:
-            raise ConfigError("steps >= 1, batch_size >= 1, crop_size >= 16 and num_workers >= 0 required")
+        if self.steps < 1 or self.batch_size < 1 or self.crop_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
+            raise ConfigError("steps >= 1, batch_size >= 1, crop_size >= 16, num_workers >= 0 and cache_mb >= 0 "
+                              "required")
         if not 0 <= self.defect_crop_prob <= 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("defect_crop_prob in [0, 1] and test_fraction in (0, 1) required")
         if self.in_chans not in (1, 3) or self.freeze_blocks < 0 or not 0 <= self.layer_decay < 1:

@@ -7,6 +7,7 @@ import json
 import logging
 import resource
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +29,36 @@ class CropDataset(torch.utils.data.Dataset):
     def __init__(self, data: RealData, items: list[Item], cfg, total: int):
         self.data, self.items, self.cfg, self.total = data, items, cfg, total
         self.with_mask = data.has_masks and cfg.task in ("seg", "both")
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # per loader worker
+        self._cached_bytes = 0
 
     def __len__(self):
         return self.total
 
+    def frame(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded image and mask of item ``k``, kept in an LRU cache of ``cfg.cache_mb``: decoding a 4K frame
+        costs far more than cropping it, and small real sets fit in memory."""
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        item = self.items[k]
+        with item.load() as im:
+            image = to_array(im, self.cfg.in_chans)
+        h, w = image.shape[:2]
+        mask = item.mask((w, h)) if self.with_mask else np.zeros((h, w), np.uint8)
+        self._cache[k] = (image, mask)
+        self._cached_bytes += image.nbytes + mask.nbytes
+        while self._cached_bytes > self.cfg.cache_mb * 2**20 and self._cache:
+            old_image, old_mask = self._cache.popitem(last=False)[1]
+            self._cached_bytes -= old_image.nbytes + old_mask.nbytes
+        return image, mask
+
     def __getitem__(self, i: int) -> dict:
         cfg = self.cfg
         rng = np.random.default_rng((cfg.seed, i))
-        item = self.items[int(rng.integers(len(self.items)))]
-        with item.load() as im:
-            image = to_array(im, cfg.in_chans)
-        h, w = image.shape[:2]
-        mask = item.mask((w, h)) if self.with_mask else np.zeros((h, w), np.uint8)
-        image, mask = (resize_pair if cfg.input == "resize" else crop_pair)(image, mask, cfg, rng)
+        k = int(rng.integers(len(self.items)))
+        item = self.items[k]
+        image, mask = (resize_pair if cfg.input == "resize" else crop_pair)(*self.frame(k), cfg, rng)
         k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
         image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k)
         if flip:

@@ -168,3 +168,26 @@ def test_compare_config_errors_name_the_key(tmp_path, target):
     assert res.returncode == 1 and "models.a.init" in res.stderr
     res = run_cli("compare", f"data={tmp_path / 'missing'}")
     assert res.returncode == 1 and "missing" in res.stderr
+
+
+@pytest.mark.slow
+def test_compare_under_accelerate_launch_splits_cells_across_ranks(target, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "ranks"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
+           "-m", "synthvit", "compare", f"data={target}", f"out_dir={out}",
+           "models=[{name: vit, model: vit_tiny_patch16_224}]", *COMPARE, "cka_images=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = {p.parent.name: p.read_text().splitlines()[1] for p in out.glob("cells/vit/*/log.txt")}
+    assert sorted(logs) == ["n00005", "n00014"]
+    assert {line.split(",")[0] for line in logs.values()} == {"# rank 0", "# rank 1"}  # one cell per rank
+    assert proc.stderr.count("report ->") == 1 and (out / "report.md").is_file()
+    assert (out / "cells/vit/n00014/probe.json").is_file()
