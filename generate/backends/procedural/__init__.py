@@ -121,3 +121,13 @@ class ProceduralBackend:
         meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[W, H], channels=1 if gray else 3,
                     surface=dict(family=family, **_r(surface_params)), camera=_r(camera_params), defects=defects)
         return Sample(image, mask, main_class_of(defects, len(self.class_names)), meta)
+
+
+def sample_on_surface(rng, img: np.ndarray, p, scale: float, class_names: list[str], meta: dict,
+                      extra=None) -> Sample:
+    """Procedural defects (exact masks) drawn on a given surface ``img`` (C, H, W) float in [0, 1], in place:
+    the path neural backends share with this one. ``meta`` gets ``defects``; ``cls`` follows the mask."""
+    inst, mask, instances = draw_defects(rng, img, p, scale, extra=extra)
+    image = camera.to_uint8(img)
+    defects = instance_records(inst, instances, class_names)
+    return Sample(image, mask, main_class_of(defects, len(class_names)), dict(meta, defects=defects))
