@@ -114,11 +114,11 @@ class DiffusionConfig:
         "help": "inpaint (defects into backgrounds), img2img or unconditional (surfaces for procedural defects)"})
     backgrounds: str = field(default="", metadata={
         "help": "a folder of your defect-free images (empty: procedural surfaces)"})
-    prompt: str = field(default="a close-up photo of a {defect} on {surface}", metadata={
+    prompt: str = field(default="a close-up photo of a {defect} defect on a {surface} surface", metadata={
         "help": "prompt template per defect class ({defect}, {surface})"})
     prompts: list[str] = field(default_factory=list, metadata={
         "help": "per-class prompts overriding the template, as class=prompt"})
-    surface_prompt: str = field(default="a close-up photo of a clean industrial {surface} surface", metadata={
+    surface_prompt: str = field(default="a close-up photo of a clean {surface} surface", metadata={
         "help": "prompt for img2img surfaces"})
     negative_prompt: str = ""
     steps: int = 30
