@@ -65,7 +65,7 @@ def _auto_class(mode: str):
 
 
 def load_pipeline(path: str | Path, mode: str, device: torch.device, dtype: torch.dtype, compile_unet: bool):
-    """The pipeline for ``mode`` on ``device`` in ``dtype``, SDPA attention, progress bars off."""
+    """The pipeline for ``mode`` from the local folder ``path``, prepared by :func:`prepare_pipeline`."""
     spec = check_pipeline_folder(path)
     extra = {} if mode == "unconditional" else {"safety_checker": None, "requires_safety_checker": False}
     if mode != "unconditional" and spec.get("safety_checker", [None])[0] is not None:
@@ -80,7 +80,14 @@ def load_pipeline(path: str | Path, mode: str, device: torch.device, dtype: torc
                             f"install the diffusion extra: pip install 'synthvit[diffusion]'") from None
     except (OSError, ValueError) as e:
         raise SynthvitError(f"diffusion.weights: cannot load {path} as a {mode} pipeline: {e}") from None
+    return prepare_pipeline(pipe, device, dtype, compile_unet)
+
+
+def prepare_pipeline(pipe, device: torch.device, dtype: torch.dtype, compile_unet: bool):
+    """On ``device`` in ``dtype``, SDPA attention, progress bars off, optionally a compiled UNet."""
     pipe = pipe.to(device)
+    if pipe.dtype != dtype:
+        pipe = pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     _use_sdpa(pipe)
     if compile_unet and hasattr(pipe, "unet"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,41 +56,43 @@ def write_tokenizer_files(folder: str | Path) -> Path:
     return folder
 
 
-def text_parts(folder: Path, size: str):
+def text_parts(size: str):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    tok_dir = write_tokenizer_files(folder / "_tokenizer_src")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    with tempfile.TemporaryDirectory() as d:  # the tokenizer reads its files once, here
+        tok_dir = write_tokenizer_files(d)
+        tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                             max_position_embeddings=77, **TEXT[size])
     return CLIPTextModel(config).eval(), tokenizer
 
 
-def build_pipeline(folder: str | Path, kind: str = "inpaint", size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random ``kind`` pipeline (inpaint, img2img or unconditional) of ``size`` to ``folder``."""
+def make_pipeline(kind: str = "inpaint", size: str = "tiny", seed: int = 0, device: str = "cpu"):
+    """A random ``kind`` pipeline (inpaint, img2img or unconditional) of ``size``, built on ``device``."""
     import diffusers
 
-    folder = Path(folder)
     torch.manual_seed(seed)
-    if kind == "unconditional":
-        unet = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64),
-                                     layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                     up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
-        diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler()).save_pretrained(folder)
-        return folder
-    unet = diffusers.UNet2DConditionModel(in_channels=9 if kind == "inpaint" else 4, out_channels=4, **UNET[size])
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **VAE[size])
+    with torch.device(device):
+        if kind == "unconditional":
+            unet = diffusers.UNet2DModel(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                                         layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32)
+            return diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler())
+        unet = diffusers.UNet2DConditionModel(in_channels=9 if kind == "inpaint" else 4, out_channels=4, **UNET[size])
+        vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, **VAE[size])
+        text_encoder, tokenizer = text_parts(size)
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    text_encoder, tokenizer = text_parts(folder, size)
     cls = diffusers.StableDiffusionInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionImg2ImgPipeline
-    pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+    return cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    for p in sorted((folder / "_tokenizer_src").iterdir()):
-        p.unlink()
-    (folder / "_tokenizer_src").rmdir()
+
+
+def build_pipeline(folder: str | Path, kind: str = "inpaint", size: str = "tiny", seed: int = 0) -> Path:
+    """:func:`make_pipeline`, saved to ``folder`` (safetensors) as the diffusion backend loads it."""
+    folder = Path(folder)
+    make_pipeline(kind, size, seed).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
