@@ -181,6 +181,9 @@ def main() -> None:
                          "torch's default with cuda)")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing rows")
     args = ap.parse_args()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()  # no progress bars or cast notes between the rows
     gpu = args.device.startswith("cuda")
     if args.threads or not gpu:
         torch.set_num_threads(args.threads or 1)

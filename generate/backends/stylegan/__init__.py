@@ -102,9 +102,10 @@ class StyleGANBackend:
         over = None
         if self.s.mode != "checkpoint":
             per = [sample_synthesis_weights(g, G, oriented=self.s.mode == "oriented") for g in gens]
-            over = {k: torch.stack([o[k] for o in per]).to(self.dtype) for k in per[0]}
+            over = {k: torch.stack([o[k] for o in per]) for k in per[0]}
+        # Mapping, styles and demodulation stay in float32; autocast runs the convolutions in bf16/fp16.
         with torch.autocast(dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            x = G(z.to(self.dtype), self.s.truncation, noises, over).float()
+            x = G(z, self.s.truncation, noises, over).float()
         if self.s.mode == "checkpoint":
             x = (x + 1) / 2
         else:  # random weights have no calibrated range: standardise each sample, then a soft contrast curve
