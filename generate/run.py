@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,7 @@ CONFIG_FILE = "config.yaml"
 PREVIEW_FILE = "preview.png"
 # Keys that change how a run goes, not what it writes: a resumed run may change them freely.
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
+RANK_WAIT_HOURS = 72
 
 
 # The backend groups that only their own backend reads (procedural.* is read by every backend: defects, surfaces).
@@ -120,7 +122,9 @@ def _ranks():
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # Ranks that finish early wait in the last barrier for the others (a resumed run may leave one rank most of the
+    # work): far longer than torch's 30-minute default. A rank that fails still ends the job (torchrun stops all).
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=RANK_WAIT_HOURS))
     done = getattr(state, "destroy_process_group", lambda: None)
     return state.process_index, state.num_processes, state.wait_for_everyone, done
 
