@@ -120,17 +120,29 @@ def test_converter_reads_nvidia_persistent_pickles_without_running_their_code(tm
         def __reduce__(self):
             return _reconstruct_persistent_obj, (self.meta,)
 
+    util = types.ModuleType("dnnlib.util")
+
+    class EasyDict(dict):  # dnnlib's attribute dict: NVIDIA's init_kwargs are these
+        pass
+    EasyDict.__module__, EasyDict.__qualname__ = "dnnlib.util", "EasyDict"
+    util.EasyDict = EasyDict
+
+    def easy(d):
+        return EasyDict({k: easy(v) if isinstance(v, dict) else v for k, v in d.items()})
+
     def wrap(module, init_kwargs=None):
         state = {"_parameters": dict(module._parameters), "_buffers": dict(module._buffers),
                  "_modules": {k: wrap(c) for k, c in module._modules.items()}, "init_kwargs": init_kwargs}
         return Persistent({"type": "class", "module_src": "raise SystemExit('ran')", "state": state})
 
     G = tiny_generator(1)
-    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
-    data = pickle.dumps({"G_ema": wrap(G, G.init_kwargs)})
-    monkeypatch.delitem(sys.modules, "torch_utils.persistence")
-    monkeypatch.delitem(sys.modules, "torch_utils")
+    fake = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
+            "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": util}
+    for name, module in fake.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    data = pickle.dumps({"G_ema": wrap(G, easy(G.init_kwargs)), "augment_pipe": wrap(torch.nn.Identity())})
+    for name in fake:
+        monkeypatch.delitem(sys.modules, name)
     (tmp_path / "n.pkl").write_bytes(data)
     loaded = load_checkpoint(convert(tmp_path / "n.pkl", tmp_path / "n.safetensors", trust_pickle=True))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in G.state_dict().items())

@@ -22,10 +22,12 @@ from generate.backends.stylegan import FORMAT, load_checkpoint
 from synthvit.io import SynthvitError, atomic_write_bytes
 
 
-class _Inert:
-    """Stands for any class from ``torch_utils``/``dnnlib``: keeps the pickled state, runs nothing."""
+class _Inert(dict):
+    """Stands for any class from ``torch_utils``/``dnnlib``/``training``: keeps the pickled state and items (a
+    ``dnnlib.EasyDict`` of ``init_kwargs`` is a dict), runs nothing."""
 
     def __init__(self, *args, **kwargs):
+        super().__init__()
         self.state = {}
 
     def __setstate__(self, state):
@@ -94,6 +96,7 @@ def convert(src: str | Path, dst: str | Path, trust_pickle: bool = False) -> Pat
         raise SynthvitError(f"{src} holds no 'G_ema' (keys: {sorted(data)[:8] if isinstance(data, dict) else '-'}); "
                             f"expected a stylegan2(-ada)-pytorch network snapshot")
     kwargs = G.state.get("init_kwargs") if isinstance(G, _Inert) else getattr(G, "init_kwargs", None)
+    kwargs = {**kwargs, **getattr(kwargs, "state", {})} if isinstance(kwargs, dict) else kwargs
     if not isinstance(kwargs, dict) or "img_resolution" not in kwargs:
         raise SynthvitError(f"{src}: G_ema has no init_kwargs with img_resolution; cannot rebuild the network")
     from safetensors.torch import save
