@@ -32,6 +32,7 @@ from generate.backends.procedural.defects import DEFECT_PAINTERS, composite
 from generate.backends.torch_util import resolve_device, resolve_dtype, sample_rng, torch_generator
 from generate.schema import BACKGROUND, Sample, main_class_of
 from synthvit.config import ConfigError
+from synthvit.io import SynthvitError
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -59,6 +60,10 @@ class DiffusionBackend:
         self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
         self.backgrounds = make_backgrounds(cfg) if self.d.mode != "unconditional" else None
         self.pipe = load_pipeline(self.d.weights, self.d.mode, self.device, self.dtype, self.d.compile)
+        if self.d.mode != "unconditional" and (getattr(self.pipe, "text_encoder", None) is None
+                                               or getattr(self.pipe, "tokenizer", None) is None):
+            raise SynthvitError(f"diffusion.weights: {self.d.weights} has no text_encoder/ or tokenizer/; "
+                                f"mode={self.d.mode} encodes the per-class prompts with them")
         self._embeds: dict[str, tuple] = {}
 
     def render(self, index: int) -> Sample:
