@@ -1,5 +1,6 @@
 """The diffusion backend with tiny randomly initialised pipelines (as diffusers' own tests build them), saved to a
 local folder and loaded through the backend's real path. No download anywhere."""
+import json
 import shutil
 
 import numpy as np
@@ -131,6 +132,12 @@ def test_missing_weights_are_named(pipelines, tmp_path):
         create_backend("diffusion", df_config(broken))
     assert "unet/*.safetensors (found only pickled diffusion_pytorch_model.bin" in str(e.value)
     assert "scheduler/" in str(e.value)
+    no_text = shutil.copytree(pipelines["inpaint"], tmp_path / "no_text")
+    index = json.loads((no_text / "model_index.json").read_text())
+    index["text_encoder"] = index["tokenizer"] = [None, None]
+    (no_text / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(SynthvitError, match="text_encoder"):  # diffusers or our check, both name it
+        create_backend("diffusion", df_config(no_text))
     (broken / "model_index.json").unlink()
     with pytest.raises(SynthvitError, match="lacks model_index.json"):
         check_pipeline_folder(broken)
