@@ -65,6 +65,87 @@ class ProceduralConfig:
             raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
 
 
+STYLEGAN_MODES = ("random", "oriented", "checkpoint")
+DIFFUSION_MODES = ("inpaint", "img2img", "unconditional")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def _check_dtype_device(dtype: str, device: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype: {dtype!r} not accepted; use {', '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device: {device!r} not accepted; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(kw_only=True)
+class StyleGANConfig:
+    mode: str = field(default="random", metadata={
+        "help": "random (random weights, Baradad et al. 2021), oriented (random oriented filters) or checkpoint"})
+    checkpoint: str = field(default="", metadata={"help": "a .safetensors file (mode=checkpoint); see README"})
+    resolution: int = field(default=0, metadata={"help": "network output side (0: the image size rounded up to 2^k)"})
+    channel_max: int = field(default=128, metadata={"help": "channels per layer in random modes (checkpoint: read)"})
+    truncation: float = field(default=1.0, metadata={"help": "truncation psi for mode=checkpoint"})
+    anomaly_prob: float = field(default=0.0, metadata={
+        "help": "share of defects drawn as DRAEM-style anomalies: a second texture blended into a defect shape"})
+    batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is present), cpu, cuda"})
+    dtype: str = field(default="auto", metadata={"help": "auto, fp32, fp16 or bf16"})
+
+    def __post_init__(self):
+        if self.mode not in STYLEGAN_MODES:
+            raise ConfigError(f"mode: {self.mode!r} not accepted; use {', '.join(STYLEGAN_MODES)}")
+        if self.mode == "checkpoint" and not self.checkpoint:
+            raise ConfigError("checkpoint: mode=checkpoint needs stylegan.checkpoint=PATH.safetensors")
+        if self.resolution and (self.resolution < 8 or self.resolution & (self.resolution - 1)):
+            raise ConfigError(f"resolution: {self.resolution} not accepted; use 0 or a power of two >= 8")
+        if not 4 <= self.channel_max <= 1024:
+            raise ConfigError(f"channel_max: {self.channel_max} not accepted; use 4..1024")
+        _check_prob("anomaly_prob", self.anomaly_prob)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: {self.batch_size} not accepted; use >= 1")
+        _check_dtype_device(self.dtype, self.device)
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    weights: str = field(default="weights/sd-inpaint", metadata={
+        "help": "a local diffusers pipeline folder (model_index.json + components); never downloaded"})
+    mode: str = field(default="inpaint", metadata={
+        "help": "inpaint (defects into backgrounds), img2img or unconditional (surfaces for procedural defects)"})
+    backgrounds: str = field(default="", metadata={
+        "help": "a folder of your defect-free images (empty: procedural surfaces)"})
+    prompt: str = field(default="a close-up photo of a {defect} defect on a {surface} surface", metadata={
+        "help": "prompt template per defect class ({defect}, {surface})"})
+    prompts: list[str] = field(default_factory=list, metadata={
+        "help": "per-class prompts overriding the template, as class=prompt"})
+    surface_prompt: str = field(default="a close-up photo of a clean {surface} surface", metadata={
+        "help": "prompt for img2img surfaces"})
+    negative_prompt: str = ""
+    steps: int = 30
+    guidance_scale: float = 7.5
+    strength: float = field(default=1.0, metadata={"help": "inpaint/img2img noise strength (0, 1]"})
+    batch_size: int = field(default=8, metadata={"help": "samples per pipeline call"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is present), cpu, cuda"})
+    dtype: str = field(default="auto", metadata={"help": "auto, fp32, fp16 or bf16"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
+
+    def __post_init__(self):
+        if self.mode not in DIFFUSION_MODES:
+            raise ConfigError(f"mode: {self.mode!r} not accepted; use {', '.join(DIFFUSION_MODES)}")
+        bad = [p for p in self.prompts if "=" not in p or p.split("=", 1)[0].strip() not in DEFECTS]
+        if bad:
+            raise ConfigError(f"prompts: {bad!r} not accepted; write class=prompt with a class of {', '.join(DEFECTS)}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        if not 0 < self.strength <= 1:
+            raise ConfigError(f"strength: {self.strength} not accepted; use a value in (0, 1]")
+        _check_dtype_device(self.dtype, self.device)
+
+    def prompt_for(self, defect: str, surface: str) -> str:
+        overrides = {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in self.prompts)}
+        return overrides.get(defect, self.prompt).format(defect=defect, surface=surface)
+
+
 @dataclass(kw_only=True)
 class GenerateConfig:
     backend: str = field(default="procedural", metadata={"help": "generator backend (see generate.backends)"})
@@ -80,6 +161,8 @@ class GenerateConfig:
     preview: int = field(default=16, metadata={"help": "samples on the preview contact sheet (0: none)"})
     verify: bool = field(default=False, metadata={"help": "only check the shards in out_dir against _info.json"})
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
+    stylegan: StyleGANConfig = field(default_factory=StyleGANConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
     def __post_init__(self):
         from generate.backends import list_backends  # light: the registry holds lazy references

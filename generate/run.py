@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -21,14 +23,25 @@ CONFIG_FILE = "config.yaml"
 PREVIEW_FILE = "preview.png"
 # Keys that change how a run goes, not what it writes: a resumed run may change them freely.
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
+RANK_WAIT_HOURS = 72
+
+
+# The backend groups that only their own backend reads (procedural.* is read by every backend: defects, surfaces).
+BACKEND_GROUPS = ("stylegan", "diffusion")
+
+
+def _dataset_view(d: dict) -> dict:
+    """Drop run-only keys and the groups of backends not in use (so adding a backend keeps old datasets resumable)."""
+    d = {k: v for k, v in d.items() if k not in RUN_ONLY_KEYS}
+    for group in BACKEND_GROUPS:
+        if d.get("backend") != group:
+            d.pop(group, None)
+    return d
 
 
 def dataset_config(cfg: GenerateConfig) -> dict:
     """The part of the config that determines the dataset's bytes (recorded in ``_info.json``)."""
-    d = to_dict(cfg)
-    for key in RUN_ONLY_KEYS:
-        d.pop(key)
-    return d
+    return _dataset_view(to_dict(cfg))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -58,7 +71,7 @@ def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
             old = yaml.safe_load(previous.read_text()) or {}
         except yaml.YAMLError:
             old = {}
-        old = {k: v for k, v in old.items() if k not in RUN_ONLY_KEYS}
+        old = _dataset_view(old)
         new_flat, old_flat = _flatten(dataset_config(cfg)), _flatten(old)
         diff = [f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in sorted(set(new_flat) | set(old_flat))
                 if new_flat.get(k) != old_flat.get(k)]
@@ -101,32 +114,63 @@ def _preview(out: Path, filenames: list[str], count: int, class_names: list[str]
     return write_preview(out / PREVIEW_FILE, samples, class_names)
 
 
-def run(cfg: GenerateConfig) -> Path:
-    out = Path(cfg.out_dir)
-    if cfg.verify:
-        return verify(out)
-    backend = create_backend(cfg.backend, cfg)
+def _ranks():
+    """(rank, world size, barrier). Under ``accelerate launch``/torchrun (WORLD_SIZE > 1) through accelerate's
+    ``PartialState`` (NCCL on GPUs, gloo on CPUs); a plain process imports neither torch nor accelerate."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, lambda: None, lambda: None
+    import torch
+    from accelerate import PartialState
+
+    # Ranks that finish early wait in the last barrier for the others (a resumed run may leave one rank most of the
+    # work): far longer than torch's 30-minute default. A rank that fails still ends the job (torchrun stops all).
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=RANK_WAIT_HOURS))
+    done = getattr(state, "destroy_process_group", lambda: None)
+    return state.process_index, state.num_processes, state.wait_for_everyone, done
+
+
+def _prepare(out: Path, cfg: GenerateConfig) -> None:
+    """Rank 0 only: check or create ``out``, remove an interrupted run's partial files, record the config."""
     _prepare_out_dir(out, cfg)
     stale = remove_stale_temporaries(out)
     if stale:
         log.info("removed %d partial file(s) of an interrupted run", len(stale))
     atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+
+
+def run(cfg: GenerateConfig) -> Path:
+    """Render the shards this rank owns (shard k belongs to rank k % world size); rank 0 then writes _info.json."""
+    out = Path(cfg.out_dir)
+    rank, world, barrier, finish = _ranks()
+    if cfg.verify:
+        return verify(out) if rank == 0 else out
+    backend = create_backend(cfg.backend, cfg)
+    if rank == 0:
+        _prepare(out, cfg)
+    barrier()
     plan = plan_shards(cfg.num_samples, cfg.samples_per_shard)
-    todo = [s for s in plan if not (out / shard_filename(cfg.name, s.index)).is_file()]
-    if len(todo) < len(plan):
-        log.info("resuming: %d of %d shards already written", len(plan) - len(todo), len(plan))
+    todo = [s for s in plan if not (out / shard_filename(cfg.name, s.index)).is_file() and s.index % world == rank]
+    mine = sum(1 for s in plan if s.index % world == rank)
+    if len(todo) < mine:
+        log.info("resuming: %d of %d shards already written", mine - len(todo), mine)
     t0 = time.perf_counter()
-    results = write_shards(cfg, todo, out) if todo else {}
+    results = write_shards(cfg, todo, out, backend=backend) if todo else {}
     elapsed = time.perf_counter() - t0
-    shards = []
-    for s in plan:  # finished shards of earlier runs are hashed from disk
-        fname = shard_filename(cfg.name, s.index)
-        shards.append(results.get(s.index) or (fname, s.num_samples, sha256_file(out / fname)))
-    info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg))
-    write_info(out, info)  # last: its presence marks the dataset complete
-    preview = _preview(out, [f for f, _, _ in shards], cfg.preview, backend.class_names)
+    barrier()  # every rank's shards are on disk
     done = sum(s.num_samples for s in todo)
     rate = f" in {elapsed:.1f} s ({done / elapsed:.1f} samples/s)" if done else ""
-    log.info("%s: %d samples in %d shards (%d new samples%s)%s", out, cfg.num_samples, len(plan), done, rate,
-             f"; preview: {preview}" if preview else "")
+    if rank == 0:
+        shards = []
+        for s in plan:  # shards of other ranks and of earlier runs are hashed from disk
+            fname = shard_filename(cfg.name, s.index)
+            shards.append(results.get(s.index) or (fname, s.num_samples, sha256_file(out / fname)))
+        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg))
+        write_info(out, info)  # last: its presence marks the dataset complete
+        preview = _preview(out, [f for f, _, _ in shards], cfg.preview, backend.class_names)
+        log.info("%s: %d samples in %d shards (%d new samples%s)%s", out, cfg.num_samples, len(plan), done, rate,
+                 f"; preview: {preview}" if preview else "")
+    else:
+        log.info("rank %d: %d new samples%s", rank, done, rate)
+    barrier()
+    finish()
     return out

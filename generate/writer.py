@@ -6,6 +6,7 @@ to a temporary name and renamed when complete, so an interrupted run leaves whol
 from __future__ import annotations
 
 import ctypes
+import logging
 import multiprocessing as mp
 import queue
 import signal
@@ -19,6 +20,8 @@ from generate.backends import create_backend
 from generate.schema import encode_sample, shard_filename
 from synthvit.io import TMP_SUFFIX, atomic_open, sha256_file
 from synthvit.progress import progress_bar
+
+log = logging.getLogger("synthvit.generate")
 
 
 def tune_allocator() -> None:
@@ -60,17 +63,29 @@ def remove_stale_temporaries(out_dir: Path) -> list[Path]:
     return stale
 
 
+def index_batches(start: int, stop: int, size: int) -> list[list[int]]:
+    """``range(start, stop)`` cut at multiples of ``size``: a batch's members depend on the indices alone (not on
+    where a shard starts), so batched backends see the same batches for any worker count when the shard size is
+    a multiple of the batch size."""
+    cuts = [start, *range((start // size + 1) * size, stop, size), stop]
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
 def write_shard(backend, shard: ShardPlan, out_dir: Path, cfg, progress=None) -> tuple[str, int, str]:
     """Render and write one shard atomically; returns (filename, num_samples, sha256)."""
     fname = shard_filename(cfg.name, shard.index)
     path = out_dir / fname
+    render_batch = getattr(backend, "render_batch", None)
+    size = getattr(backend, "batch_size", 1) if render_batch else 1
     with atomic_open(path) as f:
         # Fixed mtime/owner: the same samples give the same tar bytes on any machine, any day.
         writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="synthvit", group="synthvit")
-        for i in range(shard.start, shard.stop):
-            writer.write(encode_sample(i, backend.render(i), cfg.image_format, cfg.jpeg_quality))
+        for batch in index_batches(shard.start, shard.stop, size):
+            samples = render_batch(batch) if render_batch else [backend.render(i) for i in batch]
+            for i, sample in zip(batch, samples):
+                writer.write(encode_sample(i, sample, cfg.image_format, cfg.jpeg_quality))
             if progress is not None:
-                progress(1)
+                progress(len(batch))
         writer.close()
     return fname, shard.num_samples, sha256_file(path)
 
@@ -104,14 +119,22 @@ def _work(shard: ShardPlan) -> tuple[int, tuple[str, int, str]]:
     return shard.index, result
 
 
-def write_shards(cfg, shards: list[ShardPlan], out_dir: Path, desc: str = "generate") -> dict[int, tuple]:
-    """Write ``shards`` with ``cfg.num_workers`` processes (0: in this process), showing a progress bar."""
+def write_shards(cfg, shards: list[ShardPlan], out_dir: Path, desc: str = "generate", backend=None) -> dict[int, tuple]:
+    """Write ``shards`` with ``cfg.num_workers`` processes (0: in this process), showing a progress bar.
+
+    ``backend``: an already created backend for the in-process path. Backends that set ``in_process`` (neural
+    ones: one model per GPU, batched) always render in this process.
+    """
     results: dict[int, tuple] = {}
     total = sum(s.num_samples for s in shards)
+    in_process = getattr(backend, "in_process", False)
+    if in_process and cfg.num_workers > 1:
+        log.warning("num_workers=%d has no effect with backend %s: it renders batches in this process (use "
+                    "`accelerate launch` for several GPUs)", cfg.num_workers, cfg.backend)
     with progress_bar(total=total, desc=desc, unit="img", smoothing=0.1) as bar:
-        if cfg.num_workers == 0 or len(shards) <= 1:
+        if cfg.num_workers == 0 or len(shards) <= 1 or in_process:
             tune_allocator()
-            backend = create_backend(cfg.backend, cfg)
+            backend = backend or create_backend(cfg.backend, cfg)
             for s in shards:
                 results[s.index] = write_shard(backend, s, out_dir, cfg, progress=bar.update)
             return results

@@ -25,6 +25,8 @@ class Backend(Protocol):
 
 _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "procedural": "generate.backends.procedural:ProceduralBackend",
+    "stylegan": "generate.backends.stylegan:StyleGANBackend",
+    "diffusion": "generate.backends.diffusion:DiffusionBackend",
 }
 
 

@@ -40,6 +40,49 @@ def _r(params: dict) -> dict:
     return {k: r(v) for k, v in params.items()}
 
 
+def draw_defects(rng, img: np.ndarray, p, scale: float, sigma: float = 0.0, light=None, extra=None):
+    """Draw ``p.defect_free_prob``-gated procedural defects into ``img`` (C, H, W) float, in place.
+
+    ``extra``: optional ``(probability, class id, painter(rng, shape_stamp) -> Stamp)``: that share of defects is
+    drawn by ``painter`` in the shape of a procedural defect instead (e.g. a DRAEM-style blended texture).
+    Returns (instance map, class mask, [(class id, clipped patch box)] per instance id 1..n).
+    """
+    _, H, W = img.shape
+    inst = np.zeros((H, W), np.uint8)
+    mask = np.zeros((H, W), np.uint8)
+    instances = []  # (class id, clipped patch box) per instance id 1..n
+    if rng.random() >= p.defect_free_prob:
+        for _ in range(int(rng.integers(1, p.max_defects + 1))):
+            k = int(rng.integers(len(p.classes)))
+            stamp = DEFECT_PAINTERS[p.classes[k]](rng, H, W, img.shape[0], scale)
+            cls = k + 1
+            if extra is not None and extra[0] > 0 and rng.random() < extra[0]:
+                cls, stamp = extra[1], extra[2](rng, stamp)
+            if sigma:
+                stamp = blur_stamp(stamp, sigma)
+            landed = composite(img, inst, mask, stamp, len(instances) + 1, cls, light)
+            if landed:
+                instances.append((cls, landed[1]))
+    return inst, mask, instances
+
+
+def instance_records(inst: np.ndarray, instances: list[tuple[int, tuple]], class_names: list[str]) -> list[dict]:
+    """Per visible instance: class id/name, bbox [x0, y0, x1, y1) and pixel area, read off the instance map.
+
+    An instance's pixels lie inside its own patch box, so only that box is scanned.
+    """
+    out = []
+    for i, (cls, (ys, ye, xs, xe)) in enumerate(instances, start=1):
+        hit = inst[ys:ye, xs:xe] == i
+        area = int(hit.sum())
+        if area == 0:  # hidden under later defects
+            continue
+        rows, cols = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
+        out.append({"class": cls, "name": class_names[cls], "area": area,
+                    "bbox": [xs + int(cols[0]), ys + int(rows[0]), xs + int(cols[-1]) + 1, ys + int(rows[-1]) + 1]})
+    return out
+
+
 class ProceduralBackend:
     name = "procedural"
 
@@ -69,39 +112,22 @@ class ProceduralBackend:
         camera.sensor_noise(rng, lum, std)
         gray = bool(rng.random() < p.gray_prob)
         img = lum[None] if gray else tint[:, None, None] * lum
-        inst = np.zeros((H, W), np.uint8)
-        mask = np.zeros((H, W), np.uint8)
-        instances = []  # (class id, clipped patch box) per instance id 1..n
-        if rng.random() >= p.defect_free_prob:
-            for _ in range(int(rng.integers(1, p.max_defects + 1))):
-                k = int(rng.integers(len(p.classes)))
-                stamp = DEFECT_PAINTERS[p.classes[k]](rng, H, W, img.shape[0], self.scale)
-                if sigma:
-                    stamp = blur_stamp(stamp, sigma)
-                landed = composite(img, inst, mask, stamp, len(instances) + 1, k + 1, light)
-                if landed:
-                    instances.append((k + 1, landed[1]))
+        inst, mask, instances = draw_defects(rng, img, p, self.scale, sigma, light)
         image = camera.to_uint8(img)
         if rng.random() < cam.jpeg_artifact_prob:
             camera_params["jpeg_quality"] = quality = int(rng.integers(30, 75))
             image = camera.jpeg_artifacts(image, quality)
-        defects = self._instances(inst, instances)
+        defects = instance_records(inst, instances, self.class_names)
         meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[W, H], channels=1 if gray else 3,
                     surface=dict(family=family, **_r(surface_params)), camera=_r(camera_params), defects=defects)
         return Sample(image, mask, main_class_of(defects, len(self.class_names)), meta)
 
-    def _instances(self, inst: np.ndarray, instances: list[tuple[int, tuple]]) -> list[dict]:
-        """Per visible instance: class id/name, bbox [x0, y0, x1, y1) and pixel area, read off the instance map.
 
-        An instance's pixels lie inside its own patch box, so only that box is scanned.
-        """
-        out = []
-        for i, (cls, (ys, ye, xs, xe)) in enumerate(instances, start=1):
-            hit = inst[ys:ye, xs:xe] == i
-            area = int(hit.sum())
-            if area == 0:  # hidden under later defects
-                continue
-            rows, cols = np.flatnonzero(hit.any(1)), np.flatnonzero(hit.any(0))
-            out.append({"class": cls, "name": self.class_names[cls], "area": area,
-                        "bbox": [xs + int(cols[0]), ys + int(rows[0]), xs + int(cols[-1]) + 1, ys + int(rows[-1]) + 1]})
-        return out
+def sample_on_surface(rng, img: np.ndarray, p, scale: float, class_names: list[str], meta: dict,
+                      extra=None) -> Sample:
+    """Procedural defects (exact masks) drawn on a given surface ``img`` (C, H, W) float in [0, 1], in place:
+    the path neural backends share with this one. ``meta`` gets ``defects``; ``cls`` follows the mask."""
+    inst, mask, instances = draw_defects(rng, img, p, scale, extra=extra)
+    image = camera.to_uint8(img)
+    defects = instance_records(inst, instances, class_names)
+    return Sample(image, mask, main_class_of(defects, len(class_names)), dict(meta, defects=defects))
