@@ -47,7 +47,7 @@ class Predictor:
             out["score"] = float(1 - out["probs"][0].min())
         if self.meta["task"] in ("cls", "both"):
             s = self.meta["crop_size"]
-            small = torch.from_numpy(np.asarray(Image.fromarray(image).resize((s, s), Image.BILINEAR)))
+            small = torch.from_numpy(np.array(Image.fromarray(image).resize((s, s), Image.BILINEAR)))
             small = (small[..., None] if small.ndim == 2 else small).permute(2, 0, 1)[None].float().to(self.device)
             out["cls_probs"] = self.model(self.normalise(small))["cls"].float().softmax(1)[0]
             if "probs" not in out:
