@@ -23,9 +23,7 @@ CONFIG_FILE = "config.yaml"
 PREVIEW_FILE = "preview.png"
 # Keys that change how a run goes, not what it writes: a resumed run may change them freely.
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
-RANK_WAIT_HOURS = 72
-
-
+RANK_WAIT_HOURS = 72  # how long ranks that finished wait in a barrier for the others
 # The backend groups that only their own backend reads (procedural.* is read by every backend: defects, surfaces).
 BACKEND_GROUPS = ("stylegan", "diffusion")
 
@@ -115,7 +113,7 @@ def _preview(out: Path, filenames: list[str], count: int, class_names: list[str]
 
 
 def _ranks():
-    """(rank, world size, barrier). Under ``accelerate launch``/torchrun (WORLD_SIZE > 1) through accelerate's
+    """(rank, world size, barrier, finish). Under ``accelerate launch``/torchrun (WORLD_SIZE > 1) through accelerate's
     ``PartialState`` (NCCL on GPUs, gloo on CPUs); a plain process imports neither torch nor accelerate."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, lambda: None, lambda: None
