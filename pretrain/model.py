@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from torch import nn
 
 from synthvit.io import SynthvitError
 
+log = logging.getLogger("synthvit.model")
+
 
 def create_backbone(name: str, num_classes: int, image_size: int, in_chans: int, drop_path: float,
                     weights: str = "") -> nn.Module:
@@ -21,16 +24,66 @@ def create_backbone(name: str, num_classes: int, image_size: int, in_chans: int,
         raise SynthvitError(f"model: unknown timm model {name!r}; similar names: {', '.join(similar) or 'none'} "
                             f"(see timm.list_models())")
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path)
-    if weights:
-        if not Path(weights).is_file():
-            raise SynthvitError(f"weights: {weights} is not a file; give a local .safetensors (or .pth) file")
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)))
+    if weights and not Path(weights).is_file():
+        raise SynthvitError(f"weights: {weights} is not a file; give a local .safetensors (or .pth) file")
     try:
-        return timm.create_model(name, img_size=image_size, **kwargs)
+        model = timm.create_model(name, img_size=image_size, **kwargs)
     except TypeError as e:  # CNNs take any input size and have no img_size argument
         if "img_size" not in str(e):
             raise
-        return timm.create_model(name, **kwargs)
+        model = timm.create_model(name, **kwargs)
+    if weights:
+        load_local_weights(model, weights)
+    return model
+
+
+def _read_state(path: str) -> dict[str, torch.Tensor]:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+    except Exception as e:
+        raise SynthvitError(f"weights: cannot read {path} as tensors only ({type(e).__name__}: {e}); "
+                            f"convert it to .safetensors") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def load_local_weights(model: nn.Module, path: str) -> None:
+    """Load a local timm-style state dict into ``model`` as timm's pretrained path does, whatever the timm
+    version: the architecture's own ``checkpoint_filter_fn`` (position-embedding resampling), input-conv
+    adaptation for another ``in_chans``, and classifier tensors of another shape left freshly initialised."""
+    import sys
+
+    from timm.models import adapt_input_conv
+
+    state = _read_state(str(path))
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        if key not in own:
+            continue
+        target = own[key]
+        if value.shape != target.shape and value.ndim == 4 and value.shape[0] == target.shape[0] \
+                and value.shape[2:] == target.shape[2:]:
+            value = adapt_input_conv(target.shape[1], value)
+        if value.shape == target.shape:
+            loaded[key] = value
+        else:
+            skipped.append(key)
+    if not loaded:
+        raise SynthvitError(f"weights: {path} holds no tensor that fits {type(model).__name__} "
+                            f"(first keys: {', '.join(list(state)[:5])})")
+    model.load_state_dict(loaded, strict=False)
+    log.info("weights: %d of %d tensors from %s%s", len(loaded), len(own), path,
+             f"; new (other shape): {', '.join(skipped)}" if skipped else "")
 
 
 def feature_map(backbone: nn.Module, feats: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
