@@ -42,20 +42,24 @@ class Loaded:
 
 
 def pick_crops(items: list[Item], in_chans: int, size: int, count: int, seed: int,
-               defect_share: float = 0.75) -> list[Crop]:
+               defect_share: float = 0.75, max_rounds: int = 64) -> list[Crop]:
     """``count`` square crops from the test images, seeded: the first ``defect_share`` centred on a random defect
-    pixel of defective images (as available), the rest anywhere in the other images."""
+    pixel of defective images (as available), the rest anywhere in defect-free images. Each round visits every
+    image once, so few test images still give many (different) crops."""
     rng = np.random.default_rng((seed, 7))
     order = rng.permutation(len(items))
-    wanted_defects = int(round(count * defect_share))
     crops: list[Crop] = []
-    for pass_defects in (True, False):
-        for k in order:
-            if len(crops) >= (wanted_defects if pass_defects else count):
+    for want_defect, target in ((True, int(round(count * defect_share))), (False, count)):
+        for _ in range(max_rounds):
+            before = len(crops)
+            for k in order:
+                if len(crops) >= target:
+                    break
+                crop = _crop(items[k], in_chans, size, rng, want_defect)
+                if crop is not None:
+                    crops.append(crop)
+            if len(crops) >= target or len(crops) == before:
                 break
-            crop = _crop(items[k], in_chans, size, rng, pass_defects)
-            if crop is not None:
-                crops.append(crop)
     return crops[:count]
 
 

@@ -30,14 +30,16 @@ class DeepLabV3Plus(nn.Module):
 
 
 class HRNetSeg(nn.Module):
-    """HRNet-W18 branches upsampled to the finest, concatenated, 1x1 conv head (HRNetV2-style)."""
+    """HRNetV2-W18: the four branch outputs (18/36/72/144 channels at 1/4..1/32) upsampled to 1/4, concatenated,
+    a 1x1 conv head, bilinear to the input size (timm's raw branches, not its classification "incre" features)."""
 
     def __init__(self, num_classes: int, in_chans: int):
         super().__init__()
-        self.body = timm.create_model("hrnet_w18", features_only=True, pretrained=False, in_chans=in_chans)
+        self.body = timm.create_model("hrnet_w18", features_only=True, pretrained=False, in_chans=in_chans,
+                                      feature_location="", out_indices=(1, 2, 3, 4))
         ch = sum(self.body.feature_info.channels())
-        self.head = nn.Sequential(nn.Conv2d(ch, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-                                  nn.Conv2d(256, num_classes, 1))
+        self.head = nn.Sequential(nn.Conv2d(ch, ch, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
+                                  nn.Conv2d(ch, num_classes, 1))
 
     def forward(self, x):
         feats = self.body(x)

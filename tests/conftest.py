@@ -38,3 +38,14 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "ds"
     run(load_config(GenerateConfig, overrides=tiny_overrides(out)))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one thread is as fast, and stays fast when other jobs share the cores (no OpenMP spinning)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

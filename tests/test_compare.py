@@ -191,3 +191,22 @@ def test_compare_under_accelerate_launch_splits_cells_across_ranks(target, tmp_p
     assert {line.split(",")[0] for line in logs.values()} == {"# rank 0", "# rank 1"}  # one cell per rank
     assert proc.stderr.count("report ->") == 1 and (out / "report.md").is_file()
     assert (out / "cells/vit/n00014/probe.json").is_file()
+
+
+def test_pick_crops_reuses_few_test_images_and_centres_defects():
+    from PIL import Image
+
+    from compare.analysis import pick_crops
+    from finetune.datasets import Item
+
+    def item(i, defect):
+        mask = np.zeros((90, 120), np.uint8)
+        if defect:
+            mask[40:50, 60:70] = 1
+        image = Image.fromarray(np.full((90, 120), 100 + i, np.uint8))
+        return Item(f"im{i}", f"im{i}", lambda: image.copy(), None, lambda size: mask)
+
+    crops = pick_crops([item(0, True), item(1, False)], 3, 32, 8, seed=0, defect_share=0.5)
+    assert len(crops) == 8 and len({c.source for c in crops}) > 2
+    assert [bool(c.mask.any()) for c in crops] == [True] * 4 + [False] * 4
+    assert all(c.image.shape == (32, 32, 3) for c in crops)

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("transformers")  # the CLIP text encoder; in the test extra
@@ -23,13 +22,7 @@ from synthvit.config import ConfigError, load_config  # noqa: E402
 from synthvit.io import SynthvitError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is as fast, and stays fast when other jobs share the cores (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,13 +20,7 @@ from synthvit.config import ConfigError, load_config
 from synthvit.io import SynthvitError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one thread is as fast, and stays fast when other jobs share the cores (no OpenMP spinning)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sg_config(*extra, **kw):
