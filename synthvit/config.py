@@ -204,7 +204,10 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        default_txt = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        if isinstance(default, (list, tuple)):
+            default = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in default]
+        default_txt = yaml.safe_dump(default, default_flow_style=True, sort_keys=False, width=1 << 20).strip()
+        default_txt = default_txt.removesuffix("...").strip()
         help_txt = f.metadata.get("help", "")
         lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default_txt}" + (f"   # {help_txt}" if help_txt else ""))
     return lines

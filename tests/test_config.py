@@ -78,7 +78,9 @@ def test_help_lists_every_key_with_default(capsys):
         assert line in out
     assert "num_samples: int = 1024" in out and "procedural.camera.noise: float = 4.0" in out
     assert main(["--help"]) == 0
-    assert "generate" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "generate" in out and "compare" in out
+    assert "models: list[group] = [{name: vit-scratch, model: vit_tiny_patch16_224" in out
 
 
 def test_cli_errors_exit_codes(capsys, tmp_path):
