@@ -12,11 +12,13 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
+import timm
 import torch
 
 from compare.config import CompareConfig
 from compare.matrix import Job, largest_done, plan_cells, run_jobs
 from finetune.datasets import load_real_data, split_ids
+from finetune.models import SEG_BASELINES
 from finetune.run import check_task
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_text
@@ -61,6 +63,9 @@ def run(cfg: CompareConfig) -> Path:
     data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels)
     for spec in cfg.models:
         check_task(data, replace(cfg.finetune, data=cfg.data, task=spec.task or cfg.finetune.task))
+        if spec.model not in SEG_BASELINES and not timm.is_model(spec.model):
+            raise ConfigError(f"models.{spec.name}.model: {spec.model!r} is neither a timm model nor one of "
+                              f"{', '.join(SEG_BASELINES)}")
         if spec.init and not Path(spec.init).is_dir():
             raise SynthvitError(f"models.{spec.name}.init: {spec.init} is not a folder; give a synthvit pretrain "
                                 f"export (holding model.safetensors and config.json)")

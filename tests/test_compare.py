@@ -166,6 +166,8 @@ def test_compare_config_errors_name_the_key(tmp_path, target):
     res = run_cli("compare", f"data={target}", f"out_dir={tmp_path}", "models=[{name: a, model: resnet18, task: cls, "
                   "init: nowhere}]")
     assert res.returncode == 1 and "models.a.init" in res.stderr
+    res = run_cli("compare", f"data={target}", "models=[{name: a, model: vit_tiny_patch16_2244}]")
+    assert res.returncode == 2 and "models.a.model" in res.stderr
     res = run_cli("compare", f"data={tmp_path / 'missing'}")
     assert res.returncode == 1 and "missing" in res.stderr
 
