@@ -19,7 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune.evaluate import Predictor
 from finetune.models import build_model
 from finetune.run import load_run
-from synthvit.cli import flush_denormals
 from synthvit.config import parse_size
 from synthvit.io import atomic_write_text
 
@@ -80,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="3840x2160")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
-    flush_denormals()
     result = probe(args.run_dir, parse_size(args.size, "probe_size"), args.repeats)
     atomic_write_text(args.run_dir / "probe.json", json.dumps(result, indent=2) + "\n")
 
