@@ -26,16 +26,21 @@ def data_efficiency(series: dict[str, dict[str, list[tuple[int, float]]]], path:
     """``series[metric][model] = [(train images, value), ...]``: one panel per metric, one line per model."""
     metrics = [m for m in series if any(series[m].values())]
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(5.2 * max(len(metrics), 1), 3.8), squeeze=False)
+    models = list(dict.fromkeys(m for metric in metrics for m in series[metric]))
+    color = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}  # one colour per model in every panel
     for ax, metric in zip(axes[0], metrics):
+        budgets = sorted({x for points in series[metric].values() for x, _ in points})
         for model, points in series[metric].items():
             if points:
                 xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", label=model)
+                ax.plot(xs, ys, marker="o", label=model, color=color[model])
         ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("real training images")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.suptitle("Data efficiency (test split, full resolution)")
     return _save(fig, path)
 

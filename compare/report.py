@@ -63,9 +63,10 @@ class Table:
 
 @dataclass
 class Report:
+    """Blocks rendered twice, as Markdown and HTML: ("h2", text), ("p", text), ("table", Table),
+    ("img", file, alt), ("pre", summary, text)."""
     title: str
-    blocks: list[tuple] = field(default_factory=list)  # ("h2", text) ("p", text) ("table", Table) ("img", file, alt)
-    # ("pre", summary, text)
+    blocks: list[tuple] = field(default_factory=list)
 
     def add(self, *block) -> None:
         self.blocks.append(block)
