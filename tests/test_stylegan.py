@@ -152,3 +152,12 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(SynthvitError, match="not a synthvit StyleGAN2 file"):
         load_checkpoint(tmp_path / "other.safetensors")
+
+
+def test_corrupt_pickle_and_checkpoint_are_named_in_clear_errors(tmp_path):
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"not a pickle at all")
+    with pytest.raises(SynthvitError, match="bad.pkl is not a readable pickle"):
+        convert(bad, tmp_path / "out.safetensors", trust_pickle=True)
+    with pytest.raises(SynthvitError, match="bad.pkl is not a readable .safetensors file"):
+        load_checkpoint(bad)

@@ -43,12 +43,16 @@ def load_checkpoint(path: str | Path) -> Generator:
     if not path.is_file():
         raise SynthvitError(f"stylegan.checkpoint: {path} does not exist; convert a stylegan2-ada-pytorch pickle "
                             f"with `python -m generate.backends.stylegan.convert --trust-pickle IN.pkl {path}`")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or "config" not in meta:
-            raise SynthvitError(f"{path}: not a synthvit StyleGAN2 file (metadata format={meta.get('format')!r}, "
-                                f"expected {FORMAT!r} with a config); write it with generate.backends.stylegan.convert")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise SynthvitError(f"stylegan.checkpoint: {path} is not a readable .safetensors file ({e}); write it with "
+                            f"`python -m generate.backends.stylegan.convert --trust-pickle IN.pkl {path}`") from None
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise SynthvitError(f"{path}: not a synthvit StyleGAN2 file (metadata format={meta.get('format')!r}, "
+                            f"expected {FORMAT!r} with a config); write it with generate.backends.stylegan.convert")
     G = Generator(**json.loads(meta["config"]))
     expected = G.state_dict()
     missing = sorted(set(expected) - set(state))

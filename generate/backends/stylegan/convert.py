@@ -89,8 +89,12 @@ def convert(src: str | Path, dst: str | Path, trust_pickle: bool = False) -> Pat
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise SynthvitError(f"{src} does not exist")
-    with open(src, "rb") as f:
-        data = _Unpickler(f).load()
+    try:
+        with open(src, "rb") as f:
+            data = _Unpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError, IndexError) as e:
+        raise SynthvitError(f"{src} is not a readable pickle ({type(e).__name__}: {e}); expected a "
+                            f"stylegan2(-ada)-pytorch network snapshot (.pkl)") from None
     G = data.get("G_ema") if isinstance(data, dict) else None
     if G is None:
         raise SynthvitError(f"{src} holds no 'G_ema' (keys: {sorted(data)[:8] if isinstance(data, dict) else '-'}); "
