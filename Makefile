@@ -1,9 +1,10 @@
-# Two entry points (see README): `make demo` (install + main job) and `make test` (install + tests).
+# Two entry points (see README): `make demo` (install + main job) and `make test` (install + tests);
+# `make test-fast` skips the end-to-end runs marked slow (subprocess training runs, accelerate launches, ...).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ demo: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) benchmarks/bench_generate.py

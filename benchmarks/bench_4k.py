@@ -20,7 +20,7 @@ import torch
 from compare.probe import TILE, gflops_per_tile
 from finetune.config import FinetuneConfig, TilingConfig
 from finetune.evaluate import Predictor
-from finetune.models import build_model
+from finetune.artifacts import build_model
 
 ALL = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_small_r26_s32_224",
        "deeplabv3plus_resnet50", "hrnet_w18_seg", "resnet50:cls"]
@@ -57,7 +57,7 @@ def measure(name: str, device: torch.device, args, compiled: bool) -> dict:
     s = float(np.median(seconds))
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
     return {"model": name + (" (compiled)" if compiled else ""), "s": s, "fps": 1 / s, "peak": peak,
-            "gflops": gflops_per_tile(cfg, meta), "params": sum(p.numel() for p in model.parameters()) / 1e6}
+            "gflops": gflops_per_tile(model, 3), "params": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
 def main(argv=None) -> None:

@@ -11,7 +11,6 @@ seconds per image and training time. Everything runs through the `synthvit` CLI,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -19,6 +18,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from finetune.artifacts import read_metrics  # noqa: E402
+from generate.schema import INFO_FILE  # noqa: E402
+from models.export import EXPORT_CONFIG, EXPORT_DIR  # noqa: E402
 
 
 def synthvit(*args: str) -> None:
@@ -41,10 +45,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     work = Path(args.work)
     shards, pre = work / "shards", work / "pretrain"
-    if not (shards / "_info.json").is_file():
+    if not (shards / INFO_FILE).is_file():
         synthvit("generate", f"out_dir={shards}", f"num_samples={args.samples}", "samples_per_shard=250",
                  "image_size=256", "num_workers=2", "procedural.gray_prob=1.0", "preview=16")
-    if not (pre / "export" / "config.json").is_file():
+    if not (pre / EXPORT_DIR / EXPORT_CONFIG).is_file():
         synthvit("pretrain", f"data=[{shards}]", f"out_dir={pre}", "model=vit_tiny_patch16_224", "in_chans=3",
                  f"image_size={args.crop}", "batch_size=32", f"steps={args.pretrain_steps}", "objective=cls+seg",
                  "num_workers=1", "optim.lr=2e-3", "optim.warmup_steps=50", "save_every=200", "log_every=50")
@@ -53,14 +57,14 @@ def main(argv=None) -> None:
               f"defect_crop_prob={args.defect_prob}"]
     runs = Path(args.runs or args.work)
     cells = {"vit_tiny scratch": ["model=vit_tiny_patch16_224"],
-             "vit_tiny synthvit-pretrained": ["model=vit_tiny_patch16_224", f"init={pre / 'export'}"],
+             "vit_tiny synthvit-pretrained": ["model=vit_tiny_patch16_224", f"init={pre / EXPORT_DIR}"],
              "deeplabv3plus_resnet50": ["model=deeplabv3plus_resnet50"]}
     rows = []
     for name, extra in cells.items():
         run = runs / name.replace(" ", "_")
-        if not (run / "metrics.json").is_file():
+        if read_metrics(run) is None:
             synthvit("finetune", f"out_dir={run}", *common, *extra)
-        m = json.loads((run / "metrics.json").read_text())
+        m = read_metrics(run)
         rows.append((name, m))
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores; data {args.data}; task seg; "
           f"{args.steps} steps x batch {args.batch} at {args.crop} px crops, lr {args.lr}, defect_crop_prob "

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import FinetuneConfig
-from finetune.models import build_model
+from finetune.artifacts import build_model
 from finetune.tiling import Tiler
 
 

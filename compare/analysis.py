@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from compare.cka import MinibatchCKA
-from compare.saliency import is_vit, layer_features, saliency
+from compare.saliency import saliency
 from finetune.datasets import Item, to_array
+from models import SynthvitModel, meta_stats
 
 
 @dataclass
@@ -25,20 +25,18 @@ class Loaded:
     """A finished model: its report name, export meta, the model (eval mode, CPU) and whether it is a ViT."""
     name: str
     meta: dict
-    model: nn.Module
+    model: SynthvitModel
     init: str
 
     @property
     def vit(self) -> bool:
-        return is_vit(self.model)
+        return self.model.is_vit
 
     def batch(self, crops: list[Crop]) -> torch.Tensor:
         """Normalised (N, C, S, S) float batch of the crops, with this model's mean and std."""
         x = torch.from_numpy(np.stack([c.image if c.image.ndim == 3 else c.image[..., None] for c in crops]))
-        x = x.permute(0, 3, 1, 2).float()
-        mean = torch.tensor(self.meta["mean"]).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.meta["std"]).view(1, -1, 1, 1) * 255
-        return (x - mean) / std
+        mean, std = meta_stats(self.meta)
+        return (x.permute(0, 3, 1, 2).float() - mean) / std
 
 
 def pick_crops(items: list[Item], in_chans: int, size: int, count: int, seed: int,
@@ -125,7 +123,7 @@ def cka_matrices(models: list[Loaded], crops: list[Crop], batch: int) -> list[di
     for i in range(0, len(crops) - batch + 1, batch):
         feats = {}
         for key, m in needed.items():
-            names[key], feats[key] = layer_features(m.model, m.batch(crops[i:i + batch]))
+            names[key], feats[key] = m.model.feature_blocks(m.batch(crops[i:i + batch]))
         for a, b, title in pairs:
             k = (id(a), id(b))
             acc.setdefault(k, MinibatchCKA(len(feats[id(a)]), len(feats[id(b)])))

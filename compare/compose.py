@@ -6,16 +6,16 @@ from pathlib import Path
 
 from compare import analysis, figures
 from compare.config import CompareConfig
-from compare.matrix import Cell, largest_done
+from compare.matrix import CELL_CONFIG, PROBE_FILE, Cell, largest_done
 from compare.report import CELL_METRICS, COSTS, Report, Table, dig, environment, read_json
-from finetune.run import load_run
+from finetune.artifacts import load_run, read_metrics
 from synthvit.config import dump_yaml
 
 log = logging.getLogger("synthvit.compare")
 
 
 def _costs(cell: Cell) -> dict:
-    metrics, probe = read_json(cell.folder / "metrics.json") or {}, read_json(cell.folder / "probe.json") or {}
+    metrics, probe = read_metrics(cell.folder) or {}, read_json(cell.folder / PROBE_FILE) or {}
     peak = probe.get("inference_peak_cuda_mb", probe.get("inference_peak_rss_mb"))
     params = probe.get("parameters", metrics.get("parameters"))
     return {"parameters": round(params / 1e6, 2) if params else None, "inference_peak_mb": peak,
@@ -30,7 +30,7 @@ def tradeoff_table(cells: list[Cell], frame: str) -> Table:
         c.format(frame=frame) for c, _, _ in COSTS]
     rows = []
     for name, cell in largest.items():
-        m, costs = read_json(cell.folder / "metrics.json"), _costs(cell)
+        m, costs = read_metrics(cell.folder), _costs(cell)
         rows.append([name, "synthetic" if cell.spec.init else "scratch", m.get("task"), cell.budget]
                     + [dig(m, p) for _, p, _ in CELL_METRICS] + [dig(costs, p) for _, p, _ in COSTS])
     better = [None] * 4 + [b for _, _, b in CELL_METRICS] + [b for _, _, b in COSTS]
@@ -41,7 +41,7 @@ def cells_table(cells: list[Cell]) -> Table:
     header = ["model", "train images", "status"] + [c for c, _, _ in CELL_METRICS] + ["train s", "folder"]
     rows = []
     for c in cells:
-        m = read_json(c.folder / "metrics.json")
+        m = read_metrics(c.folder)
         rows.append([c.spec.name, c.budget, "done" if m else "FAILED (see log.txt)"]
                     + [dig(m, p) for _, p, _ in CELL_METRICS] + [dig(m, ("train_wall_s",)), str(c.folder)])
     return Table(header, rows, [None] * 3 + [None] * len(CELL_METRICS) + [None, None])
@@ -50,7 +50,7 @@ def cells_table(cells: list[Cell]) -> Table:
 def series(cells: list[Cell]) -> dict:
     out: dict[str, dict[str, list]] = {"test mIoU": {}, "image AUROC": {}}
     for c in cells:
-        m = read_json(c.folder / "metrics.json")
+        m = read_metrics(c.folder)
         for metric, path in (("test mIoU", ("pixel", "miou")), ("image AUROC", ("image", "auroc"))):
             value = dig(m, path)
             out[metric].setdefault(c.spec.name, [])
@@ -74,8 +74,8 @@ def budget_text(cfg: CompareConfig) -> str:
 def _analysis(cfg: CompareConfig, cells: list[Cell], test_items, out: Path, report: Report) -> None:
     loaded = []
     for name, cell in largest_done(cells).items():
-        fcfg, meta, model = load_run(cell.folder)
-        loaded.append(analysis.Loaded(name, meta, model, cell.spec.init))
+        run = load_run(cell.folder)
+        loaded.append(analysis.Loaded(name, run.meta, run.model, cell.spec.init))
     if not loaded:
         return
     size = cfg.analysis_size or cfg.finetune.crop_size
@@ -143,7 +143,7 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
     report.add("h2", "Configs")
     report.add("pre", "compare config", dump_yaml(cfg))
     for c in cells:
-        path = c.folder / "cell.yaml"
+        path = c.folder / CELL_CONFIG
         if path.is_file():
             report.add("pre", f"{c.spec.name} n={c.budget} ({path})", path.read_text())
     return report

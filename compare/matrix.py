@@ -17,11 +17,15 @@ from pathlib import Path
 import yaml
 
 from compare.config import CompareConfig, ModelSpec
+from finetune.artifacts import METRICS_FILE
 from finetune.config import FinetuneConfig
 from synthvit.config import dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text
 from synthvit.progress import progress_bar
 
+CELL_CONFIG = "cell.yaml"  # a cell's resolved finetune config (the child's --config)
+PROBE_FILE = "probe.json"  # a model's cost, written by ``python -m compare.probe`` into its largest cell
+CELL_LOG, PROBE_LOG = "log.txt", "probe.log"
 # Variables of the launching job that must not reach a child: each child is a job of its own.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "NODE_RANK")
@@ -34,7 +38,7 @@ class Job:
     folder: Path
     argv: list[str]
     done_file: str
-    log_name: str = "log.txt"
+    log_name: str = CELL_LOG
 
     @property
     def done(self) -> bool:
@@ -62,15 +66,15 @@ def cell_config(cfg: CompareConfig, spec: ModelSpec, budget: int, n_train: int, 
     tree = to_dict(cfg.finetune)
     tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
                 task=spec.task or cfg.finetune.task, train_limit=0 if budget >= n_train else budget)
-    path = folder / "cell.yaml"
+    path = folder / CELL_CONFIG
     old = path.read_text() if path.is_file() else None
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
     resolved = load_config(FinetuneConfig, path, spec.overrides)
     text = dump_yaml(resolved)
     atomic_write_text(path, text)
-    if old is not None and old != text and (folder / "metrics.json").is_file():
+    if old is not None and old != text and (folder / METRICS_FILE).is_file():
         print(f"compare: the config of {folder} changed; it runs again", file=sys.stderr)
-        (folder / "metrics.json").unlink()
+        (folder / METRICS_FILE).unlink()
     return resolved
 
 
@@ -86,13 +90,13 @@ def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True) -> list[Cel
     for spec in cfg.models:
         for budget in effective_budgets(cfg.budgets, n_train):
             folder = Path(cfg.out_dir) / "cells" / spec.name / f"n{budget:05d}"
-            argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / "cell.yaml")]
-            cell = Cell(spec, budget, Job(f"{spec.name} n={budget}", folder, argv, "metrics.json"))
+            argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / CELL_CONFIG)]
+            cell = Cell(spec, budget, Job(f"{spec.name} n={budget}", folder, argv, METRICS_FILE))
             if write:
                 folder.mkdir(parents=True, exist_ok=True)
                 cell_config(cfg, spec, budget, n_train, folder)
                 if not cell.job.done:
-                    (folder / "probe.json").unlink(missing_ok=True)
+                    (folder / PROBE_FILE).unlink(missing_ok=True)
             cells.append(cell)
     return cells
 

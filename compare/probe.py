@@ -6,9 +6,7 @@ parameters, GFLOPs per 512x512 tile, full-frame (default 3840x2160) inference se
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import resource
 import time
 from pathlib import Path
 
@@ -16,22 +14,21 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from finetune.evaluate import Predictor
-from finetune.models import build_model
-from finetune.run import load_run
+from compare.matrix import PROBE_FILE
+from finetune.artifacts import load_run
 from synthvit.config import parse_size
 from synthvit.io import atomic_write_text
+from synthvit.training import peak_memory_mb, resolve_device
 
 TILE = 512
 
 
-def gflops_per_tile(cfg, meta: dict) -> float:
-    """Forward GFLOPs (multiply-adds x 2) of one 512x512 tile, on the same architecture built for 512 px."""
-    arch = dataclasses.replace(cfg, crop_size=TILE, init="", weights="", drop_path=0.0)
-    model = build_model(arch, max(len(meta["seg_classes"]), 1), max(len(meta["cls_classes"]), 1)).eval()
+def gflops_per_tile(model: torch.nn.Module, in_chans: int) -> float:
+    """Forward GFLOPs (multiply-adds x 2) of one 512x512 tile through ``model`` (built for 512 px inputs)."""
     counter = FlopCounterMode(display=False)
+    device = next(model.parameters()).device
     with torch.no_grad(), counter:
-        model(torch.zeros(1, cfg.in_chans, TILE, TILE))
+        model(torch.zeros(1, in_chans, TILE, TILE, device=device))
     return counter.get_total_flops() / 1e9
 
 
@@ -41,10 +38,9 @@ def _sync(device: torch.device) -> None:
 
 
 def probe(run_dir: Path, size: tuple[int, int], repeats: int) -> dict:
-    cfg, meta, model = load_run(run_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device)
-    predictor = Predictor(model, meta, device, cfg.tiling)
+    run = load_run(run_dir)
+    cfg, device = run.cfg, resolve_device()
+    predictor = run.predictor(device)
     w, h = size
     rng = np.random.default_rng(0)
     shape = (h, w) if cfg.in_chans == 1 else (h, w, 3)
@@ -53,7 +49,7 @@ def probe(run_dir: Path, size: tuple[int, int], repeats: int) -> dict:
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_before = peak_memory_mb(torch.device("cpu"))[0]
     seconds = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -64,12 +60,11 @@ def probe(run_dir: Path, size: tuple[int, int], repeats: int) -> dict:
     out = {"frame": f"{w}x{h}", "seconds_per_frame": round(s, 4), "frames_per_s": round(1 / s, 4),
            "repeats": repeats, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
            "autocast": "bf16" if predictor.autocast is not None else "fp32",
-           "parameters": sum(p.numel() for p in model.parameters()),
-           "gflops_per_512_tile": round(gflops_per_tile(cfg, meta), 2),
-           "inference_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "rss_before_mb": round(rss_before, 1)}
+           "parameters": sum(p.numel() for p in run.model.parameters()),
+           "gflops_per_512_tile": round(gflops_per_tile(run.architecture(TILE), cfg.in_chans), 2),
+           "inference_peak_rss_mb": peak_memory_mb(torch.device("cpu"))[0], "rss_before_mb": rss_before}
     if device.type == "cuda":
-        out["inference_peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["inference_peak_cuda_mb"] = peak_memory_mb(device)[0]
     return out
 
 
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     result = probe(args.run_dir, parse_size(args.size, "probe_size"), args.repeats)
-    atomic_write_text(args.run_dir / "probe.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.run_dir / PROBE_FILE, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,11 +15,10 @@ import timm
 import torch
 
 from compare.config import CompareConfig
-from compare.matrix import Job, largest_done, plan_cells, run_jobs
+from compare.matrix import PROBE_FILE, PROBE_LOG, Job, largest_done, plan_cells, run_jobs
 from finetune.datasets import load_real_data, split_ids
-from finetune.models import SEG_BASELINES
-from finetune.run import check_task
-from synthvit.config import ConfigError, dump_yaml
+from models import SEG_BASELINES
+from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_text
 
 log = logging.getLogger("synthvit.compare")
@@ -62,7 +60,7 @@ def run(cfg: CompareConfig) -> Path:
     out = Path(cfg.out_dir)
     data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels)
     for spec in cfg.models:
-        check_task(data, replace(cfg.finetune, data=cfg.data, task=spec.task or cfg.finetune.task))
+        data.check_task(spec.task or cfg.finetune.task)
         if spec.model not in SEG_BASELINES and not timm.is_model(spec.model):
             raise ConfigError(f"models.{spec.name}.model: {spec.model!r} is neither a timm model nor one of "
                               f"{', '.join(SEG_BASELINES)}")
@@ -74,7 +72,7 @@ def run(cfg: CompareConfig) -> Path:
     n_train = sum(v == "train" for v in split.values())
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
     cells = plan_cells(cfg, n_train, write=ranks.rank == 0)
     ranks.barrier()
     slots = ranks.slots(cfg.parallel)
@@ -99,4 +97,4 @@ def run(cfg: CompareConfig) -> Path:
 def _probe_job(cfg: CompareConfig, cell) -> Job:
     argv = [sys.executable, "-m", "compare.probe", str(cell.folder), "--size", cfg.probe_size,
             "--repeats", str(cfg.probe_repeats)]
-    return Job(f"{cell.spec.name} probe", cell.folder, argv, "probe.json", "probe.log")
+    return Job(f"{cell.spec.name} probe", cell.folder, argv, PROBE_FILE, PROBE_LOG)

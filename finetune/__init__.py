@@ -1,1 +1,3 @@
-"""Stage 3: fine-tuning on real high-resolution images beside CNN baselines (to come)."""
+"""Stage 3: fine-tune a ViT, hybrid or CNN baseline (:mod:`models`) on a few hundred real high-resolution images,
+with tiled full-resolution inference and metrics (``synthvit finetune``, ``evaluate``, ``predict``). Reads a
+pretrain export; writes a run folder whose contract is :mod:`finetune.artifacts`."""

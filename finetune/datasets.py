@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
 
+from generate.schema import CLS_KEY, IMAGE_KEYS, INFO_FILE, MASK_KEY, SPLIT, iter_members, read_info
 from synthvit.io import SynthvitError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -76,6 +77,14 @@ class RealData:
 
     def label_index(self, item: Item) -> int:
         return self.cls_classes.index(item.label) if item.label is not None else -1
+
+    def check_task(self, task: str) -> None:
+        """Stop when the data cannot serve ``task`` (seg needs masks, cls needs image labels, both needs both)."""
+        if task in ("seg", "both") and not self.has_masks:
+            raise SynthvitError(f"task={task} needs masks, but {self.root} ({self.fmt}) has none; use task=cls")
+        if task in ("cls", "both") and not self.has_labels:
+            raise SynthvitError(f"task={task} needs image labels (labels.csv, class folders or a label column), "
+                                f"but {self.root} ({self.fmt}) has none; use task=seg")
 
 
 # ---------------------------------------------------------------------------------------------- pixels
@@ -336,8 +345,6 @@ def _bytes_mask(data: bytes) -> Callable[[tuple[int, int]], np.ndarray]:
 
 
 def _shards(root: Path, problems: list[str]) -> RealData:
-    from generate.schema import CLS_KEY, IMAGE_KEYS, MASK_KEY, SPLIT, iter_members, read_info
-
     try:
         info = read_info(root)
     except SynthvitError as e:
@@ -364,7 +371,7 @@ FORMATS = {"canonical": _canonical, "imagefolder": _imagefolder, "labelme": _lab
 
 
 def detect_format(root: Path) -> str:
-    if (root / "_info.json").is_file():
+    if (root / INFO_FILE).is_file():
         return "shards"
     if (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file():
         return "hf"
@@ -429,8 +436,8 @@ def validate(data: RealData) -> list[str]:
 
 
 def split_ids(data: RealData, test_fraction: float, seed: int) -> dict[str, str]:
-    """``splits.csv`` when the data has one; otherwise a seeded split stratified by image label (or by whether
-    the mask holds any defect), ``test_fraction`` of each stratum to ``test``."""
+    """``splits.csv`` when the data has one; otherwise a seeded split stratified by image label (images without a
+    label form one stratum), ``test_fraction`` of each stratum to ``test``."""
     if data.splits:
         return {i.id: data.splits.get(i.id, "train") for i in data.items}
     strata: dict[str, list[str]] = {}

@@ -7,7 +7,6 @@ accuracy and confusion matrix of the classifier. Also seconds per image at full 
 """
 from __future__ import annotations
 
-import resource
 import time
 
 import numpy as np
@@ -18,6 +17,8 @@ from torchmetrics.classification import (BinaryAUROC, BinaryAveragePrecision, Mu
 
 from finetune.datasets import GOOD_NAMES, Item, RealData, to_array
 from finetune.tiling import Tiler
+from models import meta_stats
+from synthvit.training import peak_memory_mb
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
 
@@ -27,8 +28,7 @@ class Predictor:
 
     def __init__(self, model, meta: dict, device, tiling):
         self.model, self.meta, self.device = model.eval(), meta, device
-        self.mean = torch.tensor(meta["mean"], device=device).view(-1, 1, 1) * 255
-        self.std = torch.tensor(meta["std"], device=device).view(-1, 1, 1) * 255
+        self.mean, self.std = meta_stats(meta, device)
         self.tiler = Tiler(tiling.tile or meta["crop_size"], tiling.overlap, tiling.batch_size)
         self.autocast = torch.bfloat16 if device.type == "cuda" else None
 
@@ -119,7 +119,7 @@ def _summarise(pix, img, cls, scores, labels, seconds, meta, n) -> dict:
         result["classification"] = {"accuracy": float(cls["acc"].compute()), "classes": meta["cls_classes"],
                                     "confusion_matrix": cls["cm"].compute().tolist()}
     result["speed"] = {"seconds_per_image": round(float(np.mean(seconds)), 4) if seconds else None,
-                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                       "peak_rss_mb": peak_memory_mb(torch.device("cpu"))[0]}
     if torch.cuda.is_available():
-        result["speed"]["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["speed"]["peak_cuda_mb"] = peak_memory_mb(torch.device("cuda"))[0]
     return result

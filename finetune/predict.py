@@ -9,8 +9,8 @@ from PIL import Image
 from scipy import ndimage
 
 from finetune.datasets import IMAGE_EXTS, to_array
-from generate.preview import overlay
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
+from synthvit.overlay import overlay
 from synthvit.progress import progress_bar
 
 

@@ -3,9 +3,7 @@ resizes, mask-aligned flips and rotations, through Accelerate. Sample ``i`` of t
 ``default_rng((seed, i))``, so a run is reproducible and the loader is a plain sequential range of sample ids."""
 from __future__ import annotations
 
-import json
 import logging
-import resource
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -14,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.optim import create_optimizer_v2, param_groups_layer_decay
 
 from finetune.datasets import Item, RealData, to_array
-from pretrain.loop import lr_at, seed_step
 from synthvit.progress import progress_bar
+from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, peak_memory_mb, seed_step, set_lr
 
 log = logging.getLogger("synthvit.finetune")
 
@@ -94,19 +91,6 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, cfg, rng) -> tuple[np.ndarr
             np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST)))
 
 
-def make_optimizer(model, cfg):
-    """AdamW; with ``layer_decay``, timm's layer-wise LR decay groups for the backbone (ViTs)."""
-    if cfg.layer_decay and hasattr(model, "backbone"):
-        groups = param_groups_layer_decay(model.backbone, weight_decay=cfg.optim.weight_decay,
-                                          layer_decay=cfg.layer_decay)
-        rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
-        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups] + [
-            {"params": rest, "weight_decay": cfg.optim.weight_decay}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    return create_optimizer_v2(model, "adamw", lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                               betas=tuple(cfg.optim.betas))
-
-
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Soft Dice over the defect classes (not background), pooled over the batch: counters the rarity of defect
     pixels that lets plain cross-entropy settle on "all background"."""
@@ -134,7 +118,7 @@ def losses(out: dict, batch: dict, label_smoothing: float, seg_loss: str = "ce")
 def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir: Path) -> dict:
     """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step."""
     model.train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.layer_decay)
     model, optimizer = acc.prepare(model, optimizer)
     world, rank, b = acc.num_processes, acc.process_index, cfg.batch_size
     ds = CropDataset(data, items, cfg, cfg.steps * b * world)
@@ -143,36 +127,28 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=ids, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0)
     bar = progress_bar(total=cfg.steps, desc="finetune", unit="step", disable=not acc.is_main_process)
-    log_path, t0, window = run_dir / "metrics.jsonl", time.perf_counter(), []
+    metrics, t0, window = MetricsLog(run_dir, acc), time.perf_counter(), []
+    metrics.truncate_after(0)
     for step, batch in enumerate(loader):
         seed_step(cfg.seed, step, acc.process_index)
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+        set_lr(optimizer, lr)
         batch = {k: v.to(acc.device) for k, v in batch.items()}
-        x = (batch["image"].float() - mean) / std
         with acc.autocast():
-            parts = losses(model(x), batch, 0.1, cfg.seg_loss)
+            parts = losses(model((batch["image"].float() - mean) / std), batch, 0.1, cfg.seg_loss)
         acc.backward(parts["loss"])
-        if cfg.optim.clip_grad > 0:
-            acc.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(acc, model, optimizer, cfg.optim.clip_grad)
         window.append({k: float(v.detach()) for k, v in parts.items()})
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {k: round(sum(w[k] for w in window) / len(window), 6) for k in window[0]}
-            rec.update(step=step + 1, lr=lr)
+            rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]} | {"lr": lr}
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            metrics.write(step + 1, rec)
             window = []
     bar.close()
     wall = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if acc.device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process peak: training's, in a fresh run
+    peak, kind = peak_memory_mb(acc.device)  # the process peak: training's, in a fresh run
     return {"steps": cfg.steps, "train_images": len(items), "train_wall_s": round(wall, 2),
-            "train_peak_mb": round(peak, 1), "train_peak_kind": "cuda" if acc.device.type == "cuda" else "rss",
+            "train_peak_mb": peak, "train_peak_kind": kind,
             "train_images_per_s": round(cfg.steps * cfg.batch_size * acc.num_processes / wall, 2),
             "model": acc.unwrap_model(model)}

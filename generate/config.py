@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from synthvit.config import ConfigError, parse_size
 
@@ -65,22 +66,22 @@ class ProceduralConfig:
             raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
 
 
-STYLEGAN_MODES = ("random", "oriented", "checkpoint")
-DIFFUSION_MODES = ("inpaint", "img2img", "unconditional")
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+StyleGANMode = Literal["random", "oriented", "checkpoint"]
+DiffusionMode = Literal["inpaint", "img2img", "unconditional"]
+Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+ImageFormat = Literal["jpg", "png"]
 
 
-def _check_dtype_device(dtype: str, device: str) -> None:
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: {dtype!r} not accepted; use {', '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)")
+def _check_device(device: str) -> None:
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"device: {device!r} not accepted; use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(kw_only=True)
 class StyleGANConfig:
-    mode: str = field(default="random", metadata={
-        "help": "random (random weights, Baradad et al. 2021), oriented (random oriented filters) or checkpoint"})
+    mode: StyleGANMode = field(default="random", metadata={
+        "help": "random: random weights (Baradad et al. 2021); oriented: random oriented filters; checkpoint: "
+                "stylegan.checkpoint"})
     checkpoint: str = field(default="", metadata={"help": "a .safetensors file (mode=checkpoint); see README"})
     resolution: int = field(default=0, metadata={"help": "network output side (0: the image size rounded up to 2^k)"})
     channel_max: int = field(default=128, metadata={"help": "channels per layer in random modes (checkpoint: read)"})
@@ -89,11 +90,9 @@ class StyleGANConfig:
         "help": "share of defects drawn as DRAEM-style anomalies: a second texture blended into a defect shape"})
     batch_size: int = field(default=8, metadata={"help": "samples per forward pass"})
     device: str = field(default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is present), cpu, cuda"})
-    dtype: str = field(default="auto", metadata={"help": "auto, fp32, fp16 or bf16"})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU"})
 
     def __post_init__(self):
-        if self.mode not in STYLEGAN_MODES:
-            raise ConfigError(f"mode: {self.mode!r} not accepted; use {', '.join(STYLEGAN_MODES)}")
         if self.mode == "checkpoint" and not self.checkpoint:
             raise ConfigError("checkpoint: mode=checkpoint needs stylegan.checkpoint=PATH.safetensors")
         if self.resolution and (self.resolution < 8 or self.resolution & (self.resolution - 1)):
@@ -103,15 +102,15 @@ class StyleGANConfig:
         _check_prob("anomaly_prob", self.anomaly_prob)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: {self.batch_size} not accepted; use >= 1")
-        _check_dtype_device(self.dtype, self.device)
+        _check_device(self.device)
 
 
 @dataclass(kw_only=True)
 class DiffusionConfig:
     weights: str = field(default="weights/sd-inpaint", metadata={
         "help": "a local diffusers pipeline folder (model_index.json + components); never downloaded"})
-    mode: str = field(default="inpaint", metadata={
-        "help": "inpaint (defects into backgrounds), img2img or unconditional (surfaces for procedural defects)"})
+    mode: DiffusionMode = field(default="inpaint", metadata={
+        "help": "inpaint: defects into backgrounds; img2img, unconditional: surfaces for procedural defects"})
     backgrounds: str = field(default="", metadata={
         "help": "a folder of your defect-free images (empty: procedural surfaces)"})
     prompt: str = field(default="a close-up photo of a {defect} defect on a {surface} surface", metadata={
@@ -126,12 +125,10 @@ class DiffusionConfig:
     strength: float = field(default=1.0, metadata={"help": "inpaint/img2img noise strength (0, 1]"})
     batch_size: int = field(default=8, metadata={"help": "samples per pipeline call"})
     device: str = field(default="auto", metadata={"help": "auto (cuda:LOCAL_RANK when a GPU is present), cpu, cuda"})
-    dtype: str = field(default="auto", metadata={"help": "auto, fp32, fp16 or bf16"})
+    dtype: Dtype = field(default="auto", metadata={"help": "auto: bf16 on GPU, fp32 on CPU"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the UNet"})
 
     def __post_init__(self):
-        if self.mode not in DIFFUSION_MODES:
-            raise ConfigError(f"mode: {self.mode!r} not accepted; use {', '.join(DIFFUSION_MODES)}")
         bad = [p for p in self.prompts if "=" not in p or p.split("=", 1)[0].strip() not in DEFECTS]
         if bad:
             raise ConfigError(f"prompts: {bad!r} not accepted; write class=prompt with a class of {', '.join(DEFECTS)}")
@@ -139,7 +136,7 @@ class DiffusionConfig:
             raise ConfigError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
         if not 0 < self.strength <= 1:
             raise ConfigError(f"strength: {self.strength} not accepted; use a value in (0, 1]")
-        _check_dtype_device(self.dtype, self.device)
+        _check_device(self.device)
 
     def prompt_for(self, defect: str, surface: str) -> str:
         overrides = {k.strip(): v.strip() for k, v in (p.split("=", 1) for p in self.prompts)}
@@ -156,7 +153,7 @@ class GenerateConfig:
     image_size: int | str = field(default=256, metadata={"help": "an int (square) or WIDTHxHEIGHT, e.g. 3840x2160"})
     seed: int = 0
     num_workers: int = field(default=2, metadata={"help": "worker processes (0: render in this process)"})
-    image_format: str = field(default="jpg", metadata={"help": "jpg, or png for lossless images"})
+    image_format: ImageFormat = field(default="jpg", metadata={"help": "png for lossless images"})
     jpeg_quality: int = 95
     preview: int = field(default=16, metadata={"help": "samples on the preview contact sheet (0: none)"})
     verify: bool = field(default=False, metadata={"help": "only check the shards in out_dir against _info.json"})
@@ -178,8 +175,6 @@ class GenerateConfig:
             raise ConfigError(f"samples_per_shard: {self.samples_per_shard} not accepted; use >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers: {self.num_workers} not accepted; use 0 (in process) or more")
-        if self.image_format not in ("jpg", "png"):
-            raise ConfigError(f"image_format: {self.image_format!r} not accepted; use jpg or png")
         if not 1 <= self.jpeg_quality <= 100:
             raise ConfigError(f"jpeg_quality: {self.jpeg_quality} not accepted; use 1..100")
         if not self.name or any(c in self.name for c in "/\\.{} ") or self.name.startswith("-"):

@@ -14,12 +14,11 @@ from generate.config import GenerateConfig
 from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
 from generate.writer import plan_shards, remove_stale_temporaries, write_shards
-from synthvit.config import dump_yaml, to_dict
+from synthvit.config import CONFIG_FILE, dump_yaml, to_dict
 from synthvit.io import SynthvitError, atomic_write_text, sha256_file
 
 log = logging.getLogger("synthvit.generate")
 
-CONFIG_FILE = "config.yaml"
 PREVIEW_FILE = "preview.png"
 # Keys that change how a run goes, not what it writes: a resumed run may change them freely.
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")

@@ -7,36 +7,27 @@ EMA weights (safetensors).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 
+from models import save_tensors
 from pretrain import checkpoint
 from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer
-from pretrain.model import normalizer
 from synthvit.io import SynthvitError
 from synthvit.progress import progress_bar
+from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, seed_step, set_lr
 
 log = logging.getLogger("synthvit.pretrain")
 EMA_FILE = "ema.safetensors"
-
-
-def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def scaled_lr(optim_cfg, global_batch: int) -> float:
@@ -44,21 +35,14 @@ def scaled_lr(optim_cfg, global_batch: int) -> float:
     return optim_cfg.lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[optim_cfg.lr_scale]
 
 
-def seed_step(seed: int, step: int, rank: int) -> None:
-    s = int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0])
-    torch.manual_seed(s)
-    np.random.seed(s)
-
-
 class Trainer:
     def __init__(self, cfg, accelerator, model, sources, class_names: list[str], run_dir: Path):
         self.cfg, self.acc, self.run_dir = cfg, accelerator, run_dir
         self.class_names, self.sources = class_names, sources
-        self.mean, self.std = (t.to(accelerator.device) for t in normalizer(model.backbone, cfg.in_chans))
+        self.mean, self.std = (t.to(accelerator.device) for t in model.input_stats(cfg.in_chans))
         self.global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.accum_steps
         self.base_lr = scaled_lr(cfg.optim, self.global_batch)
-        optimizer = create_optimizer_v2(model, "adamw", lr=self.base_lr, weight_decay=cfg.optim.weight_decay,
-                                        betas=tuple(cfg.optim.betas))
+        optimizer = build_adamw(model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.mixer = create_mixer(cfg.mix, cfg.objective, len(class_names))
@@ -77,7 +61,7 @@ class Trainer:
     def save(self) -> Path:
         path = checkpoint.save_checkpoint(self.acc, self.run_dir, self.step, self._state(), self.cfg.keep_last)
         if self.ema is not None and self.acc.is_main_process:
-            checkpoint.save_tensors(self.ema.module.state_dict(), path / EMA_FILE)
+            save_tensors(self.ema.module.state_dict(), path / EMA_FILE)
         return path
 
     def resume(self, ckpt: Path) -> None:
@@ -118,17 +102,13 @@ class Trainer:
     def train_step(self, batches: list[dict]) -> dict[str, float]:
         cfg = self.cfg
         lr = lr_at(self.step, self.base_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         totals: dict[str, float] = {}
         for batch in batches:
             with self.acc.accumulate(self.model):
                 losses = self.losses(batch)
                 self.acc.backward(losses["loss"])
-                if self.acc.sync_gradients and cfg.optim.clip_grad > 0:
-                    self.acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                optimizer_step(self.acc, self.model, self.optimizer, cfg.optim.clip_grad)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0.0) + v.detach() / len(batches)
         if self.ema is not None:
@@ -155,8 +135,9 @@ class Trainer:
                           batches_per_epoch(total, cfg.batch_size, acc.num_processes, workers),
                           start_batch=self.step * cfg.optim.accum_steps)
         batches = iter(make_loader(spec, cfg.num_workers))
-        metrics = MetricsLog(self.run_dir, acc, cfg.record_keys)
+        metrics, keys = MetricsLog(self.run_dir, acc), KeyLog(self.run_dir, acc.process_index, cfg.record_keys)
         metrics.truncate_after(self.step)
+        keys.truncate_after(self.step)
         bar = progress_bar(total=cfg.steps, initial=self.step, desc="pretrain", unit="step",
                            disable=not acc.is_main_process)
         t_start = t_log = time.perf_counter()
@@ -167,7 +148,7 @@ class Trainer:
             group = [next(batches) for _ in range(cfg.optim.accum_steps)]
             for b in group:
                 self.skipped[b["skipped"][0]] = int(b["skipped"][1])
-                metrics.keys(self.step, b["keys"])
+                keys.write(self.step, b["keys"])
             out = self.train_step(group)
             self.step += 1
             self.images_seen += self.global_batch
@@ -204,29 +185,19 @@ class Trainer:
         return bool(torch.allclose(everyone, everyone[:1].expand_as(everyone), rtol=1e-6, atol=1e-6))
 
 
-class MetricsLog:
-    """``metrics.jsonl`` (main process), Accelerate trackers, and optional per-rank sample-key logs."""
+class KeyLog:
+    """With ``record_keys``: the sample keys each rank trains on, one line per step (``keys_rank<R>.txt``)."""
 
-    def __init__(self, run_dir: Path, accelerator, record_keys: bool):
-        self.path, self.acc = run_dir / "metrics.jsonl", accelerator
-        self.keys_path = run_dir / f"keys_rank{accelerator.process_index}.txt" if record_keys else None
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.path = run_dir / f"keys_rank{rank}.txt" if enabled else None
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps the resumed run will redo."""
-        if self.acc.is_main_process and self.path.is_file():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        """On resume, drop the steps the resumed run will redo."""
+        if self.path is not None and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if int(ln.split(" ", 1)[0]) < step]
             self.path.write_text("".join(ln + "\n" for ln in kept))
-        if self.keys_path is not None and self.keys_path.is_file():
-            kept = [ln for ln in self.keys_path.read_text().splitlines() if int(ln.split(" ", 1)[0]) < step]
-            self.keys_path.write_text("".join(ln + "\n" for ln in kept))
 
-    def write(self, step: int, values: dict) -> None:
-        self.acc.log({k: v for k, v in values.items()}, step=step)
-        if self.acc.is_main_process:
+    def write(self, step: int, keys: list[str]) -> None:
+        if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **{k: round(v, 6) for k, v in values.items()}}) + "\n")
-
-    def keys(self, step: int, keys: list[str]) -> None:
-        if self.keys_path is not None:
-            with open(self.keys_path, "a") as f:
                 f.write(f"{step} {' '.join(keys)}\n")

@@ -8,13 +8,22 @@ instead of silently becoming attributes. Imports nothing heavy (yaml only).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "dump_yaml", "describe", "parse_size"]
+log = logging.getLogger("synthvit.config")
+
+__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "dump_yaml", "describe", "parse_size",
+           "CONFIG_FILE", "Precision", "InChans"]
+
+CONFIG_FILE = "config.yaml"  # the fully resolved config, in every output folder a stage writes
+# Choice types more than one stage offers
+Precision = Literal["no", "bf16", "fp16"]  # mixed precision through Accelerate
+InChans = Literal[1, 3]  # model input channels (3: grayscale replicated)
 
 
 class ConfigError(ValueError):
@@ -37,15 +46,25 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _coerce_choice(value: Any, tp: Any, key: str) -> Any:
+    """One of a ``Literal``'s choices, of the same type (True is not 1, 3.0 is not 3)."""
+    choices = get_args(tp)
+    if any(type(value) is type(c) and value == c for c in choices):
+        return value
+    if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: precision=no means 'no'
+        spelled = [c for c in choices if isinstance(c, str) and yaml.safe_load(c) is value]
+        if len(spelled) == 1:
+            return spelled[0]
+    raise ConfigError(f"{key}: {value!r} is not accepted; choose one of {_type_name(tp)}")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp``; allow only lossless conversions (int -> float, list -> tuple)."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not accepted; choose one of {_type_name(tp)}")
+        return _coerce_choice(value, tp, key)
     if origin in (Union, types.UnionType):
         for arg in get_args(tp):
             try:
@@ -166,8 +185,17 @@ def _merge(base: dict, diff: dict) -> dict:
     return out
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults of ``cls``, then the YAML diff at ``path``, then ``key=value`` overrides."""
+def _drop_dotted(tree: dict, dotted: str) -> bool:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return isinstance(tree, dict) and tree.pop(last, None) is not None
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
+                retired: tuple[str, ...] = ()) -> Any:
+    """Defaults of ``cls``, then the YAML diff at ``path``, then ``key=value`` overrides. ``retired`` dotted keys
+    (written by an older synthvit into a run folder's config.yaml, never read) are dropped from the file."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -180,6 +208,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded
+        dropped = [key for key in retired if _drop_dotted(tree, key)]
+        if dropped:
+            log.info("%s: ignoring retired key(s) %s", path, ", ".join(dropped))
     override_tree = apply_overrides({}, overrides or [])
     tree = _merge(tree, override_tree)
     try:
@@ -194,7 +225,7 @@ def dump_yaml(cfg: Any) -> str:
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:
-    """One line per key: ``key: type = default  # help`` (nested groups flattened with dots)."""
+    """One line per key: ``key: type = default  # help`` (nested groups flattened with dots, list entries as ``[]``)."""
     lines = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -210,6 +241,9 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         default_txt = default_txt.removesuffix("...").strip()
         help_txt = f.metadata.get("help", "")
         lines.append(f"  {prefix}{f.name}: {_type_name(tp)} = {default_txt}" + (f"   # {help_txt}" if help_txt else ""))
+        item_tp = get_args(tp)[0] if get_origin(tp) in (list, tuple) and get_args(tp) else None
+        if dataclasses.is_dataclass(item_tp):  # the keys of each entry, e.g. models[].task
+            lines.extend(describe(item_tp, prefix=f"{prefix}{f.name}[]."))
     return lines
 
 

@@ -1,6 +1,10 @@
+import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,9 +22,9 @@ def tiny_overrides(out_dir, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def run_cli(*args, check=False, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m synthvit ...`` in a subprocess (as users and accelerate run it)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_cli(*args, check=False, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m synthvit ...`` in a subprocess (as users and accelerate run it); ``env``: extra variables."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "synthvit", *map(str, args)], capture_output=True, text=True,
                           env=env, cwd=kwargs.pop("cwd", ROOT), timeout=kwargs.pop("timeout", 300), **kwargs)
     if check and proc.returncode != 0:
@@ -28,6 +32,119 @@ def run_cli(*args, check=False, **kwargs) -> subprocess.CompletedProcess:
     return proc
 
 
+def start_cli(*args, log: Path, env=None) -> subprocess.Popen:
+    """``python -m synthvit ...`` started in the background, stdout and stderr into the file ``log``; wait for it
+    with ``finish``. For an independent run that can overlap the test's other runs (two share two cores)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "synthvit", *map(str, args)], stdout=f,
+                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: int = 300) -> str:
+    """Wait for a ``start_cli`` process; check that it succeeded; its output."""
+    proc.wait(timeout=timeout)
+    text = log.read_text()
+    assert proc.returncode == 0, f"{proc.args[3:]} failed ({proc.returncode}):\n{text[-3000:]}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- accelerate launch
+def free_port() -> int:
+    """A TCP port that nothing listens on right now (the OS picks it), for one torchrun rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args, num_processes: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch --multi_gpu --num_processes N -m synthvit ARGS`` on CPUs, on a free port; checked.
+
+    ``--multi_gpu`` makes accelerate start the processes through torchrun; with no GPU present synthvit uses gloo
+    on CPU (``--cpu --num_processes 2`` starts a single process in accelerate, see accelerate#2741). Every launch
+    gets a port of its own, so launches of concurrent test sessions (or a port left in TIME_WAIT) cannot collide;
+    should another process grab the port between the pick and torchrun's bind, the launch is retried once.
+    """
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), "-m", "synthvit", *map(str, args)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+        if proc.returncode == 0 or "address already in use" not in proc.stderr.lower() or attempt:
+            break
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------- in-process CLI
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _reset_accelerate_state() -> None:
+    """Forget the Accelerate singletons a stage created in this process (as accelerate's own tests do)."""
+    if "accelerate.state" not in sys.modules:
+        return
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def cli(capsys):
+    """``synthvit.cli.main([...])`` in this process: a CliResult with main's exit code and what it printed.
+
+    For the error paths (config error: 2, user error: 1): no interpreter start-up per call. Whatever main sets up
+    for a process (a logging handler, the SIGINT handler, environment variables, Accelerate singletons) is undone
+    after each call.
+    """
+    from synthvit.cli import main
+
+    def call(*args) -> CliResult:
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        sigint, environ = signal.getsignal(signal.SIGINT), dict(os.environ)
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        finally:
+            for h in root.handlers[:]:
+                if h not in handlers:
+                    root.removeHandler(h)
+            root.setLevel(level)
+            signal.signal(signal.SIGINT, sigint)
+            if os.environ != environ:
+                os.environ.clear()
+                os.environ.update(environ)
+            _reset_accelerate_state()
+        out = capsys.readouterr()
+        return CliResult(rc, out.out, out.err)
+
+    return call
+
+
+def assert_cli_error(res, rc: int, *messages: str) -> None:
+    """An error exit of ``synthvit <stage>``: the exit code, no traceback, and the error printed last, once, as
+    ``synthvit <stage>: config error: ...`` (2) or ``synthvit <stage>: error: ...`` (1), holding every one of
+    ``messages`` (an error may go on over a few lines, e.g. a list of problems)."""
+    lines = res.stderr.splitlines()
+    starts = [i for i, ln in enumerate(lines) if ln.startswith("synthvit ")]
+    assert res.returncode == rc, f"exit {res.returncode}, expected {rc}:\n{res.stderr[-2000:]}"
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert len(starts) == 1, res.stderr[-2000:]
+    error = "\n".join(lines[starts[0]:])
+    kind = "config error: " if rc == 2 else "error: "
+    assert error.split(": ", 1)[1].startswith(kind), error
+    for message in messages:
+        assert message in error, f"{message!r} not in {error!r}"
+
+
+# ---------------------------------------------------------------------------------------------- shared data
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A 40-sample, 48 px dataset in 5 shards, generated in-process."""
@@ -38,6 +155,23 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "ds"
     run(load_config(GenerateConfig, overrides=tiny_overrides(out)))
     return out
+
+
+# The tiny pretrain run behind `pretrain_export` (tests/test_pretrain_run.py reuses the settings).
+TINY_PRETRAIN = ["model=vit_tiny_patch16_224", "image_size=32", "batch_size=8", "optim.warmup_steps=2",
+                 "optim.lr=4e-3", "log_every=2", "shuffle_buffer=20", "drop_path=0.0"]
+EXPORT_STEPS = 2
+
+
+@pytest.fixture(scope="session")
+def pretrain_export(tiny_dataset, tmp_path_factory) -> Path:
+    """The export folder of one tiny pretrain run (vit_tiny_patch16_224, 32 px, cls+seg, 2 steps, a log record per
+    step), in a subprocess as users run it; shared by the pretrain and finetune tests."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    tiny = [a for a in TINY_PRETRAIN if not a.startswith("log_every=")]
+    run_cli("pretrain", f"data=[{tiny_dataset}]", f"out_dir={out}", *tiny, f"steps={EXPORT_STEPS}", "log_every=1",
+            "num_workers=0", "objective=cls+seg", check=True)
+    return out / "export"
 
 
 @pytest.fixture(scope="module")

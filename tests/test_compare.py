@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from compare.cka import MinibatchCKA, gram, hsic1, linear_cka
-from compare.saliency import attention_rollout, grad_cam, layer_features
-from conftest import run_cli
+from compare.saliency import attention_rollout, grad_cam
+from conftest import accelerate_launch, assert_cli_error
 
 
 def _biased_cka(x, y):
@@ -62,7 +62,7 @@ def test_minibatch_cka_matches_layerwise_pairs_and_checks_batch_size():
 def _model(name, task="seg"):
     import types
 
-    from finetune.models import build_model
+    from finetune.artifacts import build_model
 
     torch.manual_seed(0)
     cfg = types.SimpleNamespace(model=name, task=task, init="", weights="", crop_size=64, in_chans=3, drop_path=0.0)
@@ -82,12 +82,12 @@ def test_attention_rollout_has_input_size_and_is_not_constant(name):
     maps = attention_rollout(model, torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
     assert maps.shape == (2, 64, 64)
     assert torch.all(maps.flatten(1).std(1) > 0)
-    names, feats = layer_features(model, torch.randn(2, 3, 64, 64))
+    names, feats = model.feature_blocks(torch.randn(2, 3, 64, 64))
     assert len(names) == len(feats) == 12
 
 
-def test_layer_features_of_resnet_are_its_residual_blocks():
-    names, feats = layer_features(_model("resnet18"), torch.randn(2, 3, 64, 64))
+def test_feature_blocks_of_resnet_are_its_residual_blocks():
+    names, feats = _model("resnet18").feature_blocks(torch.randn(2, 3, 64, 64))
     assert names[0] == "layer1.0" and names[-1] == "layer4.1" and len(feats) == 8
     assert feats[-1].shape[-1] == 2  # stride 32
 
@@ -108,10 +108,14 @@ def test_cka_pairs_follow_raghu_and_pair_synthetic_with_scratch_vit():
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     """A held-out synthetic target set (another surface family) in the shards layout, as `compare` reads it."""
+    from generate.config import GenerateConfig
+    from generate.run import run
+    from synthvit.config import load_config
+
     out = tmp_path_factory.mktemp("target") / "tgt"
-    run_cli("generate", f"out_dir={out}", "num_samples=20", "samples_per_shard=10", "image_size=64",
-            "num_workers=0", "preview=0", "procedural.surfaces=[concrete]", "procedural.classes=[crack,stain]",
-            check=True)
+    run(load_config(GenerateConfig, overrides=[
+        f"out_dir={out}", "num_samples=20", "samples_per_shard=10", "image_size=64", "num_workers=0", "preview=0",
+        "procedural.surfaces=[concrete]", "procedural.classes=[crack,stain]"]))
     return out
 
 
@@ -123,10 +127,15 @@ MODELS = ("models=[{name: vit, model: vit_tiny_patch16_224}, "
 
 
 @pytest.mark.slow
-def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, tmp_path):
+def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, tmp_path, cli, monkeypatch):
+    """compare's own process runs in this one (it trains nothing: every cell and probe is a child process; the
+    accelerate-launch test below runs it as a process of its own). Two cells at a time, one thread each: on a
+    CPU machine a child spends most of its time importing torch, so the matrix takes about half as long."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's: two of them share the cores
     out = tmp_path / "cmp"
-    res = run_cli("compare", f"data={target}", f"out_dir={out}", MODELS, *COMPARE, timeout=600, check=True)
-    assert "report ->" in res.stderr
+    res = cli("compare", f"data={target}", f"out_dir={out}", MODELS, *COMPARE, "parallel=2")
+    assert res.returncode == 0 and f"synthvit compare: done -> {out}" in res.stdout, res.stderr[-3000:]
+    assert "report ->" in res.stderr and res.stderr.count(" done in ") == 4 + 2  # cells and probes
     cells = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").glob("*/n*"))
     assert cells == ["cnn/n00005", "cnn/n00014", "vit/n00005", "vit/n00014"]
     md = (out / "report.md").read_text()
@@ -150,49 +159,46 @@ def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, tmp_path):
 
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/metrics.json")}
     (out / "cells/cnn/n00005/metrics.json").unlink()
-    again = run_cli("compare", f"data={target}", f"out_dir={out}", MODELS, *COMPARE, timeout=600, check=True)
-    assert "3 of 4 already finished, skipped" in again.stderr
+    again = cli("compare", f"data={target}", f"out_dir={out}", MODELS, *COMPARE, "parallel=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "3 of 4 already finished, skipped" in again.stderr and "2 of 2 already finished, skipped" in again.stderr
     assert "cnn n=5 done" in again.stderr and "vit n=5 done" not in again.stderr
     for p, t in stamps.items():
         if "cnn/n00005" not in str(p):
             assert p.stat().st_mtime_ns == t
 
 
-def test_compare_config_errors_name_the_key(tmp_path, target):
-    res = run_cli("compare", f"data={target}", "budgets=[-1]")
-    assert res.returncode == 2 and "budgets" in res.stderr
-    res = run_cli("compare", f"data={target}", "finetune.train_limit=5")
-    assert res.returncode == 2 and "finetune.train_limit" in res.stderr
-    res = run_cli("compare", f"data={target}", f"out_dir={tmp_path}", "models=[{name: a, model: resnet18, task: cls, "
-                  "init: nowhere}]")
-    assert res.returncode == 1 and "models.a.init" in res.stderr
-    res = run_cli("compare", f"data={target}", "models=[{name: a, model: vit_tiny_patch16_2244}]")
-    assert res.returncode == 2 and "models.a.model" in res.stderr
-    res = run_cli("compare", f"data={tmp_path / 'missing'}")
-    assert res.returncode == 1 and "missing" in res.stderr
+def test_compare_config_errors_name_the_key(tmp_path, target, cli):
+    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'a'}", "budgets=[-1]")
+    assert_cli_error(res, 2, "budgets")
+    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'b'}", "finetune.train_limit=5")
+    assert_cli_error(res, 2, "finetune.train_limit")
+    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'c'}", "models=[{name: a, model: resnet18, "
+              "task: cls, init: nowhere}]")
+    assert_cli_error(res, 1, "models.a.init")
+    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'd'}",
+              "models=[{name: a, model: vit_tiny_patch16_2244}]")
+    assert_cli_error(res, 2, "models.a.model")
+    res = cli("compare", f"data={tmp_path / 'missing'}", f"out_dir={tmp_path / 'e'}")
+    assert_cli_error(res, 1, "missing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder for a refused matrix
 
 
 @pytest.mark.slow
 def test_compare_under_accelerate_launch_splits_cells_across_ranks(target, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     out = tmp_path / "ranks"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
-           "-m", "synthvit", "compare", f"data={target}", f"out_dir={out}",
-           "models=[{name: vit, model: vit_tiny_patch16_224}]", *COMPARE, "cka_images=0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = accelerate_launch("compare", f"data={target}", f"out_dir={out}",
+                             "models=[{name: vit, model: vit_tiny_patch16_224}]", *COMPARE, "cka_images=0")
     logs = {p.parent.name: p.read_text().splitlines()[1] for p in out.glob("cells/vit/*/log.txt")}
     assert sorted(logs) == ["n00005", "n00014"]
     assert {line.split(",")[0] for line in logs.values()} == {"# rank 0", "# rank 1"}  # one cell per rank
-    assert proc.stderr.count("report ->") == 1 and (out / "report.md").is_file()
-    assert (out / "cells/vit/n00014/probe.json").is_file()
+    assert proc.stderr.count("report ->") == 1  # rank 0 alone writes the report, after both cells
+    rows = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| vit |")]
+    assert len(rows) == 1 + 2 and sum(" | done | " in r for r in rows) == 2
+    assert sorted(p.parent.name for p in out.glob("cells/vit/*/metrics.json")) == ["n00005", "n00014"]
+    probe = json.loads((out / "cells/vit/n00014/probe.json").read_text())  # the largest cell's, on one rank
+    assert probe["frame"] == "96x64" and probe["seconds_per_frame"] > 0
+    assert not (out / "cells/vit/n00005/probe.json").exists()
 
 
 def test_pick_crops_reuses_few_test_images_and_centres_defects():

@@ -1,6 +1,7 @@
 import errno
 import glob
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_cli, tiny_overrides
+from conftest import ROOT, assert_cli_error, run_cli, tiny_overrides
 from generate.config import GenerateConfig
 from generate.run import run
 from generate.schema import INFO_FILE, iter_shard
@@ -89,8 +90,17 @@ def _start(out, *extra):
                             start_new_session=True)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The KILL_RUN dataset generated in one go (in-process): what every interrupted-and-resumed run must equal."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "full"
+    generate(full, **KILL_RUN)
+    return full
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_kill_and_resume_gives_identical_bytes(tmp_path, sig):
+def test_kill_and_resume_gives_identical_bytes(tmp_path, uninterrupted, sig):
     out = tmp_path / "killed"
     proc = _start(out)
     deadline = time.time() + 120
@@ -101,51 +111,70 @@ def test_kill_and_resume_gives_identical_bytes(tmp_path, sig):
     finished = len(list(out.glob("*.tar")))
     assert 3 <= finished < 60, f"the run should have been interrupted midway:\n{err.decode()[-2000:]}"
     if sig == signal.SIGINT:
-        assert b"interrupted; finished work is kept" in err
+        assert proc.returncode == 130 and b"interrupted; finished work is kept" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
     assert not (out / INFO_FILE).exists()
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     resumed = run_cli("generate", *tiny_overrides(out, **dict(KILL_RUN, num_workers=1)), check=True)
     assert "resuming" in resumed.stderr
     # finished shards were not redone
     assert all((out / n).stat().st_mtime_ns == t for n, t in before.items())
-    full = tmp_path / "full"
-    run_cli("generate", *tiny_overrides(full, **KILL_RUN), check=True)
-    assert tree_bytes(out) == tree_bytes(full) and len(tree_bytes(full)) == 60
-    assert (out / INFO_FILE).read_bytes() == (full / INFO_FILE).read_bytes()
+    assert tree_bytes(out) == tree_bytes(uninterrupted) and len(tree_bytes(uninterrupted)) == 60
+    assert (out / INFO_FILE).read_bytes() == (uninterrupted / INFO_FILE).read_bytes()
     assert not list(out.glob(".*"))
 
 
-def test_verify_cli(tiny_dataset, tmp_path):
+def test_verify_cli(tiny_dataset, tmp_path, cli, caplog):
     import shutil
 
-    ok = run_cli("generate", f"out_dir={tiny_dataset}", "verify=true")
-    assert ok.returncode == 0 and "verified" in ok.stderr
+    caplog.set_level(logging.INFO, logger="synthvit")
+    ok = cli("generate", f"out_dir={tiny_dataset}", "verify=true")
+    assert ok.returncode == 0 and f"verified {tiny_dataset}: 5 shards, 40 samples match" in caplog.text
     bad = tmp_path / "bad"
     shutil.copytree(tiny_dataset, bad)
     (bad / "synthvit-000002.tar").write_bytes(b"garbage")
-    res = run_cli("generate", f"out_dir={bad}", "verify=true")
-    assert res.returncode == 1 and "synthvit-000002.tar: sha256 differs" in res.stderr
-    res = run_cli("generate", f"out_dir={tmp_path / 'none'}", "verify=true")
-    assert res.returncode == 1 and "does not exist" in res.stderr
+    res = cli("generate", f"out_dir={bad}", "verify=true")
+    assert_cli_error(res, 1, "synthvit-000002.tar: sha256 differs")
+    res = cli("generate", f"out_dir={tmp_path / 'none'}", "verify=true")
+    assert_cli_error(res, 1, "does not exist")
+    assert not (tmp_path / "none").exists()
 
 
-def test_bad_output_folders(tiny_dataset, tmp_path):
+def test_bad_output_folders(tiny_dataset, tmp_path, cli):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"x")
+    res = cli("generate", *tiny_overrides(foreign))
+    assert_cli_error(res, 1, "is not empty and holds no synthvit dataset (found holiday.jpg)")
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
+    before = tree_bytes(tiny_dataset, "*")
+    res = cli("generate", *tiny_overrides(tiny_dataset, seed=3))
+    assert_cli_error(res, 1, "different config (seed: 0 -> 3)")
+    assert tree_bytes(tiny_dataset, "*") == before  # the dataset is left as it was
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    res = cli("generate", *tiny_overrides(a_file / "sub"))
+    assert_cli_error(res, 1, "cannot create out_dir")
+    res = cli("generate", *tiny_overrides(tmp_path / "x", image_size="100000x10"))
+    assert_cli_error(res, 2, "image_size: 100000x10 is impossible")
+    res = cli("generate", *tiny_overrides(tmp_path / "x", backend="gan"))
+    assert_cli_error(res, 2, "backend", "'gan'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_exit_codes_in_a_real_process(tmp_path):
+    """What only a process shows: the exit status of `python -m synthvit` and a stderr of one line, no traceback,
+    for a config error (2) and a user error (1)."""
+    res = run_cli("generate", *tiny_overrides(tmp_path / "x", image_size="100000x10"))
+    assert_cli_error(res, 2, "image_size: 100000x10 is impossible")
+    assert res.stderr.strip().startswith("synthvit generate: config error:") and res.stdout == ""
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"x")
     res = run_cli("generate", *tiny_overrides(foreign))
-    assert res.returncode == 1 and "is not empty and holds no synthvit dataset (found holiday.jpg)" in res.stderr
-    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg"]
-    res = run_cli("generate", *tiny_overrides(tiny_dataset, seed=3))
-    assert res.returncode == 1 and "different config (seed: 0 -> 3)" in res.stderr
-    a_file = tmp_path / "file"
-    a_file.write_text("")
-    res = run_cli("generate", *tiny_overrides(a_file / "sub"))
-    assert res.returncode == 1 and "cannot create out_dir" in res.stderr
-    res = run_cli("generate", *tiny_overrides(tmp_path / "x", image_size="100000x10"))
-    assert res.returncode == 2 and "image_size: 100000x10 is impossible" in res.stderr
-    res = run_cli("generate", *tiny_overrides(tmp_path / "x", backend="gan"))
-    assert res.returncode == 2 and "unknown backend 'gan'" in res.stderr
+    assert_cli_error(res, 1, "holds no synthvit dataset (found holiday.jpg)")
+    assert res.stdout == "" and not (tmp_path / "x").exists()
 
 
 def test_complete_dataset_rerun_is_a_noop(tiny_dataset):

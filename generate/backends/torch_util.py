@@ -1,21 +1,10 @@
 """Device, dtype and per-sample generators shared by the neural backends (imported only by them: needs torch)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: this rank's GPU (``cuda:LOCAL_RANK``) when one is present, else the CPU."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

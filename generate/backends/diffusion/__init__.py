@@ -29,10 +29,11 @@ from generate.backends.diffusion.backgrounds import make_backgrounds
 from generate.backends.diffusion.loading import load_pipeline
 from generate.backends.procedural import feature_scale, instance_records, sample_on_surface
 from generate.backends.procedural.defects import DEFECT_PAINTERS, composite
-from generate.backends.torch_util import resolve_device, resolve_dtype, sample_rng, torch_generator
+from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
 from generate.schema import BACKGROUND, Sample, main_class_of
 from synthvit.config import ConfigError
 from synthvit.io import SynthvitError
+from synthvit.training import resolve_device
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from generate.backends.procedural import feature_scale, sample_on_surface
 from generate.backends.procedural.defects import Stamp
 from generate.backends.stylegan.network import Generator, sample_synthesis_weights
-from generate.backends.torch_util import resolve_device, resolve_dtype, sample_rng, torch_generator
+from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
 from generate.schema import BACKGROUND, Sample
 from synthvit.io import SynthvitError
+from synthvit.training import resolve_device
 
 FORMAT = "synthvit.stylegan2/1"
 ANOMALY = "anomaly"

@@ -1,0 +1,18 @@
+"""synthvit's models, one room for every stage: timm backbones with local-weights loading, the task model
+(backbone + classifier and/or dense head), the CNN segmentation baselines and the export contract.
+
+Every model maps a normalised (B, C, H, W) batch to ``{"seg": (B, K, H, W)}`` and/or ``{"cls": (B, K)}`` and
+offers what training, export and analysis need as methods (:class:`models.base.SynthvitModel`).
+"""
+from models.backbones import create_backbone, is_vit_backbone, load_local_weights
+from models.base import SynthvitModel
+from models.baselines import SEG_BASELINES, DeepLabV3Plus, HRNetSeg
+from models.export import (EXPORT_CONFIG, EXPORT_DIR, EXPORT_SEG_HEAD, EXPORT_WEIGHTS, load_export, meta_stats,
+                           read_export_config, save_tensors, stats_meta, write_export)
+from models.factory import create_model
+from models.task import OBJECTIVES, DenseHead, TaskModel
+
+__all__ = ["create_backbone", "is_vit_backbone", "load_local_weights", "SynthvitModel", "SEG_BASELINES",
+           "DeepLabV3Plus", "HRNetSeg", "EXPORT_CONFIG", "EXPORT_DIR", "EXPORT_SEG_HEAD", "EXPORT_WEIGHTS", "load_export",
+           "meta_stats", "read_export_config", "save_tensors", "stats_meta", "write_export", "create_model", "OBJECTIVES",
+           "DenseHead", "TaskModel"]

@@ -1,0 +1,76 @@
+"""The export contract: the folder that pretrain writes, finetune starts from, and a finetune run ships.
+
+One folder: ``model.safetensors`` (a timm backbone's own state dict, classifier included -- or a CNN baseline's
+whole state dict), ``config.json`` (timm model name, img_size, in_chans, num_classes, class_names, objective or
+task, mean/std in 0..1 units, ...) and, for dense objectives of timm models, ``seg_head.safetensors``. A timm
+backbone export loads with
+``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"), ...)``:
+timm resizes the position embeddings to a new ``img_size`` and replaces the head for a new ``num_classes``.
+Everything is safetensors and JSON: nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from synthvit.io import SynthvitError, atomic_write_text
+
+EXPORT_DIR = "export"  # a pretrain or finetune run folder's export: <run>/export
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_SEG_HEAD = "seg_head.safetensors"
+EXPORT_CONFIG = "config.json"
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written under a temporary name and renamed (never a half file under the final name)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def write_export(model, out_dir: Path, meta: dict) -> Path:
+    """Write the export contract into ``out_dir`` (atomically, file by file; config.json last)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = model.export_tensors()
+    for name, state in files.items():
+        save_tensors(state, out_dir / name)
+    meta = dict(meta, weights=EXPORT_WEIGHTS, seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
+    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def read_export_config(folder: str | Path) -> dict:
+    """``config.json`` of an export folder, after checking that its weights are there."""
+    folder = Path(folder)
+    cfg_path = folder / EXPORT_CONFIG
+    if not cfg_path.is_file() or not (folder / EXPORT_WEIGHTS).is_file():
+        raise SynthvitError(f"{folder} is not a synthvit export: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS}")
+    return json.loads(cfg_path.read_text())
+
+
+def read_export_tensors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """File name -> tensors of every weights file the export's ``config.json`` names (safetensors only)."""
+    meta, folder = read_export_config(folder), Path(folder)
+    names = [EXPORT_WEIGHTS] + ([meta["seg_head"]] if meta.get("seg_head") else [])
+    return {name: load_file(str(folder / name)) for name in names}
+
+
+def load_export(model, folder: str | Path):
+    """``model`` with the weights of an export folder written for the same architecture (strict)."""
+    model.load_export_tensors(read_export_tensors(folder))
+    return model
+
+
+def stats_meta(mean: torch.Tensor, std: torch.Tensor) -> dict[str, list[float]]:
+    """(C, 1, 1) mean and std in 0..255 units as an export's ``mean`` and ``std`` (0..1 units, timm's)."""
+    return {"mean": (mean.cpu() / 255).flatten().tolist(), "std": (std.cpu() / 255).flatten().tolist()}
+
+
+def meta_stats(meta: dict, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An export's mean and std as (C, 1, 1) tensors in 0..255 units: ``(uint8 pixels - mean) / std``."""
+    mean = torch.tensor(meta["mean"], device=device).view(-1, 1, 1) * 255
+    std = torch.tensor(meta["std"], device=device).view(-1, 1, 1) * 255
+    return mean, std

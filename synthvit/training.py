@@ -1,0 +1,130 @@
+"""Training utilities shared by the pretrain and finetune loops: device and Accelerator choice, per-step seeding,
+warmup + cosine LR, AdamW (optionally with layer-wise LR decay), the clipped optimizer step, the ``metrics.jsonl``
+writer and peak memory. Needs torch (the CLI never imports this module).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("synthvit.training")
+
+METRICS_LOG = "metrics.jsonl"  # one JSON record per logged step, in every training run folder
+
+
+# ---------------------------------------------------------------------------------------------------- devices
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU (``cuda:LOCAL_RANK``) when one is present, else the CPU; else ``device`` as given."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _single_cpu_process_trap() -> bool:
+    """``accelerate launch --cpu --num_processes N`` starts ONE process (multi-CPU needs mpirun; accelerate#2741).
+
+    The simple launcher exports MASTER_ADDR only when more than one process was asked for.
+    """
+    env = os.environ
+    asked_many = env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env
+    launched_many = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    return asked_many and not launched_many
+
+
+def make_accelerator(precision: str = "no", *, accum_steps: int = 1, compile: bool = False,
+                     project_dir: Path | None = None, log_with: str | None = None):
+    """An ``Accelerator`` on the GPU when there is one (gloo on CPUs under ``accelerate launch --multi_gpu``)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    if _single_cpu_process_trap():
+        log.warning("`accelerate launch --cpu --num_processes N` started a single process: accelerate runs several "
+                    "CPU processes only through mpirun. For N CPU processes use `accelerate launch --multi_gpu "
+                    "--num_processes N -m synthvit ...` (torchrun; synthvit uses gloo when no GPU is present)")
+    project = None if project_dir is None else ProjectConfiguration(project_dir=str(project_dir),
+                                                                     logging_dir=str(project_dir / "tb"))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+                       gradient_accumulation_steps=accum_steps, log_with=log_with,
+                       dynamo_backend="inductor" if compile else "no", project_config=project)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(peak MB, kind): CUDA memory allocated on a GPU, else the process's resident-set peak."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1), "cuda"
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "rss"
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Reseed torch and numpy from (seed, step, rank): augmentation, CutMix, dropout depend on the step alone."""
+    s = int(np.random.SeedSequence((seed, step, rank)).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio * base_lr`` at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The step's LR on every group, times the group's ``lr_scale`` (layer-wise decay) where it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------- optimizer
+def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas, layer_decay: float = 0.0):
+    """timm's AdamW groups (no decay on biases, norms and ``no_weight_decay()`` parameters, frozen ones left out);
+    with ``layer_decay``, the model's layer-wise LR decay groups (``model.layer_decay_groups``)."""
+    from timm.optim import create_optimizer_v2
+
+    groups = model.layer_decay_groups(weight_decay, layer_decay) if layer_decay else None
+    if layer_decay and groups is None:
+        log.warning("layer_decay has no effect on %s (only timm backbones have layer-wise decay)",
+                    type(model).__name__)
+    if groups is None:
+        return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
+
+
+def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float) -> None:
+    """Clip the gradient norm (when gradients are synchronised and ``clip_grad`` > 0), step, zero the gradients."""
+    if accelerator.sync_gradients and clip_grad > 0:
+        accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """``metrics.jsonl`` in the run folder (main process only) and the Accelerator's trackers (TensorBoard)."""
+
+    def __init__(self, run_dir: Path, accelerator):
+        self.path, self.acc = Path(run_dir) / METRICS_LOG, accelerator
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (a resumed run redoes them; 0 empties the log)."""
+        if self.acc.is_main_process and self.path.is_file():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.acc.log(dict(values), step=step)
+        if self.acc.is_main_process:
+            record = {k: v if isinstance(v, int) else float(f"{v:.6g}") for k, v in values.items()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **record}) + "\n")
