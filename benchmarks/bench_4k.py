@@ -7,6 +7,7 @@ CNN baselines (DeepLabV3+-R50, HRNet-W18; ResNet-50 classification resizes the f
 
     python benchmarks/bench_4k.py                       # CPU: vit_tiny and deeplabv3plus_resnet50
     python benchmarks/bench_4k.py --device cuda --models all --compile
+    python benchmarks/bench_4k.py --models vit_small_patch16_224 --decoders linear,dpt,dpt-skip   # decoder cost
 """
 from __future__ import annotations
 
@@ -21,14 +22,17 @@ from compare.probe import TILE, gflops_per_tile
 from finetune.config import FinetuneConfig, TilingConfig
 from finetune.evaluate import Predictor
 from finetune.artifacts import build_model
+from models import SEG_BASELINES
 
 ALL = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_small_r26_s32_224",
        "deeplabv3plus_resnet50", "hrnet_w18_seg", "resnet50:cls"]
 
 
 def measure(name: str, device: torch.device, args, compiled: bool) -> dict:
-    model_name, _, task = name.partition(":")
-    cfg = FinetuneConfig(model=model_name, task=task or "seg", crop_size=TILE, drop_path=0.0)
+    spec, _, decoder = name.partition("@")
+    model_name, _, task = spec.partition(":")
+    cfg = FinetuneConfig(model=model_name, task=task or "seg", crop_size=TILE, drop_path=0.0,
+                         decoder=decoder or "linear")
     torch.manual_seed(0)
     model = build_model(cfg, 8, 8).eval().to(device)
     if args.no_sdpa:
@@ -60,6 +64,15 @@ def measure(name: str, device: torch.device, args, compiled: bool) -> dict:
             "gflops": gflops_per_tile(model, 3), "params": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def with_decoders(names: list[str], decoders: list[str]) -> list[str]:
+    """One row per decoder (``name@decoder``) for each timm segmentation model; baselines and ``:cls`` rows once."""
+    rows = []
+    for name in names:
+        dense = ":" not in name and name not in SEG_BASELINES
+        rows += [f"{name}@{d}" for d in decoders] if dense else [name]
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -69,9 +82,12 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--decoders", default="linear", help="comma list of dense decoders for the timm seg models "
+                                                          "(linear, dpt, dpt-skip): one row each")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     names = ALL if args.models == "all" else args.models.split(",")
+    names = with_decoders(names, args.decoders.split(","))
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU"
     print(f"# {args.size} frame, {TILE} px tiles, 10 % overlap, batch {args.batch}, {where}, torch "
           f"{torch.__version__}, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, median of {args.repeats}")

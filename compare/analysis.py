@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from compare.cka import MinibatchCKA
-from compare.saliency import saliency
+from compare.saliency import mass_share, pixel_auroc, saliency
 from finetune.datasets import Item, to_array
 from models import SynthvitModel, meta_stats
 
@@ -97,6 +97,26 @@ def predict_crops(model: Loaded, crops: list[Crop]) -> list[np.ndarray | tuple[s
 def saliency_maps(model: Loaded, crops: list[Crop]) -> tuple[str, np.ndarray]:
     kind, maps = saliency(model.model, model.batch(crops))
     return kind, maps.numpy()
+
+
+@dataclass
+class Agreement:
+    """How a model's saliency maps agree with the defect masks of the crops that hold defects (means over them)."""
+    auroc: float | None  # pixel AUROC of the map against the mask
+    mass: float | None  # share of the map's mass inside the mask
+    crops: int
+
+
+def saliency_agreement(maps: np.ndarray, crops: list[Crop]) -> Agreement:
+    """:class:`Agreement` of (N, H, W) maps (one per crop) over the crops whose mask holds defect pixels."""
+    pairs = [(m, c.mask) for m, c in zip(maps, crops) if c.mask is not None and c.mask.any()]
+
+    def mean(values: list[float]) -> float | None:
+        values = [v for v in values if not np.isnan(v)]
+        return float(np.mean(values)) if values else None
+
+    return Agreement(mean([pixel_auroc(m, k) for m, k in pairs]), mean([mass_share(m, k) for m, k in pairs]),
+                     len(pairs))
 
 
 def cka_pairs(models: list[Loaded]) -> list[tuple[Loaded, Loaded, str]]:

@@ -1,107 +1,101 @@
-"""Compose the report from the matrix on disk: tables, plots, grids, CKA, configs and environment."""
+"""Compose the report from the matrix on disk: every cell read once into rows (``results.csv``), then tables,
+differences, plots, grids, CKA, configs and environment."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
 from compare import analysis, figures
-from compare.config import CompareConfig
-from compare.matrix import CELL_CONFIG, PROBE_FILE, Cell, largest_done
-from compare.report import CELL_METRICS, COSTS, Report, Table, dig, environment, read_json
-from finetune.artifacts import load_run, read_metrics
+from compare.config import ZERO_SHOT, CompareConfig
+from compare.matrix import CELL_CONFIG, Cell, reference_cells, zero_shot_reason
+from compare.report import Report, Table, environment
+from compare.results import RESULTS_FILE, Row, load_rows, write_results
+from compare.stats import NO_SEEDS, NOISE_RULE
+from compare.tables import cells_table, difference_lines, groups, series, tradeoff_table
+from finetune.artifacts import load_run
 from synthvit.config import dump_yaml
 
 log = logging.getLogger("synthvit.compare")
-
-
-def _costs(cell: Cell) -> dict:
-    metrics, probe = read_metrics(cell.folder) or {}, read_json(cell.folder / PROBE_FILE) or {}
-    peak = probe.get("inference_peak_cuda_mb", probe.get("inference_peak_rss_mb"))
-    params = probe.get("parameters", metrics.get("parameters"))
-    return {"parameters": round(params / 1e6, 2) if params else None, "inference_peak_mb": peak,
-            "gflops_per_512_tile": probe.get("gflops_per_512_tile"), "seconds_per_frame": probe.get(
-                "seconds_per_frame"), "frames_per_s": probe.get("frames_per_s"),
-            "train_peak_mb": metrics.get("train_peak_mb"), "train_wall_s": metrics.get("train_wall_s")}
-
-
-def tradeoff_table(cells: list[Cell], frame: str) -> Table:
-    largest = largest_done(cells)
-    header = ["model", "init", "task", "train images"] + [c for c, _, _ in CELL_METRICS] + [
-        c.format(frame=frame) for c, _, _ in COSTS]
-    rows = []
-    for name, cell in largest.items():
-        m, costs = read_metrics(cell.folder), _costs(cell)
-        rows.append([name, "synthetic" if cell.spec.init else "scratch", m.get("task"), cell.budget]
-                    + [dig(m, p) for _, p, _ in CELL_METRICS] + [dig(costs, p) for _, p, _ in COSTS])
-    better = [None] * 4 + [b for _, _, b in CELL_METRICS] + [b for _, _, b in COSTS]
-    return Table(header, rows, better)
-
-
-def cells_table(cells: list[Cell]) -> Table:
-    header = ["model", "train images", "status"] + [c for c, _, _ in CELL_METRICS] + ["train s", "folder"]
-    rows = []
-    for c in cells:
-        m = read_metrics(c.folder)
-        rows.append([c.spec.name, c.budget, "done" if m else "FAILED (see log.txt)"]
-                    + [dig(m, p) for _, p, _ in CELL_METRICS] + [dig(m, ("train_wall_s",)), str(c.folder)])
-    return Table(header, rows, [None] * 3 + [None] * len(CELL_METRICS) + [None, None])
-
-
-def series(cells: list[Cell]) -> dict:
-    out: dict[str, dict[str, list]] = {"test mIoU": {}, "image AUROC": {}}
-    for c in cells:
-        m = read_metrics(c.folder)
-        for metric, path in (("test mIoU", ("pixel", "miou")), ("image AUROC", ("image", "auroc"))):
-            value = dig(m, path)
-            out[metric].setdefault(c.spec.name, [])
-            if value is not None:
-                out[metric][c.spec.name].append((c.budget, value))
-    return out
 
 
 def budget_text(cfg: CompareConfig) -> str:
     f = cfg.finetune
     text = (f"Every cell trains **{f.steps} steps x batch {f.batch_size}** on **{f.crop_size} px {f.input}s** "
             f"(defect-centred share {f.defect_crop_prob}, loss {f.seg_loss}, AdamW lr {f.optim.lr} with "
-            f"{f.optim.warmup_steps} warm-up steps and cosine decay, seed {f.seed}) and is tested on the same test "
-            f"split at full resolution (tiles {f.tiling.tile or f.crop_size} px, overlap {f.tiling.overlap}). "
-            f"Budgets are nested, seeded subsets of the train split: each smaller one is part of every larger one. "
-            f"No ImageNet weights: CNNs and scratch ViTs start from random initialisation.")
+            f"{f.optim.warmup_steps} warm-up steps and cosine decay) and is tested on the same test split at full "
+            f"resolution (tiles {f.tiling.tile or f.crop_size} px, overlap {f.tiling.overlap}). Each cell runs once "
+            f"per seed ({', '.join(map(str, cfg.seeds))}: initialisation, sample order and augmentation). Budgets "
+            f"are nested subsets of the train split drawn with data_seed {f.data_seed}: each smaller one is part of "
+            f"every larger one, and every model and seed of a budget trains on the same images. No ImageNet "
+            f"weights: CNNs and scratch ViTs start from random initialisation.")
     extra = [f"{m.name}: {', '.join(m.overrides)}" for m in cfg.models if m.overrides]
     return text + (f" Per-model overrides: {'; '.join(extra)}." if extra else " No per-model overrides.")
 
 
-def _analysis(cfg: CompareConfig, cells: list[Cell], test_items, out: Path, report: Report) -> None:
+def zero_shot_text(cfg: CompareConfig) -> str:
+    if not cfg.zero_shot:
+        return f"No zero-shot cells (add `{ZERO_SHOT}` to budgets to evaluate each init export before training)."
+    have = [m.name for m in cfg.models if not zero_shot_reason(cfg, m)]
+    lack: dict[str, list[str]] = {}
+    for m in cfg.models:
+        if zero_shot_reason(cfg, m):
+            lack.setdefault(zero_shot_reason(cfg, m), []).append(m.name)
+    return (f"Zero-shot (budget `{ZERO_SHOT}`, the hollow diamonds left of the smallest budget): the init export's "
+            f"dense head evaluated on the test split without real training, its pretrain classes collapsed onto "
+            f"the data's; run once (seed-independent, no std). Zero-shot cells: {', '.join(have) or 'none'}."
+            + "".join(f" None for {', '.join(names)} ({why})." for why, names in lack.items()))
+
+
+def differences(rows: list[Row], report: Report) -> None:
+    report.add("h2", "Differences")
+    lines = difference_lines(rows)
+    one_seed = all(sum(r.done for r in rs) <= 1 for (_, budget), rs in groups(rows).items() if budget != ZERO_SHOT)
+    report.add("p", NOISE_RULE + (" " + NO_SEEDS if one_seed else ""))
+    if lines:
+        report.add("ul", lines)
+    else:
+        report.add("p", "No pair to compare: no synthetic-pretrained model with a scratch model of its "
+                        "architecture, and no ViT beside a CNN, finished a budget together.")
+
+
+def _analysis(cfg: CompareConfig, references: dict[str, Cell], test_items, out: Path, report: Report) -> dict:
+    """Qualitative grid, saliency grid and CKA into ``report``; returns each model's saliency agreement."""
     loaded = []
-    for name, cell in largest_done(cells).items():
+    for name, cell in references.items():
         run = load_run(cell.folder)
         loaded.append(analysis.Loaded(name, run.meta, run.model, cell.spec.init))
     if not loaded:
-        return
+        return {}
     size = cfg.analysis_size or cfg.finetune.crop_size
     k = max(len(m.meta["seg_classes"]) for m in loaded)
-    crops = analysis.pick_crops(test_items, cfg.finetune.in_chans, size, cfg.report_images, cfg.finetune.seed)
+    crops = analysis.pick_crops(test_items, cfg.finetune.in_chans, size, cfg.report_images, cfg.finetune.data_seed)
+    agreement = {}
     if crops:
         preds = {m.name: analysis.predict_crops(m, crops) for m in loaded}
         figures.qualitative(crops, [c.mask for c in crops], preds, k, out / "qualitative.png")
         report.add("h2", "Qualitative grid")
         report.add("p", f"The same {len(crops)} test crops ({size} px, from the test split) for every model "
-                        f"(trained on its largest budget): ground truth and predicted defect classes.")
+                        f"(trained on its largest budget, first seed): ground truth and predicted defect classes.")
         report.add("img", "qualitative.png", "qualitative grid")
         maps = {m.name: analysis.saliency_maps(m, crops) for m in loaded}
+        agreement = {name: analysis.saliency_agreement(m, crops) for name, (_, m) in maps.items()}
         figures.saliency_grid(crops, maps, out / "saliency.png")
         report.add("h2", "Where the models look")
         report.add("p", "ViTs: attention rollout (Abnar & Zuidema 2020: class-token attention through every block, "
                         "residual folded in). CNNs: Grad-CAM of the defect log-odds at the last convolutional stage "
-                        "(captum). Each map is scaled to [0, 1] per image.")
+                        "(captum). Each map is scaled to [0, 1] per image. The trade-off table's saliency AUROC "
+                        "(pixel AUROC of the map against the defect mask) and saliency in mask (share of the map's "
+                        f"mass inside it) are means over the {max(a.crops for a in agreement.values())} crops here "
+                        f"that hold defects.")
         report.add("img", "saliency.png", "attention maps and Grad-CAM")
     _cka(cfg, loaded, test_items, size, out, report)
+    return agreement
 
 
 def _cka(cfg, loaded, test_items, size, out: Path, report: Report) -> None:
     if not cfg.cka_images:
         return
-    crops = analysis.pick_crops(test_items, cfg.finetune.in_chans, size, cfg.cka_images, cfg.finetune.seed + 1,
+    crops = analysis.pick_crops(test_items, cfg.finetune.in_chans, size, cfg.cka_images, cfg.finetune.data_seed + 1,
                                 defect_share=0.5)
     results = analysis.cka_matrices(loaded, crops, cfg.cka_batch)
     if not results:
@@ -117,33 +111,56 @@ def _cka(cfg, loaded, test_items, size, out: Path, report: Report) -> None:
         report.add("img", name, f"{r['title']}: {r['a']} vs {r['b']}")
 
 
-def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -> Report:
-    out = Path(cfg.out_dir)
-    report = Report("synthvit compare: ViT or CNN, and does synthetic pretraining pay?")
-    report.add("p", data_note)
-    report.add("h2", "Trade-offs (each model at its largest budget)")
-    report.add("p", "Best value of each column in bold. Speed and memory from a fresh process per model on a "
-                    f"{cfg.probe_size} frame (median of {cfg.probe_repeats}); training peak memory is the training "
-                    "process's (CUDA allocated on GPU, resident set on CPU).")
-    report.add("table", tradeoff_table(cells, cfg.probe_size))
-    report.add("h2", "Equal budgets")
-    report.add("p", budget_text(cfg))
-    report.add("h2", "Data efficiency")
-    figures.data_efficiency(series(cells), out / "data_efficiency.png")
-    report.add("img", "data_efficiency.png", "metric against the number of real training images")
-    report.add("h2", "Every cell")
-    report.add("table", cells_table(cells))
+def _looks(cfg: CompareConfig, references: dict[str, Cell], test_items, out: Path) -> tuple[Report, dict]:
+    """The analysis part of the report, apart: a picture that cannot be drawn must not lose the tables."""
+    looks = Report("")
     try:
-        _analysis(cfg, cells, test_items, out, report)
-    except Exception as e:  # a picture that cannot be drawn must not lose the tables
+        return looks, _analysis(cfg, references, test_items, out, looks)
+    except Exception as e:
         log.exception("compare: analysis failed")
-        report.add("p", f"Analysis failed: {type(e).__name__}: {e}")
-    report.add("h2", "Machine and versions")
-    report.add("table", Table(["", "value"], environment(), [None, None]))
+        looks.add("p", f"Analysis failed: {type(e).__name__}: {e}")
+        return looks, {}
+
+
+def _configs(cfg: CompareConfig, cells: list[Cell], report: Report) -> None:
+    """The compare config and one cell config per model and budget (the other seeds' differ only in ``seed``)."""
     report.add("h2", "Configs")
     report.add("pre", "compare config", dump_yaml(cfg))
     for c in cells:
         path = c.folder / CELL_CONFIG
-        if path.is_file():
-            report.add("pre", f"{c.spec.name} n={c.budget} ({path})", path.read_text())
+        if path.is_file() and c.seed == cfg.seeds[0]:
+            more = "" if c.zero_shot or len(cfg.seeds) == 1 else ", the other seeds' differ only in seed"
+            report.add("pre", f"{c.spec.name} {'zero-shot' if c.zero_shot else f'n={c.budget}'} ({path}{more})",
+                       path.read_text())
+
+
+def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -> Report:
+    out = Path(cfg.out_dir)
+    references = reference_cells(cells)
+    rows = load_rows(cells, references)
+    write_results(rows, out / RESULTS_FILE)
+    looks, agreement = _looks(cfg, references, test_items, out)
+    report = Report("synthvit compare: ViT or CNN, and does synthetic pretraining pay?")
+    report.add("p", data_note)
+    report.add("h2", "Trade-offs (each model at its largest budget)")
+    report.add("p", "Metrics and training costs: mean ± std over the seeds that finished (seeds column); best mean "
+                    "of each column in bold. Speed and memory from a fresh process per model on a "
+                    f"{cfg.probe_size} frame (median of {cfg.probe_repeats}); training peak memory is the training "
+                    "process's (CUDA allocated on GPU, resident set on CPU). Decoder: the dense head of a timm "
+                    "model (— for the CNN segmentation baselines, which bring their own).")
+    report.add("table", tradeoff_table(rows, agreement, cfg.probe_size))
+    differences(rows, report)
+    report.add("h2", "Equal budgets")
+    report.add("p", budget_text(cfg))
+    report.add("h2", "Data efficiency")
+    figures.data_efficiency(series(rows), out / "data_efficiency.png")
+    report.add("p", zero_shot_text(cfg))
+    report.add("img", "data_efficiency.png", "metric against the number of real training images")
+    report.add("h2", "Every cell")
+    report.add("p", f"Mean ± std over seeds; `{RESULTS_FILE}` beside this report holds one row per cell and seed.")
+    report.add("table", cells_table(rows))
+    report.blocks += looks.blocks
+    report.add("h2", "Machine and versions")
+    report.add("table", Table(["", "value"], environment(), [None, None]))
+    _configs(cfg, cells, report)
     return report

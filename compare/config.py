@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 from finetune.config import FinetuneConfig, Task
 from synthvit.config import ConfigError
 
 ModelTask = Literal["", Task]  # "": finetune.task
+ZERO_SHOT = "zero-shot"  # a budget: the init export evaluated as it is (finetune steps=0), no real training
+Budget = Union[int, Literal["zero-shot"]]
+# finetune keys that compare sets per cell: a model's overrides may not change them
+CELL_KEYS = ("data", "out_dir", "model", "init", "task", "seed", "data_seed", "train_limit")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -32,6 +36,11 @@ class ModelSpec:
         bad = [o for o in self.overrides if "=" not in o]
         if bad:
             raise ConfigError(f"models.{self.name}.overrides: {bad} are not key=value")
+        owned = [o for o in self.overrides if o.split("=", 1)[0].strip() in CELL_KEYS]
+        if owned:
+            raise ConfigError(f"models.{self.name}.overrides: {owned} set keys that compare sets per cell "
+                              f"({', '.join(CELL_KEYS)}); use the entry's own keys, seeds=[...], budgets=[...] or "
+                              f"finetune.data_seed (the same for every model)")
 
 
 def _default_models() -> list[ModelSpec]:
@@ -45,8 +54,12 @@ class CompareConfig:
     out_dir: str = "runs/compare"
     models: list[ModelSpec] = field(default_factory=_default_models,
                                     metadata={"help": "the rows of the matrix; the keys of an entry follow"})
-    budgets: list[int] = field(default_factory=lambda: [50, 100, 250, 500, 0],
-                               metadata={"help": "nested train-image budgets (0: all train images)"})
+    budgets: list[Budget] = field(default_factory=lambda: [50, 100, 250, 500, 0], metadata={
+        "help": "nested train-image budgets (0: all train images); zero-shot: also evaluate each init export as it "
+                "is"})
+    seeds: list[int] = field(default_factory=lambda: [0], metadata={
+        "help": "every cell once per seed (finetune.seed: initialisation, sample order, augmentation); the "
+                "train subsets stay those of finetune.data_seed"})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
                                      metadata={"help": "shared by every cell: equal budgets across models"})
     parallel: int = field(default=0, metadata={"help": "cells at once (0: one per visible GPU, else 1)"})
@@ -63,8 +76,12 @@ class CompareConfig:
             raise ConfigError("models: give at least one model")
         if len(set(names)) != len(names):
             raise ConfigError(f"models: names must be unique, got {names}")
-        if not self.budgets or any(b < 0 for b in self.budgets) or len(set(self.budgets)) != len(self.budgets):
-            raise ConfigError(f"budgets: {self.budgets} not accepted; distinct counts >= 0 (0: all train images)")
+        counts = self.train_budgets
+        if not counts or any(b < 0 for b in counts) or len(set(self.budgets)) != len(self.budgets):
+            raise ConfigError(f"budgets: {self.budgets} not accepted; distinct train-image counts >= 0 (0: all "
+                              f"train images), at least one, and optionally {ZERO_SHOT!r}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: {self.seeds} not accepted; give one or more distinct integers >= 0")
         if self.parallel < 0 or self.probe_repeats < 1 or self.report_images < 0 or self.cka_images < 0:
             raise ConfigError("parallel >= 0, probe_repeats >= 1, report_images >= 0 and cka_images >= 0 required")
         for key in ("data", "init", "weights"):
@@ -73,5 +90,19 @@ class CompareConfig:
                                   f"models[].overrides")
         if self.finetune.train_limit:
             raise ConfigError("finetune.train_limit: set per cell by compare; use budgets=[...]")
+        if self.finetune.seed:
+            raise ConfigError("finetune.seed: set per cell by compare; use seeds=[...]")
+        if not self.finetune.steps:
+            raise ConfigError(f"finetune.steps: 0 (zero-shot) is set per cell by compare; add {ZERO_SHOT!r} to "
+                              f"budgets")
         if self.cka_images and self.cka_batch < 4:
             raise ConfigError(f"cka_batch: {self.cka_batch} too small; the unbiased estimator needs >= 4")
+
+    @property
+    def train_budgets(self) -> list[int]:
+        """The train-image counts of ``budgets`` (without zero-shot)."""
+        return [b for b in self.budgets if b != ZERO_SHOT]
+
+    @property
+    def zero_shot(self) -> bool:
+        return ZERO_SHOT in self.budgets

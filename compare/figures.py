@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from compare.config import ZERO_SHOT  # noqa: E402
 from synthvit.io import atomic_write_bytes  # noqa: E402
 
 
@@ -22,23 +23,38 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def data_efficiency(series: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
-    """``series[metric][model] = [(train images, value), ...]``: one panel per metric, one line per model."""
+def data_efficiency(series: dict[str, dict[str, list[tuple[int | str, float, float | None]]]], path: Path) -> Path:
+    """``series[metric][model] = [(train images or "zero-shot", mean, std), ...]``: one panel per metric, one line
+    per model with std error bars over seeds; a zero-shot value as a hollow diamond at "zero-shot", half the
+    smallest budget (the x axis is logarithmic), joined to the model's line by a dotted segment."""
     metrics = [m for m in series if any(series[m].values())]
     fig, axes = plt.subplots(1, max(len(metrics), 1), figsize=(5.2 * max(len(metrics), 1), 3.8), squeeze=False)
     models = list(dict.fromkeys(m for metric in metrics for m in series[metric]))
     color = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(models)}  # one colour per model in every panel
     for ax, metric in zip(axes[0], metrics):
-        budgets = sorted({x for points in series[metric].values() for x, _ in points})
-        for model, points in series[metric].items():
-            if points:
-                xs, ys = zip(*sorted(points))
-                ax.plot(xs, ys, marker="o", label=model, color=color[model])
+        points = series[metric]
+        budgets = sorted({x for pts in points.values() for x, _, _ in pts if x != ZERO_SHOT})
+        at_zero = min(budgets, default=2) / 2
+        for i, (model, pts) in enumerate(points.items()):
+            dodge = 1.03 ** (i - (len(points) - 1) / 2)  # side by side, so that error bars do not hide each other
+            trained = sorted(p for p in pts if p[0] != ZERO_SHOT)
+            if trained:
+                xs, ys, err = zip(*trained)
+                xs = [x * dodge for x in xs]
+                ax.errorbar(xs, ys, yerr=[e or 0 for e in err], marker="o", capsize=3, label=model,
+                            color=color[model])
+            for _, y, _ in (p for p in pts if p[0] == ZERO_SHOT):
+                ax.plot([at_zero * dodge], [y], marker="D", mfc="none", linestyle="none", color=color[model],
+                        label=None if trained else model)
+                if trained:
+                    ax.plot([at_zero * dodge, xs[0]], [y, ys[0]], linestyle=":", color=color[model])
+        zero = any(p[0] == ZERO_SHOT for pts in points.values() for p in pts)
+        ticks = ([at_zero] if zero else []) + budgets
         ax.set_xscale("log")
-        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xticks(ticks, ([ZERO_SHOT] if zero else []) + [str(b) for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("real training images")
-        ax.set_ylabel(metric)
+        ax.set_ylabel(metric + " (mean ± std over seeds)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Data efficiency (test split, full resolution)")

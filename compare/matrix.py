@@ -1,4 +1,5 @@
-"""The experiment matrix: cells (model x budget), each a ``synthvit finetune`` run in its own folder and process.
+"""The experiment matrix: cells (model x budget x seed, and zero-shot), each a ``synthvit finetune`` run in its
+own folder and process.
 
 A cell is finished when its ``metrics.json`` exists (finetune writes it atomically, last), so re-running skips
 finished cells and a crash loses at most the cells that were running. Cells run in child processes: peak memory
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from compare.config import CompareConfig, ModelSpec
+from compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from finetune.artifacts import METRICS_FILE
 from finetune.config import FinetuneConfig
 from synthvit.config import dump_yaml, load_config, to_dict
@@ -51,25 +52,36 @@ class Job:
 
 @dataclass
 class Cell:
+    """One finetune run of the matrix: a model at a budget and seed, or its seed-independent zero-shot cell."""
     spec: ModelSpec
-    budget: int  # train images actually used
+    budget: int  # train images actually used (0: zero-shot)
+    seed: int  # finetune.seed (a zero-shot cell, run once, carries the first seed)
     job: Job
+    zero_shot: bool = False
 
     @property
     def folder(self) -> Path:
         return self.job.folder
 
+    @property
+    def label(self) -> int | str:
+        """The budget as the report and results.csv name it: a train-image count or ``zero-shot``."""
+        return ZERO_SHOT if self.zero_shot else self.budget
 
-def cell_config(cfg: CompareConfig, spec: ModelSpec, budget: int, n_train: int, folder: Path) -> FinetuneConfig:
+
+def cell_config(cfg: CompareConfig, cell: Cell, n_train: int) -> FinetuneConfig:
     """Write ``cell.yaml`` (the resolved finetune config of the cell); a finished cell whose config changed is
-    marked unfinished so that it runs again."""
+    marked unfinished so that it runs again. Every seed and model of a budget gets the same ``data_seed``, so the
+    same nested subset of train images; a zero-shot cell trains nothing (``steps=0``)."""
+    spec, folder = cell.spec, cell.folder
     tree = to_dict(cfg.finetune)
     tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
-                task=spec.task or cfg.finetune.task, train_limit=0 if budget >= n_train else budget)
+                task=spec.task or cfg.finetune.task, seed=cell.seed,
+                train_limit=0 if cell.zero_shot or cell.budget >= n_train else cell.budget)
     path = folder / CELL_CONFIG
     old = path.read_text() if path.is_file() else None
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
-    resolved = load_config(FinetuneConfig, path, spec.overrides)
+    resolved = load_config(FinetuneConfig, path, spec.overrides + (["steps=0"] if cell.zero_shot else []))
     text = dump_yaml(resolved)
     atomic_write_text(path, text)
     if old is not None and old != text and (folder / METRICS_FILE).is_file():
@@ -83,29 +95,49 @@ def effective_budgets(budgets: list[int], n_train: int) -> list[int]:
     return sorted({n_train if b == 0 or b > n_train else b for b in budgets})
 
 
+def zero_shot_reason(cfg: CompareConfig, spec: ModelSpec) -> str:
+    """Why ``spec`` gets no zero-shot cell ("" when it gets one, or when no zero-shot was asked for)."""
+    if not cfg.zero_shot:
+        return ""
+    if not spec.init:
+        return "no init: nothing to evaluate before training"
+    if (spec.task or cfg.finetune.task) != "seg":
+        return "zero-shot evaluates a dense head: task seg only"
+    return ""
+
+
+def _cell(cfg: CompareConfig, spec: ModelSpec, budget: int, seed: int, zero_shot: bool = False) -> Cell:
+    folder = Path(cfg.out_dir) / "cells" / spec.name
+    folder = folder / ZERO_SHOT if zero_shot else folder / f"n{budget:05d}" / f"s{seed}"
+    argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / CELL_CONFIG)]
+    name = f"{spec.name} {ZERO_SHOT}" if zero_shot else f"{spec.name} n={budget} seed={seed}"
+    return Cell(spec, budget, seed, Job(name, folder, argv, METRICS_FILE), zero_shot)
+
+
 def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True) -> list[Cell]:
-    """The cells, models x budgets; with ``write``, each cell folder gets its ``cell.yaml`` (only one process of a
-    launched job writes) and a cell that will run loses any old ``probe.json``."""
-    cells = []
-    for spec in cfg.models:
-        for budget in effective_budgets(cfg.budgets, n_train):
-            folder = Path(cfg.out_dir) / "cells" / spec.name / f"n{budget:05d}"
-            argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / CELL_CONFIG)]
-            cell = Cell(spec, budget, Job(f"{spec.name} n={budget}", folder, argv, METRICS_FILE))
-            if write:
-                folder.mkdir(parents=True, exist_ok=True)
-                cell_config(cfg, spec, budget, n_train, folder)
-                if not cell.job.done:
-                    (folder / PROBE_FILE).unlink(missing_ok=True)
-            cells.append(cell)
+    """The cells: each model's zero-shot cell (models with an init, when asked for), then per seed models x
+    budgets (the first seed's cells come first: a matrix cut short still has one of every cell). With ``write``,
+    each cell folder gets its ``cell.yaml`` (only one process of a launched job writes) and a cell that will run
+    loses any old ``probe.json``."""
+    cells = [_cell(cfg, spec, 0, cfg.seeds[0], zero_shot=True) for spec in cfg.models
+             if cfg.zero_shot and not zero_shot_reason(cfg, spec)]
+    cells += [_cell(cfg, spec, budget, seed) for seed in cfg.seeds for spec in cfg.models
+              for budget in effective_budgets(cfg.train_budgets, n_train)]
+    if write:
+        for cell in cells:
+            cell.folder.mkdir(parents=True, exist_ok=True)
+            cell_config(cfg, cell, n_train)
+            if not cell.job.done:
+                (cell.folder / PROBE_FILE).unlink(missing_ok=True)
     return cells
 
 
-def largest_done(cells: list[Cell]) -> dict[str, Cell]:
-    """Per model: its finished cell with the most training images."""
+def reference_cells(cells: list[Cell]) -> dict[str, Cell]:
+    """Per model: the cell its probe, pictures and saliency come from -- its finished trained cell with the most
+    training images, of the first seed that finished there (cells list the seeds in the config's order)."""
     best: dict[str, Cell] = {}
     for c in cells:
-        if c.job.done and c.budget >= getattr(best.get(c.spec.name), "budget", -1):
+        if c.job.done and not c.zero_shot and c.budget > getattr(best.get(c.spec.name), "budget", -1):
             best[c.spec.name] = c
     return best
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass, field
@@ -12,36 +13,34 @@ from pathlib import Path
 
 import torch
 
+from compare.stats import MeanStd
 from synthvit.io import atomic_write_text
 
-# (column, path into a cell's metrics.json or a model's probe.json, higher is better?)
-CELL_METRICS = [("mIoU", ("pixel", "miou"), True), ("mDice", ("pixel", "mdice"), True),
-                ("pixel AP", ("pixel", "defect_ap"), True), ("image AUROC", ("image", "auroc"), True),
-                ("image AP", ("image", "ap"), True), ("accuracy", ("classification", "accuracy"), True)]
-# "{frame}" is the probe's frame size (3840x2160 by default)
-COSTS = [("params M", ("parameters",), False), ("GFLOPs/512 tile", ("gflops_per_512_tile",), False),
-         ("{frame} s/frame", ("seconds_per_frame",), False), ("{frame} frames/s", ("frames_per_s",), True),
-         ("train peak MB", ("train_peak_mb",), False), ("{frame} inference peak MB", ("inference_peak_mb",), False),
-         ("train s", ("train_wall_s",), False)]
 
-
-def dig(tree: dict | None, path: tuple[str, ...]):
-    for key in path:
-        if not isinstance(tree, dict) or tree.get(key) is None:
-            return None
-        tree = tree[key]
-    return tree
+def _decimals(value: float) -> int:
+    """Decimals :func:`fmt` shows: 4 for metrics (|x| <= 1), none from 100 on, else 3 significant digits."""
+    if abs(value) <= 1:
+        return 4
+    return 0 if abs(value) >= 100 else max(2 - int(math.floor(math.log10(abs(value)))), 0)
 
 
 def fmt(value) -> str:
-    """Metrics (|x| <= 1) with 4 decimals; costs with 3 significant digits, thousands separated."""
+    """Metrics (|x| <= 1) with 4 decimals; costs with 3 significant digits, thousands separated; a
+    :class:`MeanStd` as ``mean ± std`` (the std with the mean's decimals; the mean alone for one seed)."""
     if value is None:
         return "—"
+    if isinstance(value, MeanStd):
+        return fmt(value.mean) + ("" if value.std is None else f" ± {value.std:,.{_decimals(value.mean)}f}")
     if isinstance(value, float):
-        if abs(value) <= 1:
-            return f"{value:.4f}"
-        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+        return f"{value:,.{_decimals(value)}f}"
     return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _number(value) -> float | None:
+    """What :meth:`Table.best` compares: a number, or the mean of a :class:`MeanStd`."""
+    if isinstance(value, MeanStd):
+        return value.mean
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -53,7 +52,7 @@ class Table:
     def best(self) -> set[tuple[int, int]]:
         marks = set()
         for c, rule in enumerate(self.better):
-            values = [(r, row[c]) for r, row in enumerate(self.rows) if isinstance(row[c], (int, float))]
+            values = [(r, _number(row[c])) for r, row in enumerate(self.rows) if _number(row[c]) is not None]
             if rule is None or len(values) < 2:
                 continue
             target = (max if rule else min)(v for _, v in values)
@@ -63,8 +62,8 @@ class Table:
 
 @dataclass
 class Report:
-    """Blocks rendered twice, as Markdown and HTML: ("h2", text), ("p", text), ("table", Table),
-    ("img", file, alt), ("pre", summary, text)."""
+    """Blocks rendered twice, as Markdown and HTML: ("h2", text), ("p", text), ("ul", [text, ...]),
+    ("table", Table), ("img", file, alt), ("pre", summary, text)."""
     title: str
     blocks: list[tuple] = field(default_factory=list)
 
@@ -78,6 +77,8 @@ class Report:
                 out += [f"## {args[0]}", ""]
             elif kind == "p":
                 out += [args[0], ""]
+            elif kind == "ul":
+                out += [f"- {item}" for item in args[0]] + [""]
             elif kind == "img":
                 out += [f"![{args[1]}]({args[0]})", ""]
             elif kind == "pre":
@@ -104,6 +105,8 @@ class Report:
                 out.append(f"<h2>{html.escape(args[0])}</h2>")
             elif kind == "p":
                 out.append(f"<p>{_inline(args[0])}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in args[0]) + "</ul>")
             elif kind == "img":
                 out.append(f"<p><img src='{html.escape(args[0])}' alt='{html.escape(args[1])}'></p>")
             elif kind == "pre":

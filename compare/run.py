@@ -15,9 +15,9 @@ import timm
 import torch
 
 from compare.config import CompareConfig
-from compare.matrix import PROBE_FILE, PROBE_LOG, Job, largest_done, plan_cells, run_jobs
+from compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
 from finetune.datasets import load_real_data, split_ids
-from models import SEG_BASELINES
+from models import SEG_BASELINES, class_groups, read_export_config
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_text
 
@@ -48,6 +48,33 @@ class Ranks:
         return [None] * max(parallel, 1)
 
 
+def _check_models(cfg: CompareConfig, data) -> None:
+    """Fail before any cell runs: a task the data cannot serve, an unknown model, a missing init export, or a
+    zero-shot cell that cannot run (an export without a dense head, or pretrain classes the data cannot take)."""
+    for spec in cfg.models:
+        data.check_task(spec.task or cfg.finetune.task)
+        if spec.model not in SEG_BASELINES and not timm.is_model(spec.model):
+            raise ConfigError(f"models.{spec.name}.model: {spec.model!r} is neither a timm model nor one of "
+                              f"{', '.join(SEG_BASELINES)}")
+        if spec.init and not Path(spec.init).is_dir():
+            raise SynthvitError(f"models.{spec.name}.init: {spec.init} is not a folder; give a synthvit pretrain "
+                                f"export (holding model.safetensors and config.json)")
+        if cfg.zero_shot and spec.init and not zero_shot_reason(cfg, spec):
+            _check_zero_shot(spec, read_export_config(spec.init), data.seg_classes)
+
+
+def _check_zero_shot(spec, meta: dict, seg_classes: list[str]) -> None:
+    """The zero-shot cell of ``spec`` can run: its export has a dense head whose classes map onto the data's."""
+    where = f"models.{spec.name}.init: {spec.init}"
+    if "seg" not in meta.get("objective", ""):
+        raise SynthvitError(f"{where} was pretrained with objective={meta.get('objective')}: no dense head for its "
+                            f"zero-shot cell; pretrain with objective=seg or cls+seg, or remove zero-shot from budgets")
+    try:
+        class_groups(meta["class_names"], seg_classes)
+    except SynthvitError as e:
+        raise SynthvitError(f"{where}: {e}; or remove zero-shot from budgets") from None
+
+
 def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int) -> str:
     return (f"Data: `{cfg.data}` ({data.fmt} layout): {n_train} train and {n_test} test images; segmentation classes "
             f"{', '.join(data.seg_classes) or 'none'}; image classes {', '.join(data.cls_classes) or 'none'}.")
@@ -59,15 +86,8 @@ def run(cfg: CompareConfig) -> Path:
     ranks = Ranks()
     out = Path(cfg.out_dir)
     data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels)
-    for spec in cfg.models:
-        data.check_task(spec.task or cfg.finetune.task)
-        if spec.model not in SEG_BASELINES and not timm.is_model(spec.model):
-            raise ConfigError(f"models.{spec.name}.model: {spec.model!r} is neither a timm model nor one of "
-                              f"{', '.join(SEG_BASELINES)}")
-        if spec.init and not Path(spec.init).is_dir():
-            raise SynthvitError(f"models.{spec.name}.init: {spec.init} is not a folder; give a synthvit pretrain "
-                                f"export (holding model.safetensors and config.json)")
-    split = split_ids(data, cfg.finetune.test_fraction, cfg.finetune.seed)
+    _check_models(cfg, data)
+    split = split_ids(data, cfg.finetune.test_fraction, cfg.finetune.data_seed)
     test_items = [i for i in data.items if split[i.id] == "test"]
     n_train = sum(v == "train" for v in split.values())
     if ranks.rank == 0:
@@ -78,7 +98,7 @@ def run(cfg: CompareConfig) -> Path:
     slots = ranks.slots(cfg.parallel)
     run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")
     ranks.barrier()
-    probes = [_probe_job(cfg, c) for c in largest_done(cells).values()]
+    probes = [_probe_job(cfg, c) for c in reference_cells(cells).values()]
     run_jobs(probes[ranks.rank::ranks.world], slots, "probes")
     ranks.barrier()
     if ranks.rank == 0:

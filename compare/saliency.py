@@ -1,5 +1,6 @@
 """What the models look at: attention rollout for ViTs (Abnar & Zuidema 2020), Grad-CAM for CNNs (captum's
-``LayerGradCam``).
+``LayerGradCam``), and how well a map agrees with a ground-truth defect mask (:func:`pixel_auroc`,
+:func:`mass_share`).
 
 Every model here is a :class:`models.SynthvitModel` (the task model around a timm backbone, DeepLabV3+ or HRNet):
 it maps a normalised (B, C, H, W) batch to ``{"seg": ...}`` and/or ``{"cls": ...}`` and hands out its blocks'
@@ -7,6 +8,7 @@ features, attention maps and Grad-CAM layer through methods.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,3 +59,22 @@ def saliency(model: SynthvitModel, x: torch.Tensor) -> tuple[str, torch.Tensor]:
     lo = maps.flatten(1).min(1).values[:, None, None]
     hi = maps.flatten(1).max(1).values[:, None, None]
     return kind, (maps - lo) / (hi - lo).clamp(min=1e-12)
+
+
+def pixel_auroc(score: np.ndarray, mask: np.ndarray) -> float:
+    """AUROC of ``score`` ranking the pixels inside ``mask`` (non-zero: defect) above those outside: the
+    Mann-Whitney U statistic with ties counted half. NaN when the mask is empty or covers everything."""
+    s, inside = np.asarray(score, np.float64).ravel(), np.asarray(mask).ravel() != 0
+    pos, neg = int(inside.sum()), int((~inside).sum())
+    if not pos or not neg:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, ties share their mean rank
+    return float((ranks[inside].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def mass_share(score: np.ndarray, mask: np.ndarray) -> float:
+    """The share of a (non-negative) map's mass that lies inside ``mask``; NaN for an all-zero map."""
+    s = np.clip(np.asarray(score, np.float64), 0, None)
+    total = s.sum()
+    return float(s[np.asarray(mask) != 0].sum() / total) if total > 0 else float("nan")

@@ -15,6 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from finetune.config import FinetuneConfig
 from models import EXPORT_CONFIG, EXPORT_DIR, SynthvitModel, create_model, load_export
 from synthvit.config import CONFIG_FILE, load_config
@@ -34,11 +36,16 @@ def objective_of(task: str) -> str:
     return {"seg": "seg", "cls": "cls", "both": "cls+seg"}[task]
 
 
-def build_model(cfg: FinetuneConfig, seg_classes: int, cls_classes: int) -> SynthvitModel:
-    """The model of a finetune config: from scratch, ``cfg.weights`` or a pretrain export ``cfg.init``."""
-    return create_model(cfg.model, objective_of(cfg.task), seg_classes=seg_classes, cls_classes=cls_classes,
-                        img_size=cfg.crop_size, in_chans=cfg.in_chans, drop_path=cfg.drop_path, weights=cfg.weights,
-                        init=cfg.init)
+def build_model(cfg: FinetuneConfig, seg_classes: int, cls_classes: int,
+                class_groups: list[int] | None = None) -> SynthvitModel:
+    """The model of a finetune config: from scratch, ``cfg.weights`` or a pretrain export ``cfg.init``. With
+    ``class_groups`` (zero-shot) the decoder keeps one output per group entry, summed into ``seg_classes``."""
+    model = create_model(cfg.model, objective_of(cfg.task), seg_classes=len(class_groups or ()) or seg_classes,
+                         cls_classes=cls_classes, img_size=cfg.crop_size, in_chans=cfg.in_chans,
+                         drop_path=cfg.drop_path, weights=cfg.weights, init=cfg.init, decoder=cfg.decoder,
+                         decoder_width=cfg.decoder_width)
+    model.class_groups = class_groups
+    return model
 
 
 def class_counts(meta: dict) -> tuple[int, int]:
@@ -78,6 +85,19 @@ def load_run(run_dir: str | Path) -> FinetuneRun:
     if not (run_dir / CONFIG_FILE).is_file() or not (export / EXPORT_CONFIG).is_file():
         raise SynthvitError(f"checkpoint: {run_dir} is not a finished finetune run ({CONFIG_FILE} and "
                             f"{EXPORT_DIR}/{EXPORT_CONFIG})")
-    cfg = load_config(FinetuneConfig, run_dir / CONFIG_FILE, ["init=", "weights="], retired=RETIRED_KEYS)
     meta = json.loads((export / EXPORT_CONFIG).read_text())
-    return FinetuneRun(run_dir, cfg, meta, load_export(build_model(cfg, *class_counts(meta)), export).eval())
+    cfg = load_config(FinetuneConfig, run_dir / CONFIG_FILE, _rebuild_overrides(run_dir / CONFIG_FILE, meta),
+                      retired=RETIRED_KEYS)
+    model = build_model(cfg, *class_counts(meta), class_groups=meta.get("class_groups"))
+    return FinetuneRun(run_dir, cfg, meta, load_export(model, export).eval())
+
+
+def _rebuild_overrides(config: Path, meta: dict) -> list[str]:
+    """Rebuild the exported architecture alone: no init or weights file, the export's decoder; a run written
+    before ``data_seed`` existed drew its split with ``seed``."""
+    overrides = ["init=", "weights=", f"decoder={meta.get('decoder') or 'auto'}",
+                 f"decoder_width={meta.get('decoder_width') or 0}"]
+    tree = yaml.safe_load(config.read_text()) or {}
+    if "data_seed" not in tree:
+        overrides.append(f"data_seed={tree.get('seed', 0)}")
+    return overrides

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
-from synthvit.config import ConfigError, InChans, Precision
+from synthvit.config import ConfigError, Decoder, InChans, Precision
 
 Task = Literal["seg", "cls", "both"]
 DataFormat = Literal["auto", "canonical", "imagefolder", "labelme", "coco", "hf", "shards"]
 InputMode = Literal["crop", "resize"]
 SegLoss = Literal["ce", "ce+dice"]
 Split = Literal["test", "train", "all"]
+DecoderChoice = Literal[("auto", *get_args(Decoder))]
 
 
 @dataclass(kw_only=True)
@@ -54,14 +55,20 @@ class FinetuneConfig:
     weights: str = field(default="", metadata={"help": "a local timm weights file to start from"})
     out_dir: str = "runs/finetune"
     task: Task = field(default="seg", metadata={"help": "segmentation, classification or both heads"})
-    steps: int = 500
+    decoder: DecoderChoice = field(default="auto", metadata={
+        "help": "dense decoder of a timm model: linear (1x1 head on the last feature map), dpt (DPT over 4 ViT "
+                "blocks), dpt-skip (DPT + a 1/2-resolution conv-stem skip); auto: the init export's, else linear"})
+    decoder_width: int = field(default=0, metadata={"help": "decoder channels (0: the init export's, else linear "
+                                                            "256, dpt 32)"})
+    steps: int = field(default=500, metadata={"help": "training steps (0: zero-shot, evaluate the init export as is)"})
     batch_size: int = 8
     crop_size: int = 512
     input: InputMode = field(default="crop", metadata={"help": "crop: random crops at full resolution; resize: whole "
                                                                 "images resized to crop_size"})
     defect_crop_prob: float = field(default=0.5, metadata={"help": "share of crops centred on a defect pixel"})
     seg_loss: SegLoss = field(default="ce+dice", metadata={"help": "ce+dice: Dice over defect classes added"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "initialisation, sample order and augmentation"})
+    data_seed: int = field(default=0, metadata={"help": "the seeded split (no splits.csv) and train_limit subset"})
     train_limit: int = field(default=0, metadata={"help": "use only the first N train images (seeded; 0: all)"})
     test_fraction: float = field(default=0.3, metadata={"help": "test share of the seeded split (no splits.csv)"})
     num_workers: int = 2
@@ -78,9 +85,11 @@ class FinetuneConfig:
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.crop_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
-            raise ConfigError("steps >= 1, batch_size >= 1, crop_size >= 16, num_workers >= 0 and cache_mb >= 0 "
+        if self.steps < 0 or self.batch_size < 1 or self.crop_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
+            raise ConfigError("steps >= 0, batch_size >= 1, crop_size >= 16, num_workers >= 0 and cache_mb >= 0 "
                               "required")
+        if self.decoder_width < 0:
+            raise ConfigError(f"decoder_width: {self.decoder_width} must be >= 0")
         if not 0 <= self.defect_crop_prob <= 1 or not 0 < self.test_fraction < 1:
             raise ConfigError("defect_crop_prob in [0, 1] and test_fraction in (0, 1) required")
         if self.freeze_blocks < 0 or not 0 <= self.layer_decay < 1:

@@ -17,12 +17,12 @@ from finetune.datasets import RealData, load_real_data, split_ids
 from finetune.evaluate import Predictor, evaluate
 from finetune.predict import input_files, predict_files
 from finetune.train import train
-from models import stats_meta, write_export
+from models import class_groups, read_export_config, stats_meta, write_export
 from synthvit import __version__
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
 from synthvit.progress import progress_bar
-from synthvit.training import make_accelerator, resolve_device
+from synthvit.training import make_accelerator, peak_memory_mb, resolve_device
 
 log = logging.getLogger("synthvit.finetune")
 
@@ -31,7 +31,7 @@ def _select(data: RealData, cfg: FinetuneConfig, split: dict[str, str]):
     train_items = [i for i in data.items if split[i.id] == "train"]
     test_items = [i for i in data.items if split[i.id] == "test"]
     if cfg.train_limit:
-        order = np.random.default_rng(cfg.seed).permutation(len(train_items))
+        order = np.random.default_rng(cfg.data_seed).permutation(len(train_items))
         train_items = [train_items[k] for k in sorted(order[:cfg.train_limit])]
     if not train_items:
         raise SynthvitError(f"no training images in {cfg.data} (split: {len(test_items)} test)")
@@ -53,37 +53,69 @@ def run(cfg: FinetuneConfig) -> Path:
     run_dir = Path(cfg.out_dir)
     data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels)
     data.check_task(cfg.task)
-    split = split_ids(data, cfg.test_fraction, cfg.seed)
+    split = split_ids(data, cfg.test_fraction, cfg.data_seed)
     train_items, test_items = _select(data, cfg, split)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, max(len(data.seg_classes), 1), max(len(data.cls_classes), 1))
+    model = _build(cfg, data)
     frozen = model.freeze_early(cfg.freeze_blocks)
     acc = make_accelerator(cfg.precision)
     run_dir.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
-        used = {i.id for i in train_items}  # a train_limit leaves the other train images "unused"
-        rows = sorted((i, "unused" if s == "train" and i not in used else s) for i, s in split.items())
-        buf = io.StringIO()
-        csv.writer(buf).writerows([("id", "split"), *rows])
-        atomic_write_text(run_dir / SPLIT_FILE, buf.getvalue())
+        _write_split(run_dir, split, {i.id for i in train_items})
         log.info("%s: %d train images (of %d), %d test; %s frozen parameters", cfg.data, len(train_items),
                  sum(v == "train" for v in split.values()), len(test_items), f"{frozen:,}")
     mean, std = model.input_stats(cfg.in_chans)
-    summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir)
+    if cfg.steps:
+        summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir)
+    else:
+        summary = _zero_shot_summary(model, acc.device)
     model = summary.pop("model")
     meta = _meta(cfg, data, stats_meta(mean, std))
     if acc.is_main_process:
         write_export(model, run_dir / EXPORT_DIR, meta)
         if cfg.evaluate and test_items:
-            bar = progress_bar(total=len(test_items), desc="evaluate", unit="img")
-            metrics = evaluate(Predictor(model, meta, acc.device, cfg.tiling), data, test_items, cfg.in_chans, bar)
-            bar.close()
-            metrics.update(summary, model_name=cfg.model, init=cfg.init or None, task=cfg.task,
-                           parameters=sum(p.numel() for p in model.parameters()))
-            atomic_write_bytes(run_dir / METRICS_FILE, json.dumps(metrics, indent=2).encode())
-            log.info("test: %s", _headline(metrics))
+            _evaluate_run(cfg, model, meta, acc.device, data, test_items, summary, run_dir)
     return run_dir
+
+
+def _build(cfg: FinetuneConfig, data: RealData):
+    """The model to train; for ``steps=0`` (zero-shot) the export's model with its classes summed into the data's."""
+    seg_k, cls_k = max(len(data.seg_classes), 1), max(len(data.cls_classes), 1)
+    if cfg.steps:
+        return build_model(cfg, seg_k, cls_k)
+    if not cfg.init or cfg.task != "seg":
+        raise ConfigError("steps=0 (zero-shot) evaluates a pretrain export's dense head as it is: give "
+                          "init=EXPORT_FOLDER and task=seg")
+    meta = read_export_config(cfg.init)
+    if "seg" not in meta.get("objective", ""):
+        raise SynthvitError(f"init: {cfg.init} was pretrained with objective={meta.get('objective')}: it has no "
+                            f"dense head to evaluate zero-shot; pretrain with objective=seg or cls+seg")
+    return build_model(cfg, seg_k, cls_k, class_groups=class_groups(meta["class_names"], data.seg_classes))
+
+
+def _zero_shot_summary(model, device) -> dict:
+    peak, kind = peak_memory_mb(device)
+    return {"steps": 0, "train_images": 0, "train_wall_s": 0.0, "train_peak_mb": peak, "train_peak_kind": kind,
+            "train_images_per_s": 0.0, "zero_shot": True, "model": model.to(device)}
+
+
+def _write_split(run_dir: Path, split: dict[str, str], used: set[str]) -> None:
+    """``split.csv``: id,split for every image; train images outside a train_limit are ``unused``."""
+    rows = sorted((i, "unused" if s == "train" and i not in used else s) for i, s in split.items())
+    buf = io.StringIO()
+    csv.writer(buf).writerows([("id", "split"), *rows])
+    atomic_write_text(run_dir / SPLIT_FILE, buf.getvalue())
+
+
+def _evaluate_run(cfg, model, meta, device, data, test_items, summary: dict, run_dir: Path) -> None:
+    bar = progress_bar(total=len(test_items), desc="evaluate", unit="img")
+    metrics = evaluate(Predictor(model, meta, device, cfg.tiling), data, test_items, cfg.in_chans, bar)
+    bar.close()
+    metrics.update(summary, model_name=cfg.model, init=cfg.init or None, task=cfg.task,
+                   parameters=sum(p.numel() for p in model.parameters()))
+    atomic_write_bytes(run_dir / METRICS_FILE, json.dumps(metrics, indent=2).encode())
+    log.info("test: %s", _headline(metrics))
 
 
 def _headline(m: dict) -> str:
@@ -102,7 +134,7 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
     run = load_run(cfg.checkpoint)
     fcfg = run.cfg
     data = load_real_data(cfg.data or fcfg.data, fcfg.format, max_pixels=fcfg.max_pixels)
-    split = split_ids(data, fcfg.test_fraction, fcfg.seed)
+    split = split_ids(data, fcfg.test_fraction, fcfg.data_seed)
     items = [i for i in data.items if cfg.split == "all" or split[i.id] == cfg.split]
     bar = progress_bar(total=len(items), desc="evaluate", unit="img")
     metrics = evaluate(run.predictor(resolve_device()), data, items, fcfg.in_chans, bar)

@@ -151,4 +151,4 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     return {"steps": cfg.steps, "train_images": len(items), "train_wall_s": round(wall, 2),
             "train_peak_mb": peak, "train_peak_kind": kind,
             "train_images_per_s": round(cfg.steps * cfg.batch_size * acc.num_processes / wall, 2),
-            "model": acc.unwrap_model(model)}
+            "zero_shot": False, "model": acc.unwrap_model(model)}

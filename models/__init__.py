@@ -9,10 +9,11 @@ from models.base import SynthvitModel
 from models.baselines import SEG_BASELINES, DeepLabV3Plus, HRNetSeg
 from models.export import (EXPORT_CONFIG, EXPORT_DIR, EXPORT_SEG_HEAD, EXPORT_WEIGHTS, load_export, meta_stats,
                            read_export_config, save_tensors, stats_meta, write_export)
-from models.factory import create_model
-from models.task import OBJECTIVES, DenseHead, TaskModel
+from models.factory import class_groups, create_model
+from models.decoders import DECODERS, DPTHead, LinearHead, create_decoder
+from models.task import OBJECTIVES, TaskModel
 
 __all__ = ["create_backbone", "is_vit_backbone", "load_local_weights", "SynthvitModel", "SEG_BASELINES",
            "DeepLabV3Plus", "HRNetSeg", "EXPORT_CONFIG", "EXPORT_DIR", "EXPORT_SEG_HEAD", "EXPORT_WEIGHTS", "load_export",
-           "meta_stats", "read_export_config", "save_tensors", "stats_meta", "write_export", "create_model", "OBJECTIVES",
-           "DenseHead", "TaskModel"]
+           "meta_stats", "read_export_config", "save_tensors", "stats_meta", "write_export", "class_groups", "create_model", "OBJECTIVES",
+           "TaskModel", "DECODERS", "DPTHead", "LinearHead", "create_decoder"]

@@ -17,6 +17,10 @@ class SynthvitModel(nn.Module):
         """Mean and std (C, 1, 1) in 0..255 units that inputs are normalised with (default: 127.5, 127.5)."""
         return torch.full((in_chans, 1, 1), 127.5), torch.full((in_chans, 1, 1), 127.5)
 
+    def export_meta(self) -> dict:
+        """What an export's config.json must record to rebuild this model's head (``decoder``: none here)."""
+        return {"decoder": None, "decoder_width": 0, "class_groups": None}
+
     def export_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """File name in the export folder -> state dict written there."""
         raise NotImplementedError

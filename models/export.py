@@ -37,7 +37,8 @@ def write_export(model, out_dir: Path, meta: dict) -> Path:
     files = model.export_tensors()
     for name, state in files.items():
         save_tensors(state, out_dir / name)
-    meta = dict(meta, weights=EXPORT_WEIGHTS, seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
+    meta = dict(meta, **model.export_meta(), weights=EXPORT_WEIGHTS,
+                seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out_dir
 

@@ -17,29 +17,74 @@ log = logging.getLogger("synthvit.models")
 
 
 def create_model(name: str, objective: str, *, seg_classes: int = 1, cls_classes: int = 1, img_size: int = 224,
-                 in_chans: int = 3, drop_path: float = 0.0, weights: str = "", init: str = "") -> SynthvitModel:
+                 in_chans: int = 3, drop_path: float = 0.0, weights: str = "", init: str = "",
+                 decoder: str = "linear", decoder_width: int = 0) -> SynthvitModel:
     """A model for ``objective`` (``cls``, ``seg`` or ``cls+seg``): a segmentation baseline
-    (``deeplabv3plus_resnet50``, ``hrnet_w18_seg``) or a :class:`TaskModel` around any timm backbone, started
-    from ``weights`` (a local timm file) or ``init`` (a synthvit export folder: backbone and, when its classes
-    fit, dense head)."""
+    (``deeplabv3plus_resnet50``, ``hrnet_w18_seg``) or a :class:`TaskModel` around any timm backbone with a dense
+    ``decoder`` (``auto``: the init export's, else ``linear``), started from ``weights`` (a local timm file) or
+    ``init`` (a synthvit export folder: the backbone, and the decoder where it is the export's; a new last conv when
+    the classes differ)."""
     if name in SEG_BASELINES:
         if objective != "seg":
             raise SynthvitError(f"model {name} is a segmentation baseline; use task=seg (or a timm model)")
         if init:
             raise SynthvitError(f"init: synthvit exports hold timm models; {name} cannot load one")
         return SEG_BASELINES[name](seg_classes, in_chans)
-    if init:
-        meta = read_export_config(init)
-        if meta["model"] != name:
-            raise SynthvitError(f"init: {init} holds {meta['model']}, but model={name}")
-        if meta["in_chans"] != in_chans:
-            raise SynthvitError(f"init: {init} was trained with in_chans={meta['in_chans']}; set in_chans to it")
-        weights = str(Path(init) / EXPORT_WEIGHTS)
+    meta = _check_init(init, name, in_chans) if init else {}
+    decoder, decoder_width = _resolve_decoder(meta, decoder, decoder_width)
+    weights = str(Path(init) / EXPORT_WEIGHTS) if init else weights
     head = cls_classes if "cls" in objective else 0
     model = TaskModel(create_backbone(name, head, img_size, in_chans, drop_path, weights), objective,
-                      max(seg_classes, 1))
-    seg_head = Path(init) / EXPORT_SEG_HEAD if init else None
-    if seg_head is not None and model.seg_head is not None and seg_head.is_file():
-        loaded = model.load_seg_head(load_file(str(seg_head)))
-        log.info("init: dense head %s from %s", "loaded" if loaded else "new (other classes)", seg_head)
+                      max(seg_classes, 1), decoder, decoder_width, in_chans)
+    if init and model.seg_head is not None:
+        _load_decoder(model, Path(init), meta)
     return model
+
+
+def _check_init(init: str, name: str, in_chans: int) -> dict:
+    meta = read_export_config(init)
+    if meta["model"] != name:
+        raise SynthvitError(f"init: {init} holds {meta['model']}, but model={name}")
+    if meta["in_chans"] != in_chans:
+        raise SynthvitError(f"init: {init} was trained with in_chans={meta['in_chans']}; set in_chans to it")
+    return meta
+
+
+def _resolve_decoder(meta: dict, decoder: str, width: int) -> tuple[str, int]:
+    """``auto`` -> the export's decoder (exports before decoders existed: linear); width 0 -> the export's width
+    when the decoder is the export's, else the decoder's default."""
+    exported = meta.get("decoder") or "linear"
+    decoder = exported if decoder == "auto" else decoder
+    if not width and decoder == exported:
+        width = meta.get("decoder_width") or 0
+    return decoder, width
+
+
+def _load_decoder(model: TaskModel, init: Path, meta: dict) -> None:
+    path = init / EXPORT_SEG_HEAD
+    exported = meta.get("decoder") or "linear"
+    if not path.is_file() or exported != model.decoder:
+        why = f"the export's is {exported}" if path.is_file() else f"{init} has no {EXPORT_SEG_HEAD}"
+        log.info("init: decoder %s is new (%s); backbone from %s", model.decoder, why, init)
+        return
+    new = model.load_seg_head(load_file(str(path)))
+    log.info("init: decoder %s from %s%s", model.decoder, path,
+             f"; new (other classes or shapes): {', '.join(new)}" if new else " (all tensors)")
+
+
+def class_groups(source: list[str], target: list[str]) -> list[int]:
+    """Zero-shot: the target class of each source (pretrain) class. 0 -> 0 (background / defect-free); a defect
+    class -> the target class of the same name, else the single defect class of a binary target."""
+    groups = []
+    for k, name in enumerate(source):
+        if k == 0:
+            groups.append(0)
+        elif name in target[1:]:
+            groups.append(target.index(name))
+        elif len(target) == 2:
+            groups.append(1)
+        else:
+            raise SynthvitError(f"zero-shot: pretrain class {name!r} has no counterpart among the data's classes "
+                                f"{', '.join(target)}; name the data's classes as the pretrain ones "
+                                f"({', '.join(source)}) or use a binary (background/defect) mask")
+    return groups

@@ -1,5 +1,5 @@
-"""The task model: a timm backbone (ViT, conv-stem hybrid or CNN) with its classifier (``cls``) and/or a light
-dense head on its feature map (``seg``), sharing one feature pass. Pretrain trains it on shards, finetune on real
+"""The task model: a timm backbone (ViT, conv-stem hybrid or CNN) with its classifier (``cls``) and/or a dense
+decoder (``seg``; :mod:`models.decoders`), sharing one feature pass. Pretrain trains it on shards, finetune on real
 images; the CNN segmentation baselines live in :mod:`models.baselines`."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from models.backbones import backbone_stats, is_vit_backbone
 from models.base import SynthvitModel, freeze, is_resnet, resnet_block_features, resnet_stem_and_stages
+from models.decoders import block_indices, create_decoder
 from models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS
 from synthvit.io import SynthvitError
 
@@ -31,38 +32,44 @@ def feature_map(backbone: nn.Module, feats: torch.Tensor, image_hw: tuple[int, i
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
 
 
-class DenseHead(nn.Module):
-    """1x1 conv -> BN -> GELU -> 1x1 conv on the feature map, bilinear upsampling to the input size."""
-
-    def __init__(self, in_dim: int, num_classes: int, hidden: int = 256):
-        super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(in_dim, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.GELU(),
-                                  nn.Conv2d(hidden, num_classes, 1))
-
-    def forward(self, fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(self.proj(fmap), size=size, mode="bilinear", align_corners=False)
-
-
 class TaskModel(SynthvitModel):
-    """A timm backbone with its classifier (``cls``) and/or a dense head (``seg``) for an objective of
-    ``cls``, ``seg`` or ``cls+seg``."""
+    """A timm backbone with its classifier (``cls``) and/or a dense decoder (``seg``) for an objective of
+    ``cls``, ``seg`` or ``cls+seg``. ``class_groups`` (zero-shot) sums the decoder's class probabilities into
+    fewer target classes: output class ``j`` gathers every decoder class ``k`` with ``class_groups[k] == j``."""
 
-    def __init__(self, backbone: nn.Module, objective: str, seg_classes: int):
+    def __init__(self, backbone: nn.Module, objective: str, seg_classes: int, decoder: str = "linear",
+                 decoder_width: int = 0, in_chans: int = 3):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}: use one of {OBJECTIVES}")
         self.backbone = backbone
         self.objective = objective
-        self.seg_head = DenseHead(backbone.num_features, seg_classes) if "seg" in objective else None
+        self.decoder = decoder if "seg" in objective else None
+        self.seg_head = create_decoder(decoder, backbone, seg_classes, in_chans, decoder_width) \
+            if "seg" in objective else None
+        self.block_ids = block_indices(len(backbone.blocks)) if getattr(self.seg_head, "needs_intermediates",
+                                                                        False) else None
+        self.class_groups: list[int] | None = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone.forward_features(x)
         out = {}
+        if self.block_ids is not None:
+            feats, blocks = self.backbone.forward_intermediates(x, indices=self.block_ids, return_prefix_tokens=True)
+            out["seg"] = self.seg_head([b if isinstance(b, tuple) else (b, None) for b in blocks], x)
+        else:
+            feats = self.backbone.forward_features(x)
+            if self.seg_head is not None:
+                out["seg"] = self.seg_head(feature_map(self.backbone, feats, x.shape[-2:]), x.shape[-2:])
+        if "seg" in out and self.class_groups is not None:
+            out["seg"] = self._collapse(out["seg"])
         if "cls" in self.objective:
-            out["cls"] = self.backbone.forward_head(feats)
-        if self.seg_head is not None:
-            out["seg"] = self.seg_head(feature_map(self.backbone, feats, x.shape[-2:]), x.shape[-2:])
+            out = {"cls": self.backbone.forward_head(feats), **out}
         return out
+
+    def _collapse(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of the target classes: log of the summed probabilities of each group (softmax-consistent)."""
+        groups = torch.tensor(self.class_groups, device=logits.device)
+        return torch.stack([torch.logsumexp(logits[:, groups == j], 1) for j in range(int(groups.max()) + 1)], 1)
 
     @property
     def is_vit(self) -> bool:
@@ -78,6 +85,10 @@ class TaskModel(SynthvitModel):
         return getattr(self.backbone, "cls_token", None) is not None
 
     # ------------------------------------------------------------------ training and export
+    def export_meta(self) -> dict:
+        return {"decoder": self.decoder, "decoder_width": getattr(self.seg_head, "width", 0),
+                "class_groups": self.class_groups}
+
     def input_stats(self, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
         return backbone_stats(self.backbone, in_chans)
 
@@ -92,13 +103,13 @@ class TaskModel(SynthvitModel):
         if self.seg_head is not None:
             self.seg_head.load_state_dict(files[EXPORT_SEG_HEAD])
 
-    def load_seg_head(self, state: dict[str, torch.Tensor]) -> bool:
-        """Reuse a pretrained dense head when its shapes match (same classes); returns whether it was loaded."""
-        own = self.seg_head.state_dict() if self.seg_head is not None else {}
-        if own and all(k in own and own[k].shape == v.shape for k, v in state.items()):
-            self.seg_head.load_state_dict(state)
-            return True
-        return False
+    def load_seg_head(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load a pretrained decoder's tensors where name and shape match (all but the last conv when the classes
+        differ); returns the names of the decoder tensors that stay new."""
+        own = self.seg_head.state_dict()
+        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        self.seg_head.load_state_dict(fits, strict=False)
+        return [k for k in own if k not in fits]
 
     def freeze_early(self, k: int) -> int:
         if k == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from synthvit.config import ConfigError, InChans, Precision
+from synthvit.config import ConfigError, Decoder, InChans, Precision
 
 Objective = Literal["cls", "seg", "cls+seg"]
 LrScale = Literal["linear", "sqrt", "none"]
@@ -62,6 +62,10 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"
     objective: Objective = field(default="cls", metadata={"help": "train on image labels, masks or both"})
     seg_weight: float = field(default=1.0, metadata={"help": "weight of the seg loss in cls+seg"})
+    decoder: Decoder = field(default="linear", metadata={
+        "help": "dense decoder (seg objectives): linear (1x1 head on the last feature map), dpt (DPT over 4 ViT "
+                "blocks), dpt-skip (DPT + a 1/2-resolution conv-stem skip)"})
+    decoder_width: int = field(default=0, metadata={"help": "decoder channels (0: linear 256, dpt 32)"})
     steps: int = 300
     batch_size: int = field(default=32, metadata={"help": "per process, per micro-step"})
     image_size: int = 224
@@ -104,5 +108,7 @@ class PretrainConfig:
             raise ConfigError(f"ema_decay: {self.ema_decay} must be in [0, 1)")
         if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
             raise ConfigError("save_every, keep_last and log_every must be >= 1")
+        if self.decoder_width < 0:
+            raise ConfigError(f"decoder_width: {self.decoder_width} must be >= 0")
         if self.stop_at < 0 or self.stop_at > self.steps:
             raise ConfigError(f"stop_at: {self.stop_at} must be in 0..steps ({self.steps})")

@@ -38,6 +38,8 @@ def _warn_no_effect(cfg: PretrainConfig) -> None:
                     cfg.objective)
     if cfg.objective == "cls" and cfg.seg_weight != 1.0:
         log.warning("seg_weight has no effect with objective=cls")
+    if cfg.objective == "cls" and (cfg.decoder != "linear" or cfg.decoder_width):
+        log.warning("decoder and decoder_width have no effect with objective=cls (no dense head)")
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -47,7 +49,8 @@ def run(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     # before the accelerator: bad model names fail fast
     model = create_model(cfg.model, cfg.objective, seg_classes=len(class_names), cls_classes=len(class_names),
-                         img_size=cfg.image_size, in_chans=cfg.in_chans, drop_path=cfg.drop_path, weights=cfg.weights)
+                         img_size=cfg.image_size, in_chans=cfg.in_chans, drop_path=cfg.drop_path, weights=cfg.weights,
+                         decoder=cfg.decoder, decoder_width=cfg.decoder_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = _accelerator(cfg, run_dir)
     check_shard_counts(sources, acc.num_processes, max(1, cfg.num_workers), cfg.resample)

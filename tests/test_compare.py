@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from compare.cka import MinibatchCKA, gram, hsic1, linear_cka
 from compare.saliency import attention_rollout, grad_cam
@@ -60,12 +61,11 @@ def test_minibatch_cka_matches_layerwise_pairs_and_checks_batch_size():
 
 
 def _model(name, task="seg"):
-    import types
-
     from finetune.artifacts import build_model
+    from finetune.config import FinetuneConfig
 
     torch.manual_seed(0)
-    cfg = types.SimpleNamespace(model=name, task=task, init="", weights="", crop_size=64, in_chans=3, drop_path=0.0)
+    cfg = FinetuneConfig(model=name, task=task, crop_size=64, in_chans=3, drop_path=0.0)
     return build_model(cfg, 3, 3).eval()
 
 
@@ -107,7 +107,8 @@ def test_cka_pairs_follow_raghu_and_pair_synthetic_with_scratch_vit():
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    """A held-out synthetic target set (another surface family) in the shards layout, as `compare` reads it."""
+    """A held-out synthetic target set (another surface family) in the shards layout, as `compare` reads it; one
+    defect class (a binary target), so that a pretrain export's classes collapse onto it zero-shot."""
     from generate.config import GenerateConfig
     from generate.run import run
     from synthvit.config import load_config
@@ -115,90 +116,115 @@ def target(tmp_path_factory):
     out = tmp_path_factory.mktemp("target") / "tgt"
     run(load_config(GenerateConfig, overrides=[
         f"out_dir={out}", "num_samples=20", "samples_per_shard=10", "image_size=64", "num_workers=0", "preview=0",
-        "procedural.surfaces=[concrete]", "procedural.classes=[crack,stain]"]))
+        "procedural.surfaces=[concrete]", "procedural.classes=[crack]"]))
     return out
 
 
-COMPARE = ["budgets=[5,0]", "finetune.steps=2", "finetune.crop_size=32", "finetune.batch_size=2",
-           "finetune.num_workers=0", "finetune.test_fraction=0.3", "probe_size=96x64", "probe_repeats=1",
-           "report_images=2", "cka_images=8", "cka_batch=4"]
-MODELS = ("models=[{name: vit, model: vit_tiny_patch16_224}, "
-          "{name: cnn, model: resnet18, overrides: [optim.lr=1e-3]}]")
+COMPARE = ["finetune.steps=2", "finetune.crop_size=32", "finetune.batch_size=2", "finetune.num_workers=0",
+           "finetune.test_fraction=0.3", "probe_size=96x64", "probe_repeats=1", "report_images=2", "cka_images=8",
+           "cka_batch=4"]
+
+
+def _train_ids(cell):
+    with open(cell / "split.csv") as f:
+        return {r["id"] for r in csv.DictReader(f) if r["split"] == "train"}
 
 
 @pytest.mark.slow
-def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, tmp_path, cli, monkeypatch):
+def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, pretrain_export, tmp_path, cli, monkeypatch):
     """compare's own process runs in this one (it trains nothing: every cell and probe is a child process; the
     accelerate-launch test below runs it as a process of its own). Two cells at a time, one thread each: on a
-    CPU machine a child spends most of its time importing torch, so the matrix takes about half as long."""
+    CPU machine a child spends most of its time importing torch, so the matrix takes about half as long. A
+    synthetic-pretrained ViT (its zero-shot cell too) against a CNN at 2 budgets, one seed."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the children's: two of them share the cores
     out = tmp_path / "cmp"
-    res = cli("compare", f"data={target}", f"out_dir={out}", MODELS, *COMPARE, "parallel=2")
+    models = (f"models=[{{name: vit, model: vit_tiny_patch16_224, init: {pretrain_export}}}, "
+              "{name: cnn, model: resnet18, overrides: [optim.lr=1e-3]}]")
+    args = ("compare", f"data={target}", f"out_dir={out}", models, "budgets=[5,0,zero-shot]", *COMPARE, "parallel=2")
+    res = cli(*args)
     assert res.returncode == 0 and f"synthvit compare: done -> {out}" in res.stdout, res.stderr[-3000:]
-    assert "report ->" in res.stderr and res.stderr.count(" done in ") == 4 + 2  # cells and probes
-    cells = sorted(p.relative_to(out / "cells").as_posix() for p in (out / "cells").glob("*/n*"))
-    assert cells == ["cnn/n00005", "cnn/n00014", "vit/n00005", "vit/n00014"]
+    assert "report ->" in res.stderr and res.stderr.count(" done in ") == 5 + 2  # cells and probes
+    cells = sorted(p.parent.relative_to(out / "cells").as_posix() for p in out.glob("cells/**/metrics.json"))
+    assert cells == ["cnn/n00005/s0", "cnn/n00014/s0", "vit/n00005/s0", "vit/n00014/s0", "vit/zero-shot"]
+    zero = json.loads((out / "cells/vit/zero-shot/metrics.json").read_text())
+    assert zero["zero_shot"] is True and zero["train_wall_s"] == 0
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["name"], r["budget"], r["seed"], r["status"]) for r in rows] == [
+        ("vit", "zero-shot", "0", "done"), ("vit", "5", "0", "done"), ("vit", "14", "0", "done"),
+        ("cnn", "5", "0", "done"), ("cnn", "14", "0", "done")]
+    assert {r["decoder"] for r in rows} == {"linear"} and rows[0]["steps"] == "0" and rows[0]["train_s"] == "0"
+    assert float(rows[2]["s_per_4k_frame"]) > 0 and rows[1]["s_per_4k_frame"] == rows[2]["s_per_4k_frame"]
     md = (out / "report.md").read_text()
-    rows = [ln for ln in md.splitlines() if ln.startswith("| vit |") or ln.startswith("| cnn |")]
-    assert len(rows) == 2 + 4  # trade-off table (one per model) + every cell
-    assert sum(" | done | " in r for r in rows) == 4
-    assert "96x64 s/frame" in md and "optim.lr=1e-3" in md and "**" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| vit |") or ln.startswith("| cnn |")]
+    assert len(table) == 2 + 5  # trade-off table (one per model) + every cell (zero-shot included)
+    assert sum(" | 1 of 1 done | " in r for r in table) == 4 and sum("1 (seed-independent)" in r for r in table) == 1
+    assert "96x64 s/frame" in md and "optim.lr=1e-3" in md and "**" in md and "saliency AUROC" in md
+    assert "no difference can be told from noise" in md and "vit vs cnn (ViT vs CNN), 5 train images" in md
+    assert "None for cnn (no init" in md
     for name in ("report.html", "data_efficiency.png", "qualitative.png", "saliency.png"):
         assert (out / name).stat().st_size > 1000, name
-    assert len(list(out.glob("cka_*.png"))) == 3  # ViT-ViT, CNN-CNN, ViT-CNN (no synthetic ViT here)
+    assert len(list(out.glob("cka_*.png"))) == 3  # ViT-ViT, CNN-CNN, ViT-CNN (no scratch ViT here)
     html = (out / "report.html").read_text()
     assert "<table>" in html and "Machine and versions" in html and "train_limit: 5" in html
-    probe = json.loads((out / "cells/vit/n00014/probe.json").read_text())
+    probe = json.loads((out / "cells/vit/n00014/s0/probe.json").read_text())
     assert probe["frame"] == "96x64" and probe["seconds_per_frame"] > 0 and probe["gflops_per_512_tile"] > 0
+    assert len(_train_ids(out / "cells/vit/n00005/s0")) == 5
+    assert _train_ids(out / "cells/vit/n00005/s0") < _train_ids(out / "cells/vit/n00014/s0")
+    assert _train_ids(out / "cells/vit/n00005/s0") == _train_ids(out / "cells/cnn/n00005/s0")  # same subsets
 
-    def used(cell):
-        with open(out / "cells" / cell / "split.csv") as f:
-            return {r["id"] for r in csv.DictReader(f) if r["split"] == "train"}
-    assert len(used("vit/n00005")) == 5 and used("vit/n00005") < used("vit/n00014")
-    assert used("vit/n00005") == used("cnn/n00005")  # the same subsets for every model
-
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/*/metrics.json")}
-    (out / "cells/cnn/n00005/metrics.json").unlink()
-    again = cli("compare", f"data={target}", f"out_dir={out}", MODELS, *COMPARE, "parallel=2")
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/**/metrics.json")}
+    (out / "cells/cnn/n00005/s0/metrics.json").unlink()
+    again = cli(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "3 of 4 already finished, skipped" in again.stderr and "2 of 2 already finished, skipped" in again.stderr
-    assert "cnn n=5 done" in again.stderr and "vit n=5 done" not in again.stderr
+    assert "4 of 5 already finished, skipped" in again.stderr and "2 of 2 already finished, skipped" in again.stderr
+    assert "cnn n=5 seed=0 done" in again.stderr and "vit n=5 seed=0 done" not in again.stderr
     for p, t in stamps.items():
         if "cnn/n00005" not in str(p):
             assert p.stat().st_mtime_ns == t
 
 
 def test_compare_config_errors_name_the_key(tmp_path, target, cli):
-    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'a'}", "budgets=[-1]")
-    assert_cli_error(res, 2, "budgets")
-    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'b'}", "finetune.train_limit=5")
-    assert_cli_error(res, 2, "finetune.train_limit")
+    for i, (override, key) in enumerate([
+            ("budgets=[-1]", "budgets"), ("budgets=[5,zeroshot]", "budgets[1]"), ("budgets=[zero-shot]", "budgets"),
+            ("seeds=[]", "seeds"), ("seeds=[1,1]", "seeds"), ("finetune.train_limit=5", "finetune.train_limit"),
+            ("finetune.seed=3", "finetune.seed"), ("finetune.steps=0", "finetune.steps"),
+            ("models=[{name: a, model: resnet18, overrides: [seed=1]}]", "models.a.overrides"),
+            ("models=[{name: a, model: vit_tiny_patch16_2244}]", "models.a.model")]):
+        assert_cli_error(cli("compare", f"data={target}", f"out_dir={tmp_path / str(i)}", override), 2, key)
     res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'c'}", "models=[{name: a, model: resnet18, "
               "task: cls, init: nowhere}]")
     assert_cli_error(res, 1, "models.a.init")
-    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'd'}",
-              "models=[{name: a, model: vit_tiny_patch16_2244}]")
-    assert_cli_error(res, 2, "models.a.model")
     res = cli("compare", f"data={tmp_path / 'missing'}", f"out_dir={tmp_path / 'e'}")
     assert_cli_error(res, 1, "missing")
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no run folder for a refused matrix
+    export = tmp_path / "export"  # a classification-only pretrain export: no dense head to run zero-shot
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"")
+    (export / "config.json").write_text(json.dumps({"objective": "cls", "class_names": ["good", "crack"]}))
+    res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'f'}", "budgets=[5,zero-shot]",
+              f"models=[{{name: a, model: vit_tiny_patch16_224, init: {export}}}]")
+    assert_cli_error(res, 1, "models.a.init", "objective=cls", "remove zero-shot from budgets")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no run folder for a refused matrix
 
 
 @pytest.mark.slow
 def test_compare_under_accelerate_launch_splits_cells_across_ranks(target, tmp_path):
+    """Two seeds of one cell, one per rank: distinct folders and seeds, the same train images."""
     out = tmp_path / "ranks"
-    proc = accelerate_launch("compare", f"data={target}", f"out_dir={out}",
+    proc = accelerate_launch("compare", f"data={target}", f"out_dir={out}", "budgets=[5]", "seeds=[0,1]",
                              "models=[{name: vit, model: vit_tiny_patch16_224}]", *COMPARE, "cka_images=0")
-    logs = {p.parent.name: p.read_text().splitlines()[1] for p in out.glob("cells/vit/*/log.txt")}
-    assert sorted(logs) == ["n00005", "n00014"]
+    logs = {p.parent.name: p.read_text().splitlines()[1] for p in out.glob("cells/vit/n00005/*/log.txt")}
+    assert sorted(logs) == ["s0", "s1"]
     assert {line.split(",")[0] for line in logs.values()} == {"# rank 0", "# rank 1"}  # one cell per rank
     assert proc.stderr.count("report ->") == 1  # rank 0 alone writes the report, after both cells
     rows = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| vit |")]
-    assert len(rows) == 1 + 2 and sum(" | done | " in r for r in rows) == 2
-    assert sorted(p.parent.name for p in out.glob("cells/vit/*/metrics.json")) == ["n00005", "n00014"]
-    probe = json.loads((out / "cells/vit/n00014/probe.json").read_text())  # the largest cell's, on one rank
+    assert len(rows) == 1 + 1 and " | 2 of 2 done | " in rows[1] and " ± " in rows[1]
+    cell = out / "cells/vit/n00005"
+    assert [yaml.safe_load((cell / s / "cell.yaml").read_text())["seed"] for s in ("s0", "s1")] == [0, 1]
+    assert len(_train_ids(cell / "s0")) == 5 and _train_ids(cell / "s0") == _train_ids(cell / "s1")
+    probe = json.loads((cell / "s0/probe.json").read_text())  # the first seed's, on one rank
     assert probe["frame"] == "96x64" and probe["seconds_per_frame"] > 0
-    assert not (out / "cells/vit/n00005/probe.json").exists()
+    assert not (cell / "s1/probe.json").exists()
 
 
 def test_pick_crops_reuses_few_test_images_and_centres_defects():
@@ -218,3 +244,124 @@ def test_pick_crops_reuses_few_test_images_and_centres_defects():
     assert len(crops) == 8 and len({c.source for c in crops}) > 2
     assert [bool(c.mask.any()) for c in crops] == [True] * 4 + [False] * 4
     assert all(c.image.shape == (32, 32, 3) for c in crops)
+
+
+def _matrix(tmp_path, seeds=(0, 1)):
+    """A planned matrix (cell folders and cell.yaml, nothing run): scratch ViT, synthetic ViT, CNN; 2 budgets and
+    zero-shot; 14 train images."""
+    from compare.config import CompareConfig, ModelSpec
+    from compare.matrix import plan_cells
+
+    cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5, 0, "zero-shot"], seeds=list(seeds),
+                        models=[ModelSpec(name="vit", model="vit_tiny_patch16_224"),
+                                ModelSpec(name="syn", model="vit_tiny_patch16_224", init="runs/export"),
+                                ModelSpec(name="cnn", model="deeplabv3plus_resnet50")])
+    return plan_cells(cfg, n_train=14)
+
+
+def test_cells_repeat_per_seed_with_one_data_seed_and_zero_shot_only_with_init(tmp_path):
+    cells = _matrix(tmp_path)
+    folders = [c.folder.relative_to(tmp_path / "cells").as_posix() for c in cells]
+    assert folders[0] == "syn/zero-shot" and "vit/zero-shot" not in folders and "cnn/zero-shot" not in folders
+    assert len(folders) == len(set(folders)) == 1 + 3 * 2 * 2 and "cnn/n00014/s1" in folders
+    trees = {f: yaml.safe_load((c.folder / "cell.yaml").read_text()) for f, c in zip(folders, cells)}
+    assert [trees[f"vit/n00005/s{s}"]["seed"] for s in (0, 1)] == [0, 1]
+    assert {t["data_seed"] for t in trees.values()} == {0} and trees["vit/n00005/s1"]["train_limit"] == 5
+    assert trees["syn/zero-shot"]["steps"] == 0 and trees["syn/zero-shot"]["init"] == "runs/export"
+    assert trees["syn/n00014/s0"]["steps"] == 500 and trees["syn/n00014/s0"]["train_limit"] == 0
+
+
+def _finish(cell, defect: float, auroc: float) -> None:
+    """Fake a finished cell: metrics.json and the export's config.json."""
+    iou = {"background": 0.9, "crack": defect, "pit": defect / 2}
+    metrics = {"task": "seg", "steps": 0 if cell.zero_shot else 500, "train_images": cell.budget,
+               "train_wall_s": 0.0 if cell.zero_shot else 10.0 + cell.seed, "parameters": 5_000_000,
+               "pixel": {"iou": iou, "miou": sum(iou.values()) / 3, "mdice": 0.5, "defect_ap": 0.4},
+               "image": {"auroc": auroc, "ap": 0.7}}
+    (cell.folder / "metrics.json").write_text(json.dumps(metrics))
+    (cell.folder / "export").mkdir()
+    decoder = None if cell.spec.name == "cnn" else "linear"
+    (cell.folder / "export/config.json").write_text(json.dumps({"decoder": decoder}))
+
+
+def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):
+    from compare.matrix import PROBE_FILE, reference_cells
+    from compare.report import Report
+    from compare.results import RESULTS_FILE, load_rows, write_results
+    from compare.tables import cells_table, difference_lines, series, tradeoff_table
+
+    cells = _matrix(tmp_path)
+    noise = {0: 0.0, 1: 0.01}
+    for c in cells:
+        if c.folder.name != "s1" or c.spec.name != "cnn" or c.budget != 5:  # cnn n=5 seed 1 failed
+            base = {"vit": 0.30, "syn": 0.50, "cnn": 0.32}[c.spec.name]
+            _finish(c, base + noise[c.seed] + c.budget / 1000, 0.8 + noise[c.seed])
+    refs = reference_cells(cells)
+    assert {n: c.folder.relative_to(tmp_path).as_posix() for n, c in refs.items()}["syn"] == "cells/syn/n00014/s0"
+    (refs["vit"].folder / PROBE_FILE).write_text(json.dumps({"seconds_per_frame": 1.25, "parameters": 5_700_000}))
+    write_results(load_rows(cells, refs), tmp_path / RESULTS_FILE)
+    with open(tmp_path / RESULTS_FILE) as f:
+        rows = list(csv.DictReader(f))
+    assert {"name", "model", "init", "decoder", "budget", "seed", "steps", "miou", "defect_iou", "pixel_ap",
+            "image_auroc", "image_ap", "train_s", "s_per_4k_frame"} <= set(rows[0])
+    assert len(rows) == len(cells) == 13 and rows[0]["budget"] == "zero-shot" and rows[0]["init"] == "runs/export"
+    vit = [r for r in rows if r["name"] == "vit"]
+    assert {r["s_per_4k_frame"] for r in vit} == {"1.25"} and {r["family"] for r in vit} == {"vit"}
+    assert float(vit[0]["defect_iou"]) == pytest.approx((0.305 + 0.1525) / 2)
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert (failed["name"], failed["budget"], failed["seed"], failed["miou"], failed["decoder"]) == (
+        "cnn", "5", "1", "", "")
+    assert next(r for r in rows if r["name"] == "cnn" and r["status"] == "done")["decoder"] == ""
+
+    loaded = load_rows(cells, refs)
+    report = Report("t")
+    report.add("table", tradeoff_table(loaded, {}, "96x64"))
+    report.add("table", cells_table(loaded))
+    md = report.markdown()
+    assert "| syn | synthetic | seg | linear | 14 | 2 | **0.5595 ± 0.0035** |" in md  # mean ± sample std, best bold
+    assert "| cnn | scratch | seg | — | 14 | 2 |" in md and "| **0.8050 ± 0.0071** |" in md
+    assert "| cnn | 5 | 1 of 2 done; FAILED: seed 1 (see log.txt) |" in md
+    assert "| syn | zero-shot | 1 (seed-independent) |" in md
+    assert series(loaded)["defect IoU"]["syn"][0][0] == "zero-shot"
+    lines = difference_lines(loaded)
+    assert [ln.split(",")[0] for ln in lines] == ["syn vs vit (synthetic-pretrained vs scratch)"] * 2 + [
+        "vit vs cnn (ViT vs CNN)"] * 2 + ["syn vs cnn (ViT vs CNN)"] * 2
+    assert "**syn higher**" in lines[0] and "image AUROC 0.8050 vs 0.8050: within noise" in lines[0]
+    assert "2 vs 1 seeds" in lines[2] and "cannot be told from noise (one seed)" in lines[2]
+
+
+def test_mean_std_and_the_two_std_noise_rule():
+    from compare.report import fmt
+    from compare.stats import Difference, MeanStd, mean_std
+
+    s = mean_std([0.5, 0.6, None, float("nan"), 0.7])
+    assert (s.mean, s.n) == pytest.approx((0.6, 3)) and s.std == pytest.approx(0.1)
+    assert mean_std([0.5]) == MeanStd(0.5, None, 1) and mean_std([None]) is None
+    assert fmt(MeanStd(0.61234, 0.01234, 3)) == "0.6123 ± 0.0123" and fmt(MeanStd(0.5, None, 1)) == "0.5000"
+    assert fmt(MeanStd(45.31, 2.14, 3)) == "45.3 ± 2.1" and fmt(MeanStd(1234.0, 56.7, 2)) == "1,234 ± 57"
+    apart = Difference(mean_std([0.50, 0.52, 0.51]), mean_std([0.40, 0.41, 0.39]))
+    assert apart.noise == pytest.approx(2 ** 0.5 * 0.01) and apart.verdict == "a"
+    assert apart.text("mIoU", "A", "B") == "mIoU 0.5100 vs 0.4000: **A higher** by 0.1100 (> 2 x 0.0141)"
+    assert Difference(apart.b, apart.a).verdict == "b"
+    close = Difference(mean_std([0.50, 0.54, 0.52]), mean_std([0.49, 0.53, 0.51]))  # 0.01 apart, noise 0.028
+    assert close.verdict == "noise" and "within noise (0.0100 <= 2 x 0.0283)" in close.text("mIoU", "A", "B")
+    edge = Difference(MeanStd(0.6, 0.03, 3), MeanStd(0.5, 0.04, 3))  # |0.1| = 2 x 0.05: not beyond
+    assert edge.verdict == "noise"
+    assert Difference(MeanStd(0.9, None, 1), MeanStd(0.1, None, 1)).verdict == "unknown"
+
+
+def test_saliency_agreement_of_hand_made_maps():
+    from compare.analysis import Crop, saliency_agreement
+    from compare.saliency import mass_share, pixel_auroc
+
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 3:6] = 1
+    assert pixel_auroc(mask.astype(float), mask) == 1.0 and mass_share(mask.astype(float), mask) == 1.0
+    assert pixel_auroc(1.0 - mask, mask) == 0.0 and mass_share(1.0 - mask, mask) == 0.0
+    assert pixel_auroc(np.full((8, 8), 0.3), mask) == 0.5 and mass_share(np.full((8, 8), 0.3), mask) == 6 / 64
+    noisy = mask + np.random.default_rng(0).uniform(0, 0.5, mask.shape)
+    assert 0.99 < pixel_auroc(noisy, mask) <= 1.0 and 0.1 < mass_share(noisy, mask) < 1.0
+    assert np.isnan(pixel_auroc(noisy, np.zeros_like(mask))) and np.isnan(mass_share(np.zeros((8, 8)), mask))
+    crops = [Crop(np.zeros((8, 8), np.uint8), m, "x") for m in (mask, np.zeros_like(mask), mask * 2)]
+    agree = saliency_agreement(np.stack([mask, mask, 1.0 - mask]).astype(float), crops)
+    assert (agree.auroc, agree.mass, agree.crops) == (0.5, 0.5, 2)  # the defect-free crop left out

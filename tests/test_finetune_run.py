@@ -84,8 +84,8 @@ def test_finetune_evaluate_predict_end_to_end(real_data, tmp_path, cli):
 @pytest.mark.slow
 def test_init_from_a_pretrain_export(real_data, pretrain_export, tmp_path):
     """Finetune at another crop size from a pretrain export with every block frozen: the frozen backbone ships
-    bit for bit as pretrained, the parts that train (final norm) and the new ones (class head, dense head of
-    other classes) do not."""
+    bit for bit as pretrained, the parts that train (final norm) and the new ones (class head, the decoder's last
+    conv for other classes) do not; the rest of the decoder starts from the export's."""
     import timm.layers
 
     run = tmp_path / "ft"
@@ -96,7 +96,8 @@ def test_init_from_a_pretrain_export(real_data, pretrain_export, tmp_path):
     assert f"weights: {n - 2} of {n} tensors from {pretrain_export / 'model.safetensors'}; new (other shape): " \
            "head.bias, head.weight" in res.stderr, res.stderr[-3000:]
     assert "Resized position embedding: (2, 2) to (3, 3)" in res.stderr
-    assert f"init: dense head new (other classes) from {pretrain_export / 'seg_head.safetensors'}" in res.stderr
+    assert f"init: decoder linear from {pretrain_export / 'seg_head.safetensors'}; new (other classes or shapes): " \
+           "proj.3.weight, proj.3.bias" in res.stderr
     meta = json.loads((run / "export" / "config.json").read_text())
     assert meta["init"] == str(pretrain_export) and meta["img_size"] == 48
     pre, ft = export_tensors(pretrain_export), export_tensors(run / "export")
@@ -113,8 +114,9 @@ def test_init_from_a_pretrain_export(real_data, pretrain_export, tmp_path):
     assert not torch.equal(ft_w["norm.weight"], pre_w["norm.weight"])  # trained
     assert ft_w["head.weight"].shape == (2, 192) and pre_w["head.weight"].shape == (8, 192)  # new classes
     pre_h, ft_h = pre["seg_head.safetensors"], ft["seg_head.safetensors"]
-    assert ft_h["proj.3.weight"].shape[0] == 2 and pre_h["proj.3.weight"].shape[0] == 8
-    assert not torch.equal(ft_h["proj.0.weight"], pre_h["proj.0.weight"])  # not loaded: another class count
+    assert ft_h["proj.3.weight"].shape[0] == 2 and pre_h["proj.3.weight"].shape[0] == 8  # a new last conv
+    # the rest of the decoder was loaded, then trained 2 steps in the warm-up (lr <= 1e-5): still the pretrained one
+    assert 0 < (ft_h["proj.0.weight"] - pre_h["proj.0.weight"]).abs().max() < 1e-3
 
 
 def test_init_from_an_export_of_another_model_is_refused(real_data, pretrain_export, tmp_path, cli):
@@ -122,6 +124,31 @@ def test_init_from_an_export_of_another_model_is_refused(real_data, pretrain_exp
               "model=vit_small_patch16_224", *FT)
     assert_cli_error(bad, 1, "holds vit_tiny_patch16_224, but model=vit_small_patch16_224")
     assert not (tmp_path / "x").exists()
+
+
+def test_zero_shot_evaluates_the_export_as_it_is(real_data, pretrain_export, tmp_path, cli):
+    from finetune.artifacts import load_run
+    from models import create_model
+
+    run = tmp_path / "zs"
+    res = cli("finetune", f"data={real_data}", f"out_dir={run}", f"init={pretrain_export}", "steps=0",
+              "crop_size=32", "num_workers=0", "tiling.batch_size=4")
+    assert res.returncode == 0, res.stderr[-2000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["zero_shot"] is True and metrics["steps"] == 0 and metrics["train_wall_s"] == 0
+    assert set(metrics["pixel"]["iou"]) == {"background", "defect"}
+    meta = json.loads((run / "export" / "config.json").read_text())
+    assert meta["class_groups"] == [0] + [1] * 7 and meta["decoder"] == "linear"  # 8 pretrain classes -> 2
+    # the run's model is the pretrain export's, its 7 defect classes summed into "defect"
+    pre = create_model("vit_tiny_patch16_224", "cls+seg", seg_classes=8, cls_classes=8, img_size=32,
+                       init=str(pretrain_export)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, got = pre(x)["seg"].softmax(1), load_run(run).model(x)["seg"].softmax(1)
+    assert got.shape == (2, 2, 32, 32) and torch.allclose(got[:, 1], want[:, 1:].sum(1), atol=1e-5)
+    for extra, message in ((["init="], "give init=EXPORT_FOLDER"), (["task=both"], "and task=seg")):
+        assert_cli_error(cli("finetune", f"data={real_data}", f"out_dir={tmp_path / 'bad'}", f"init={pretrain_export}",
+                             "steps=0", "crop_size=32", *extra), 2, message)
 
 
 def test_loading_a_pretrain_export_resizes_position_embeddings(pretrain_export):

@@ -128,7 +128,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("model, extra", [
     ("resnet18", ["objective=cls", "in_chans=1", "optim.accum_steps=2"]),  # a CNN baseline, grayscale
-    ("vit_small_r26_s32_224", ["objective=seg", "image_size=64", "precision=bf16"]),  # conv-stem hybrid
+    ("vit_small_r26_s32_224", ["objective=seg", "image_size=64", "precision=bf16", "decoder=dpt-skip",
+                               "decoder_width=16"]),  # conv-stem hybrid with the DPT decoder
 ])
 def test_other_models_objectives_and_options(tiny_dataset, tmp_path, model, extra):
     out = tmp_path / "run"
@@ -140,6 +141,9 @@ def test_other_models_objectives_and_options(tiny_dataset, tmp_path, model, extr
     assert summary["images_seen"] == 2 * 8 * accum
     if "objective=seg" in extra:
         assert cfg["seg_head"] == "seg_head.safetensors" and cfg["num_classes"] == 0
+        assert (cfg["decoder"], cfg["decoder_width"]) == ("dpt-skip", 16)
+        head = load_file(str(out / "export" / "seg_head.safetensors"))
+        assert any(k.startswith("decoder.fusion_blocks.") for k in head) and "stem.0.0.weight" in head
     else:
         assert cfg["in_chans"] == 1
         m = timm.create_model(model, pretrained=True, in_chans=1, num_classes=8,

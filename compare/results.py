@@ -1,0 +1,123 @@
+"""The matrix as typed rows: every cell's ``metrics.json``, export config and its model's ``probe.json`` read once
+into one :class:`Row` per cell and seed, written as ``results.csv`` beside the report. Tables, plots and the
+differences read rows, never metric trees."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+import yaml
+
+from compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
+from compare.report import read_json
+from finetune.artifacts import EXPORT_DIR, read_metrics
+from models import EXPORT_CONFIG, SEG_BASELINES, is_vit_backbone
+from synthvit.io import atomic_write_text
+
+RESULTS_FILE = "results.csv"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One cell and seed (the columns of ``results.csv``, in this order; None: an empty field)."""
+    name: str  # the model's report name
+    model: str  # the finetune model (timm name or segmentation baseline)
+    family: str  # vit (ViTs and conv-stem hybrids) or cnn
+    init: str  # the pretrain export it started from ("": scratch)
+    decoder: str | None  # the effective dense decoder of a timm model; None for the CNN segmentation baselines
+    task: str
+    budget: int | str  # train images, or "zero-shot"
+    seed: int
+    status: str  # done | failed
+    steps: int | None
+    train_images: int | None
+    miou: float | None
+    defect_iou: float | None  # mean IoU of the non-background classes
+    mdice: float | None
+    pixel_ap: float | None
+    image_auroc: float | None
+    image_ap: float | None
+    accuracy: float | None
+    train_s: float | None
+    train_peak_mb: float | None
+    s_per_4k_frame: float | None  # the model's probe: seconds per probe_size frame (3840x2160 by default)
+    frames_per_s: float | None
+    inference_peak_mb: float | None
+    params_m: float | None
+    gflops_per_512_tile: float | None
+    folder: str
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.budget == "zero-shot"
+
+
+COLUMNS = [f.name for f in dataclasses.fields(Row)]
+
+
+@lru_cache(maxsize=None)
+def model_family(model: str) -> str:
+    """``vit`` for timm ViTs and conv-stem hybrids (transformer blocks over patch tokens), else ``cnn``; the
+    architecture is built on the meta device (no memory, no weights)."""
+    if model in SEG_BASELINES:
+        return "cnn"
+    with torch.device("meta"):
+        return "vit" if is_vit_backbone(timm.create_model(model)) else "cnn"
+
+
+def defect_iou(iou: dict | None) -> float | None:
+    """Mean IoU of the non-background classes (every class after the first, which is background)."""
+    values = [v for v in list((iou or {}).values())[1:] if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def cell_row(cell: Cell, probe: dict) -> Row:
+    m = read_metrics(cell.folder) or {}
+    planned = yaml.safe_load((cell.folder / CELL_CONFIG).read_text()) if (cell.folder / CELL_CONFIG).is_file() else {}
+    export = read_json(cell.folder / EXPORT_DIR / EXPORT_CONFIG) or {}
+    pixel, image = m.get("pixel") or {}, m.get("image") or {}
+    params = probe.get("parameters", m.get("parameters"))
+    return Row(name=cell.spec.name, model=cell.spec.model, family=model_family(cell.spec.model),
+               init=cell.spec.init, decoder=export.get("decoder"), task=m.get("task") or planned.get("task", ""),
+               budget=cell.label, seed=cell.seed, status="done" if m else "failed",
+               steps=m.get("steps", planned.get("steps")),
+               train_images=m.get("train_images"), miou=pixel.get("miou"), defect_iou=defect_iou(pixel.get("iou")),
+               mdice=pixel.get("mdice"), pixel_ap=pixel.get("defect_ap"), image_auroc=image.get("auroc"),
+               image_ap=image.get("ap"), accuracy=(m.get("classification") or {}).get("accuracy"),
+               train_s=m.get("train_wall_s"), train_peak_mb=m.get("train_peak_mb"),
+               s_per_4k_frame=probe.get("seconds_per_frame"), frames_per_s=probe.get("frames_per_s"),
+               inference_peak_mb=probe.get("inference_peak_cuda_mb", probe.get("inference_peak_rss_mb")),
+               params_m=round(params / 1e6, 2) if params else None,
+               gflops_per_512_tile=probe.get("gflops_per_512_tile"), folder=str(cell.folder))
+
+
+def load_rows(cells: list[Cell], references: dict[str, Cell]) -> list[Row]:
+    """One row per cell, each cell's files read once; a model's probe (in its reference cell) fills its costs."""
+    probes = {name: read_json(cell.folder / PROBE_FILE) or {} for name, cell in references.items()}
+    return [cell_row(c, probes.get(c.spec.name, {})) for c in cells]
+
+
+def _field(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def write_results(rows: list[Row], path: Path) -> Path:
+    """``results.csv``: the header :data:`COLUMNS`, one line per row, empty fields for missing values."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    writer.writerows([_field(getattr(r, c)) for c in COLUMNS] for r in rows)
+    atomic_write_text(path, buf.getvalue())
+    return path

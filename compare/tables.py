@@ -1,0 +1,124 @@
+"""The report's numbers from :class:`compare.results.Row` s: the trade-off table, the every-cell table, the
+data-efficiency series and the differences between models, each a mean ± std over seeds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from compare.analysis import Agreement
+from compare.report import Table
+from compare.results import Row
+from compare.stats import Difference, MeanStd, mean_std
+
+# (column, Row attribute): higher is better for every one
+METRICS = [("mIoU", "miou"), ("defect IoU", "defect_iou"), ("mDice", "mdice"), ("pixel AP", "pixel_ap"),
+           ("image AUROC", "image_auroc"), ("image AP", "image_ap"), ("accuracy", "accuracy")]
+# (column, Row attribute, higher is better?): per cell, so mean ± std over seeds
+TRAIN_COSTS = [("train peak MB", "train_peak_mb", False), ("train s", "train_s", False)]
+# per model, from its probe ("{frame}": the probe's frame size, 3840x2160 by default)
+PROBE_COSTS = [("params M", "params_m", False), ("GFLOPs/512 tile", "gflops_per_512_tile", False),
+               ("{frame} s/frame", "s_per_4k_frame", False), ("{frame} frames/s", "frames_per_s", True),
+               ("{frame} inference peak MB", "inference_peak_mb", False)]
+# what the differences section tests, and the data-efficiency plot's panels
+COMPARED = [("defect IoU", "defect_iou"), ("mIoU", "miou"), ("image AUROC", "image_auroc")]
+
+
+def budget_order(budget: int | str) -> int:
+    """Zero-shot first, then the train-image counts ascending."""
+    return -1 if isinstance(budget, str) else budget
+
+
+def groups(rows: list[Row]) -> dict[tuple[str, int | str], list[Row]]:
+    """(model name, budget) -> its rows (one per seed), models in the matrix's order, budgets ascending."""
+    order = {n: i for i, n in enumerate(dict.fromkeys(r.name for r in rows if not r.zero_shot))}
+    out: dict[tuple[str, int | str], list[Row]] = {}
+    for r in sorted(rows, key=lambda r: (order.get(r.name, len(order)), budget_order(r.budget))):
+        out.setdefault((r.name, r.budget), []).append(r)
+    return out
+
+
+def summary(rows: list[Row], attr: str) -> MeanStd | None:
+    """Mean ± std of ``attr`` over the finished rows."""
+    return mean_std(getattr(r, attr) for r in rows if r.done)
+
+
+def largest(rows: list[Row]) -> dict[str, list[Row]]:
+    """Per model: its finished rows at the largest train budget where any seed finished."""
+    best: dict[str, list[Row]] = {}
+    for (name, budget), rs in groups(rows).items():
+        done = [r for r in rs if r.done]
+        if done and not done[0].zero_shot:
+            best[name] = done
+    return best
+
+
+def tradeoff_table(rows: list[Row], agreement: dict[str, Agreement], frame: str) -> Table:
+    header = ["model", "init", "task", "decoder", "train images", "seeds"] + [c for c, _ in METRICS] + [
+        c for c, _, _ in TRAIN_COSTS] + [c.format(frame=frame) for c, _, _ in PROBE_COSTS] + [
+        "saliency AUROC", "saliency in mask"]
+    body = []
+    for name, rs in largest(rows).items():
+        first, look = rs[0], agreement.get(name)
+        body.append([name, "synthetic" if first.init else "scratch", first.task, first.decoder, first.budget,
+                     len(rs)] + [summary(rs, a) for _, a in METRICS] + [summary(rs, a) for _, a, _ in TRAIN_COSTS]
+                    + [getattr(first, a) for _, a, _ in PROBE_COSTS]
+                    + [look.auroc if look else None, look.mass if look else None])
+    better = [None] * 6 + [True] * len(METRICS) + [b for _, _, b in TRAIN_COSTS + PROBE_COSTS] + [True, True]
+    return Table(header, body, better)
+
+
+def _seeds_text(rs: list[Row]) -> str:
+    if rs[0].zero_shot:
+        return "1 (seed-independent)" if rs[0].done else "FAILED (see log.txt)"
+    failed = [str(r.seed) for r in rs if not r.done]
+    text = f"{len(rs) - len(failed)} of {len(rs)} done"
+    return text + (f"; FAILED: seed {', '.join(failed)} (see log.txt)" if failed else "")
+
+
+def cells_table(rows: list[Row]) -> Table:
+    header = ["model", "train images", "seeds"] + [c for c, _ in METRICS] + ["train s", "folder"]
+    body = []
+    for (name, budget), rs in groups(rows).items():
+        folder = Path(rs[0].folder) if rs[0].zero_shot else Path(rs[0].folder).parent
+        body.append([name, budget, _seeds_text(rs)] + [summary(rs, a) for _, a in METRICS]
+                    + [summary(rs, "train_s"), str(folder)])
+    return Table(header, body, [None] * (len(header)))
+
+
+def series(rows: list[Row]) -> dict[str, dict[str, list[tuple[int | str, float, float | None]]]]:
+    """``series[metric][model] = [(budget, mean, std), ...]`` for the data-efficiency plot (std None: one seed)."""
+    out: dict[str, dict[str, list]] = {metric: {} for metric, _ in COMPARED}
+    for (name, budget), rs in groups(rows).items():
+        for metric, attr in COMPARED:
+            s = summary(rs, attr)
+            out[metric].setdefault(name, [])
+            if s is not None:
+                out[metric][name].append((budget, s.mean, s.std))
+    return out
+
+
+def compared_pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
+    """(a, b, why): each synthetic-pretrained model against each scratch model of the same architecture, then
+    each ViT against each CNN."""
+    info = {r.name: r for r in rows}
+    names = list(dict.fromkeys(r.name for r in rows if not r.zero_shot))
+    pairs = [(a, b, "synthetic-pretrained vs scratch") for a in names if info[a].init
+             for b in names if not info[b].init and info[b].model == info[a].model]
+    return pairs + [(a, b, "ViT vs CNN") for a in names if info[a].family == "vit"
+                    for b in names if info[b].family == "cnn"]
+
+
+def difference_lines(rows: list[Row]) -> list[str]:
+    """One line per compared pair and train budget that both models finished: each of :data:`COMPARED` that both
+    have, as :meth:`Difference.text` words it."""
+    by_cell, lines = groups(rows), []
+    for a, b, why in compared_pairs(rows):
+        for name, budget in by_cell:
+            if name != a or isinstance(budget, str) or (b, budget) not in by_cell:
+                continue
+            ra, rb = by_cell[(a, budget)], by_cell[(b, budget)]
+            tested = [(metric, summary(ra, attr), summary(rb, attr)) for metric, attr in COMPARED]
+            parts = [Difference(sa, sb).text(metric, a, b) for metric, sa, sb in tested if sa and sb]
+            if parts:
+                seeds = f"{sum(r.done for r in ra)} vs {sum(r.done for r in rb)} seeds"
+                lines.append(f"{a} vs {b} ({why}), {budget} train images, {seeds}: " + "; ".join(parts))
+    return lines
