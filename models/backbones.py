@@ -10,6 +10,7 @@ import timm
 import torch
 from torch import nn
 
+from models.export import read_tensors
 from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.models")
@@ -44,9 +45,7 @@ def create_backbone(name: str, num_classes: int, image_size: int, in_chans: int,
 def read_state(path: str) -> dict[str, torch.Tensor]:
     """Tensors of a local weights file: safetensors, or a torch file loaded with ``weights_only`` (no code runs)."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return read_tensors(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:

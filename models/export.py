@@ -43,20 +43,32 @@ def write_export(model, out_dir: Path, meta: dict) -> Path:
     return out_dir
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file; a truncated or foreign one is an error naming the file."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types (and OSError) for broken files
+        raise SynthvitError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-export it") \
+            from None
+
+
 def read_export_config(folder: str | Path) -> dict:
     """``config.json`` of an export folder, after checking that its weights are there."""
     folder = Path(folder)
     cfg_path = folder / EXPORT_CONFIG
     if not cfg_path.is_file() or not (folder / EXPORT_WEIGHTS).is_file():
         raise SynthvitError(f"{folder} is not a synthvit export: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS}")
-    return json.loads(cfg_path.read_text())
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SynthvitError(f"{cfg_path} is not valid JSON ({e}); re-export the folder") from None
 
 
 def read_export_tensors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """File name -> tensors of every weights file the export's ``config.json`` names (safetensors only)."""
     meta, folder = read_export_config(folder), Path(folder)
     names = [EXPORT_WEIGHTS] + ([meta["seg_head"]] if meta.get("seg_head") else [])
-    return {name: load_file(str(folder / name)) for name in names}
+    return {name: read_tensors(folder / name) for name in names}
 
 
 def load_export(model, folder: str | Path):

@@ -4,12 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from models.backbones import create_backbone
 from models.base import SynthvitModel
 from models.baselines import SEG_BASELINES
-from models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, read_export_config
+from models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, read_export_config, read_tensors
 from models.task import TaskModel
 from synthvit.io import SynthvitError
 
@@ -67,7 +65,7 @@ def _load_decoder(model: TaskModel, init: Path, meta: dict) -> None:
         why = f"the export's is {exported}" if path.is_file() else f"{init} has no {EXPORT_SEG_HEAD}"
         log.info("init: decoder %s is new (%s); backbone from %s", model.decoder, why, init)
         return
-    new = model.load_seg_head(load_file(str(path)))
+    new = model.load_seg_head(read_tensors(path))
     log.info("init: decoder %s from %s%s", model.decoder, path,
              f"; new (other classes or shapes): {', '.join(new)}" if new else " (all tensors)")
 

@@ -106,3 +106,15 @@ def line_iou(decoder: str, steps: int = 60, batch: int = 8) -> float:
 def test_the_skip_decoder_sees_thin_lines_the_linear_head_cannot(one_torch_thread):
     linear, skip = line_iou("linear"), line_iou("dpt-skip")
     assert linear < 0.15 and skip > linear + 0.25, (linear, skip)
+
+
+def test_a_corrupt_export_is_named_in_a_clear_error(tmp_path):
+    model = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, decoder="dpt", decoder_width=16)
+    write_export(model, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "objective": "seg",
+                                   "class_names": ["good", "crack"], "mean": [0.5] * 3, "std": [0.5] * 3})
+    (tmp_path / "seg_head.safetensors").write_bytes(b"garbage")
+    with pytest.raises(SynthvitError, match="seg_head.safetensors is not a readable safetensors file"):
+        create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, init=str(tmp_path), decoder="auto")
+    (tmp_path / "config.json").write_text("{broken")
+    with pytest.raises(SynthvitError, match="config.json is not valid JSON"):
+        create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, init=str(tmp_path))
