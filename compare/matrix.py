@@ -142,17 +142,22 @@ def reference_cells(cells: list[Cell]) -> dict[str, Cell]:
     return best
 
 
-def child_env(gpu: int | None) -> dict[str, str]:
+def child_env(gpu: int | None, cpu_jobs: int = 1) -> dict[str, str]:
+    """The environment of a child job: no variables of a launched job, offline hub, its GPU; CPU jobs running
+    ``cpu_jobs`` at once share the cores (``OMP_NUM_THREADS``, unless the user set it), not oversubscribe them."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("ACCELERATE_")}
     env.setdefault("HF_HUB_OFFLINE", "1")
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    elif cpu_jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cpu_jobs)))
     return env
 
 
 def run_jobs(jobs: list[Job], slots: list[int | None], desc: str) -> list[Job]:
     """Run the unfinished ``jobs``, one per slot at a time (a slot is a GPU index or None); returns failures."""
     todo = [j for j in jobs if not j.done]
+    cpu_jobs = sum(s is None for s in slots)
     if len(todo) < len(jobs):
         print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} already finished, skipped", file=sys.stderr)
     failed: list[Job] = []
@@ -168,7 +173,7 @@ def run_jobs(jobs: list[Job], slots: list[int | None], desc: str) -> list[Job]:
                                   f"GPU {slots[slot] if slots[slot] is not None else 'none'}\n")
                         log.flush()
                         proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
-                                                env=child_env(slots[slot]))
+                                                env=child_env(slots[slot], cpu_jobs))
                     running[slot] = (job, proc, time.perf_counter())
             time.sleep(0.2)
             for slot, (job, proc, t0) in list(running.items()):

@@ -365,3 +365,17 @@ def test_saliency_agreement_of_hand_made_maps():
     crops = [Crop(np.zeros((8, 8), np.uint8), m, "x") for m in (mask, np.zeros_like(mask), mask * 2)]
     agree = saliency_agreement(np.stack([mask, mask, 1.0 - mask]).astype(float), crops)
     assert (agree.auroc, agree.mass, agree.crops) == (0.5, 0.5, 2)  # the defect-free crop left out
+
+
+def test_cpu_jobs_at_once_share_the_cores_unless_the_user_set_threads(monkeypatch):
+    from compare.matrix import child_env
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert child_env(None, 2)["OMP_NUM_THREADS"] == "4"
+    assert child_env(None, 16)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in child_env(None, 1) and "OMP_NUM_THREADS" not in child_env(0, 2)
+    assert child_env(0, 2)["CUDA_VISIBLE_DEVICES"] == "0" and "RANK" not in child_env(None, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert child_env(None, 2)["OMP_NUM_THREADS"] == "3"
