@@ -85,7 +85,8 @@ def run(cfg: CompareConfig) -> Path:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
     ranks = Ranks()
     out = Path(cfg.out_dir)
-    data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels)
+    data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels,
+                          split_missing=cfg.finetune.split_missing)
     _check_models(cfg, data)
     split = split_ids(data, cfg.finetune.test_fraction, cfg.finetune.data_seed)
     test_items = [i for i in data.items if split[i.id] == "test"]

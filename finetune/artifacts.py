@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ METRICS_FILE = "metrics.json"
 # Keys that run folders of synthvit <= 0.1.0 hold in config.yaml although finetune never read them
 RETIRED_KEYS = ("optim.accum_steps", "optim.lr_base_batch", "optim.lr_scale")
 __all__ = ["CONFIG_FILE", "SPLIT_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE", "FinetuneRun", "build_model",
-           "load_run", "objective_of", "read_metrics"]
+           "load_run", "objective_of", "read_metrics", "read_split"]
 
 
 def objective_of(task: str) -> str:
@@ -57,6 +58,15 @@ def read_metrics(run_dir: str | Path) -> dict | None:
     """``metrics.json`` of a run folder, or None while the run is unfinished."""
     path = Path(run_dir) / METRICS_FILE
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_split(run_dir: str | Path) -> dict[str, str] | None:
+    """id -> train, test or unused from a run folder's ``split.csv``; None when it has none."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return {row["id"]: row["split"] for row in csv.DictReader(f)}
 
 
 @dataclass
@@ -94,10 +104,13 @@ def load_run(run_dir: str | Path) -> FinetuneRun:
 
 def _rebuild_overrides(config: Path, meta: dict) -> list[str]:
     """Rebuild the exported architecture alone: no init or weights file, the export's decoder; a run written
-    before ``data_seed`` existed drew its split with ``seed``."""
+    before ``data_seed`` existed drew its split with ``seed``, one before ``split_missing`` put images splits.csv did
+    not list in train."""
     overrides = ["init=", "weights=", f"decoder={meta.get('decoder') or 'auto'}",
                  f"decoder_width={meta.get('decoder_width') or 0}"]
     tree = yaml.safe_load(config.read_text()) or {}
     if "data_seed" not in tree:
         overrides.append(f"data_seed={tree.get('seed', 0)}")
+    if "split_missing" not in tree:
+        overrides.append("split_missing=train")
     return overrides

@@ -11,6 +11,7 @@ DataFormat = Literal["auto", "canonical", "imagefolder", "labelme", "coco", "hf"
 InputMode = Literal["crop", "resize"]
 SegLoss = Literal["ce", "ce+dice"]
 Split = Literal["test", "train", "all"]
+SplitMissing = Literal["error", "train", "test"]
 DecoderChoice = Literal[("auto", *get_args(Decoder))]
 
 
@@ -71,6 +72,8 @@ class FinetuneConfig:
     data_seed: int = field(default=0, metadata={"help": "the seeded split (no splits.csv) and train_limit subset"})
     train_limit: int = field(default=0, metadata={"help": "use only the first N train images (seeded; 0: all)"})
     test_fraction: float = field(default=0.3, metadata={"help": "test share of the seeded split (no splits.csv)"})
+    split_missing: SplitMissing = field(default="error", metadata={
+        "help": "images that splits.csv does not list: error (stop and list them), or put them in train or test"})
     num_workers: int = 2
     in_chans: InChans = field(default=3, metadata={"help": "input channels (3: grayscale replicated)"})
     drop_path: float = 0.1
@@ -109,6 +112,10 @@ class EvaluateConfig:
 @dataclass(kw_only=True)
 class PredictConfig:
     checkpoint: str = field(default="", metadata={"help": "a finetune run folder"})
-    input: str = field(default="", metadata={"help": "an image file or a folder of images"})
-    out: str = field(default="predictions", metadata={"help": "output folder"})
+    input: str = field(default="", metadata={
+        "help": "an image file, a folder (recursive), a glob pattern ('frames/**/*.png') or a .txt/.lst list of "
+                "paths (one per line, # comments, relative to the list)"})
+    out: str = field(default="predictions", metadata={"help": "output folder (input subfolders mirrored in it)"})
     threshold: float = field(default=0.5, metadata={"help": "defect probability threshold for masks and boxes"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "redo every frame (false: a re-run skips frames whose <name>.json is already in out)"})

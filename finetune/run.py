@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, build_model, load_run
+from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, build_model, load_run, read_split
 from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
-from finetune.datasets import RealData, load_real_data, split_ids
+from finetune.datasets import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
 from finetune.evaluate import Predictor, evaluate
-from finetune.predict import input_files, predict_files
+from finetune.predict import check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.train import train
 from models import class_groups, read_export_config, stats_meta, write_export
 from synthvit import __version__
@@ -51,7 +51,7 @@ def run(cfg: FinetuneConfig) -> Path:
     if not cfg.data:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
     run_dir = Path(cfg.out_dir)
-    data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels)
+    data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
     data.check_task(cfg.task)
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
     train_items, test_items = _select(data, cfg, split)
@@ -63,6 +63,8 @@ def run(cfg: FinetuneConfig) -> Path:
     if acc.is_main_process:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
         _write_split(run_dir, split, {i.id for i in train_items})
+        for line in describe_split(data, split):
+            log.info("%s", line)
         log.info("%s: %d train images (of %d), %d test; %s frozen parameters", cfg.data, len(train_items),
                  sum(v == "train" for v in split.values()), len(test_items), f"{frozen:,}")
     mean, std = model.input_stats(cfg.in_chans)
@@ -133,8 +135,13 @@ def _headline(m: dict) -> str:
 def run_evaluate(cfg: EvaluateConfig) -> Path:
     run = load_run(cfg.checkpoint)
     fcfg = run.cfg
-    data = load_real_data(cfg.data or fcfg.data, fcfg.format, max_pixels=fcfg.max_pixels)
-    split = split_ids(data, fcfg.test_fraction, fcfg.data_seed)
+    data = load_real_data(cfg.data or fcfg.data, fcfg.format, max_pixels=fcfg.max_pixels,
+                          split_missing=fcfg.split_missing)
+    saved = read_split(run.folder)  # the run's own split, whatever draws split_ids has learnt since
+    if saved is not None and set(saved) == {i.id for i in data.items}:
+        split = {i: "train" if s == "unused" else s for i, s in saved.items()}
+    else:  # other data, or a run folder without split.csv
+        split = split_ids(data, fcfg.test_fraction, fcfg.data_seed)
     items = [i for i in data.items if cfg.split == "all" or split[i.id] == cfg.split]
     bar = progress_bar(total=len(items), desc="evaluate", unit="img")
     metrics = evaluate(run.predictor(resolve_device()), data, items, fcfg.in_chans, bar)
@@ -148,8 +155,19 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
 
 def run_predict(cfg: PredictConfig) -> Path:
     if not cfg.input:
-        raise ConfigError("input: give an image file or a folder (--input PATH)")
+        raise ConfigError("input: give an image file or a folder, a glob pattern or a .txt/.lst list of paths "
+                          "(--input PATH)")
+    out = Path(cfg.out)
+    files, base = input_files(cfg.input, skip=out)
+    keys = output_keys(files, base)
+    check_earlier_run(out, cfg.checkpoint, cfg.threshold, cfg.overwrite)
     run = load_run(cfg.checkpoint)
-    files = input_files(Path(cfg.input))
-    predict_files(run.predictor(resolve_device()), files, Path(cfg.out), run.meta, cfg.threshold)
-    return Path(cfg.out)
+    set_pixel_cap(run.cfg.max_pixels)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+    done = predict_files(run.predictor(resolve_device()), files, out, run.meta, cfg.threshold, keys, cfg.overwrite)
+    log.info("predict: %d frames predicted, %d done before (skipped), %d unreadable -> %s", done["predicted"],
+             done["skipped"], len(done["failed"]), out)
+    if done["failed"]:
+        raise SynthvitError(failure_message(done["failed"], len(files), out))
+    return out

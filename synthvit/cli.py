@@ -30,7 +30,8 @@ STAGES: dict[str, Stage] = {
     "evaluate": Stage("finetune.config:EvaluateConfig", "finetune.run:run_evaluate",
                       "evaluate a finetune run on a split at full resolution (metrics_<split>.json)"),
     "predict": Stage("finetune.config:PredictConfig", "finetune.run:run_predict",
-                     "predict masks, overlays and JSON for an image or a folder with a finetune run"),
+                     "predict masks, overlays and JSON with a finetune run for an image, a folder, a glob or a list "
+                     "of frames (a re-run skips finished frames)"),
     "compare": Stage("compare.config:CompareConfig", "compare.run:run",
                      "run a matrix of models x real-data budgets (finetune + evaluate per cell) and write a report"),
 }

@@ -61,6 +61,36 @@ def _coerce_choice(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: {value!r} is not accepted; choose one of {_type_name(tp)}")
 
 
+def _coerce_single(value: Any, tp: Any, item_tp: Any, key: str) -> Any:
+    """One value where a list is expected (``data=shards/demo``, ``seeds: 0`` in a file): the list's only entry,
+    checked as an entry. A mapping is one entry of a list of groups (``models={model: resnet50}``); null and the
+    empty string are no entry (``key=[]`` empties a list)."""
+    expected = f"{key}: expected {_type_name(tp)} or a single {_type_name(item_tp)}, got {value!r}"
+    if value is None or value == "":
+        raise ConfigError(f"{expected}; use {key}=[] for an empty list")
+    if dataclasses.is_dataclass(item_tp) and isinstance(value, dict):
+        return _coerce(value, item_tp, f"{key}[0]")  # errors name the entry's own key, e.g. models[0].task
+    try:
+        return _coerce(value, item_tp, key)
+    except ConfigError:
+        raise ConfigError(f"{expected} ({type(value).__name__})") from None
+
+
+def _coerce_part(part: str, item_tp: Any, key: str) -> Any:
+    """One part of ``a,b,c``: as written where that is accepted (strings stay strings: ``0x1f``, ``yes``), else read
+    as a YAML scalar like a whole override (``seeds=0,1`` -> [0, 1])."""
+    try:
+        return _coerce(part, item_tp, key)
+    except ConfigError:
+        try:
+            parsed = yaml.safe_load(part)
+        except yaml.YAMLError:
+            raise ConfigError(f"{key}: {part!r} is not a value") from None
+        if parsed == part or isinstance(parsed, (list, dict)) or parsed is None:
+            raise
+        return _coerce(parsed, item_tp, key)
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against type ``tp``; allow only lossless conversions (int -> float, list -> tuple)."""
     origin = get_origin(tp)
@@ -69,7 +99,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         return _coerce_choice(value, tp, key)
     if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
+        # list members last: a single value becomes a one-element list only where no other member takes it as it is
+        for arg in sorted(get_args(tp), key=lambda a: get_origin(a) in (list, tuple)):
             try:
                 return _coerce(value, arg, key)
             except ConfigError:
@@ -80,12 +111,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin in (list, tuple):
-        if isinstance(value, str) and "," in value:
-            value = [v.strip() for v in value.split(",")]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         (item_tp,) = get_args(tp)[:1] or (Any,)
-        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str) and "," in value:  # a,b,c: each part as a YAML scalar where the raw text is refused
+            items = [_coerce_part(v.strip(), item_tp, f"{key}[{i}]") for i, v in enumerate(value.split(","))]
+        elif isinstance(value, (list, tuple)):
+            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        else:
+            items = [_coerce_single(value, tp, item_tp, key)]
         return items if origin is list else tuple(items)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -7,6 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -183,3 +184,29 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def rle_counts(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE of a (H, W) 0/1 mask: column-major runs, zeros first."""
+    counts, run, cur = [], 0, 0
+    for v in mask.T.reshape(-1):
+        if v != cur:
+            counts.append(run)
+            run, cur = 0, v
+        run += 1
+    counts.append(run)
+    return counts
+
+
+def rle_string(counts: list[int]) -> str:
+    """pycocotools' rleToString."""
+    out = []
+    for i, x in enumerate(counts):
+        x = x - counts[i - 2] if i > 2 else x
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | (0x20 if more else 0)) + 48))
+    return "".join(out)

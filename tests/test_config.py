@@ -1,7 +1,9 @@
 import dataclasses
-from typing import Literal, get_args, get_origin, get_type_hints
+import types
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import pytest
+import yaml
 
 from generate.config import GenerateConfig
 from synthvit.cli import STAGES, _load, main
@@ -224,3 +226,142 @@ def test_retired_keys_of_old_run_folders_are_dropped(tmp_path):
     assert load_config(FinetuneConfig, old, retired=RETIRED_KEYS).optim.lr == 0.001
     with pytest.raises(ConfigError, match="unknown keys optim.accum_steps, optim.lr_base_batch, optim.lr_scale"):
         load_config(FinetuneConfig, old)
+
+
+def _list_keys(cls: type, prefix: str = ""):
+    """(dotted key, type) of every list-typed field, through nested groups and list entries (``models[].overrides``)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name, tp in get_type_hints(cls).items():
+        if name not in fields:
+            continue
+        members = get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)  # list[X] | None too
+        for member in members:
+            if get_origin(member) in (list, tuple):
+                yield prefix + name, member, fields[name]
+                item = (get_args(member) or (None,))[0]
+                if dataclasses.is_dataclass(item):
+                    yield from _list_keys(item, f"{prefix}{name}[].")
+            elif dataclasses.is_dataclass(member):
+                yield from _list_keys(member, f"{prefix}{name}.")
+
+
+def _sample(item_tp, field):
+    """One valid entry of a list: a string, 1, 0.5, a Literal's first choice, a Union's first member; an entry of a
+    list of groups is the first entry of the field's default (as its mapping)."""
+    if get_origin(item_tp) is Literal:
+        return get_args(item_tp)[0]
+    if get_origin(item_tp) in (Union, types.UnionType):
+        return _sample(get_args(item_tp)[0], field)
+    if dataclasses.is_dataclass(item_tp):
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        assert default and dataclasses.is_dataclass(default[0]), f"{field.name}: no default entry to sample"
+        return dataclasses.asdict(default[0])
+    return {str: "demo", int: 1, float: 0.5, bool: True}[item_tp]
+
+
+def _flow(value) -> str:
+    """``value`` as the text of ``key=...`` (YAML flow style; strings quoted only where YAML needs it)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("...").strip()
+
+
+def _at(tree: dict, dotted: str, value) -> dict:
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return tree
+
+
+LIST_KEYS = [(stage, key, tp, field) for stage in STAGES for key, tp, field in _list_keys(_load(STAGES[stage].config))]
+
+
+def test_list_keys_discovered():
+    found = {(stage, key) for stage, key, _, _ in LIST_KEYS}
+    assert {("generate", "procedural.classes"), ("pretrain", "data"), ("pretrain", "data_weights"),
+            ("pretrain", "optim.betas"), ("finetune", "optim.betas"), ("compare", "models"),
+            ("compare", "models[].overrides"), ("compare", "budgets"), ("compare", "seeds"),
+            ("compare", "finetune.optim.betas")} <= found
+
+
+@pytest.mark.parametrize("stage, key, tp, field", LIST_KEYS, ids=[f"{s}:{k}" for s, k, _, _ in LIST_KEYS])
+def test_every_list_key_takes_a_single_value(stage, key, tp, field, tmp_path):
+    """``key=X`` is ``key=[X]`` for every list-typed key of every stage, on the command line and in a YAML file."""
+    from synthvit.config import _coerce, _parse_override
+
+    cls = _load(STAGES[stage].config)
+    item_tp = get_args(tp)[0]
+    sample = _sample(item_tp, field)
+    single, bracketed = f"{key}={_flow(sample)}", f"{key}=[{_flow(sample)}]"
+    # the coercion a config value goes through (whatever a stage's own checks then say about a one-entry list)
+    as_list = _coerce(_parse_override(bracketed)[1], tp, key)
+    assert len(as_list) == 1
+    assert _coerce(_parse_override(single)[1], tp, key) == as_list
+    assert _coerce(sample, tp, key) == as_list  # a YAML file's scalar (or mapping) goes the same way
+    if "[]." in key:  # a key inside a list entry: the coercion is all there is to it
+        return
+
+    def outcome(**kwargs):
+        try:
+            return load_config(cls, **kwargs)
+        except ConfigError as e:  # a stage's own check (scale needs two numbers): the same for both spellings
+            assert " or a single " not in str(e) and "expected list" not in str(e), str(e)
+            return str(e)
+
+    end_to_end = outcome(overrides=[bracketed])
+    assert outcome(overrides=[single]) == end_to_end
+    in_file = tmp_path / "c.yaml"
+    in_file.write_text(yaml.safe_dump(_at({}, key, sample)))
+    from_file = outcome(path=in_file)
+    assert (from_file.removesuffix(f" (config file {in_file})") if isinstance(from_file, str) else from_file) == \
+        end_to_end
+    if not isinstance(end_to_end, str):
+        value = end_to_end
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert value == as_list
+
+
+def test_single_value_lists_through_the_cli(tmp_path):
+    from compare.config import CompareConfig
+    from pretrain.config import PretrainConfig
+    from synthvit.cli import _parse
+
+    for argv in (["pretrain", "data=shards/demo"], ["pretrain", "--data", "shards/demo"]):
+        path, overrides = _parse(argv)
+        cfg = load_config(PretrainConfig, path, overrides)
+        assert cfg.data == ["shards/demo"] and cfg == load_config(PretrainConfig, overrides=["data=[shards/demo]"])
+    assert load_config(PretrainConfig, overrides=["data=[a,b]"]).data == ["a", "b"]
+    assert load_config(PretrainConfig, overrides=["data=a,b", "data_weights=1,3"]).data_weights == [1.0, 3.0]
+    assert load_config(PretrainConfig, overrides=["data=7"]).data == ["7"]  # a str entry takes a number, as str keys
+    cfg = load_config(CompareConfig, overrides=["budgets=100", "seeds=0"])
+    assert (cfg.budgets, cfg.seeds) == ([100], [0])
+    assert load_config(CompareConfig, overrides=["seeds=0,1", "budgets=zero-shot,100"]).seeds == [0, 1]
+    assert load_config(CompareConfig, overrides=["budgets=zero-shot,100"]).budgets == ["zero-shot", 100]
+    # a single mapping is one entry of a list of groups
+    models = load_config(CompareConfig, overrides=["models={model: resnet50, overrides: optim.lr=0.001}"]).models
+    assert [(m.name, m.model, m.overrides) for m in models] == [("resnet50", "resnet50", ["optim.lr=0.001"])]
+    f = tmp_path / "c.yaml"
+    f.write_text("data: d\nseeds: 3\nbudgets: zero-shot\nmodels:\n  model: m\n  task: seg\n")
+    with pytest.raises(ConfigError, match=r"budgets: \['zero-shot'\] not accepted"):  # compare's own check
+        load_config(CompareConfig, f)
+    cfg = load_config(CompareConfig, f, ["budgets=50"])
+    assert (cfg.seeds, cfg.budgets, [(m.model, m.task) for m in cfg.models]) == ([3], [50], [("m", "seg")])
+    # entries are still checked, and the error names the key and what it takes
+    for override, message in (
+            ("seeds=abc", "seeds: expected list[int] or a single int, got 'abc' (str)"),
+            ("seeds=1.5", "seeds: expected list[int] or a single int, got 1.5 (float)"),
+            ("seeds=0,abc", "seeds[1]: expected an integer, got 'abc' (str)"),
+            ("seeds=[0, abc]", "seeds[1]: expected an integer, got 'abc' (str)"),
+            ("budgets=lots", "budgets: expected list[int | 'zero-shot'] or a single int | 'zero-shot', got 'lots'"),
+            ("seeds=", "seeds: expected list[int] or a single int, got ''; use seeds=[] for an empty list"),
+            ("models=3", "models: expected list[group] or a single group, got 3 (int)"),
+            ("models={model: m, task: bad}", "models[0].task: 'bad' is not accepted; choose one of"),
+    ):
+        with pytest.raises(ConfigError) as e:
+            load_config(CompareConfig, overrides=["data=d", override])
+        assert str(e.value).startswith(message), str(e.value)
+    with pytest.raises(ConfigError, match=r"procedural.classes: \['rust'\] not accepted"):
+        load_config(GenerateConfig, overrides=["procedural.classes=rust"])
+    # only list keys take a single value: a str key stays the string, with or without a comma
+    assert load_config(PretrainConfig, overrides=["out_dir=runs/a,b"]).out_dir == "runs/a,b"
