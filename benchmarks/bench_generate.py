@@ -9,6 +9,10 @@ and the ratios generate/encode-only and write-only/encode-only (the ceiling any 
 Then the whole CLI stage with all cores (workers) for the wall rate.
 
     python benchmarks/bench_generate.py [--samples 200] [--samples-4k 12] [--workers 2]
+
+With ``--backends procedural,contours`` it instead compares backends, one process (one core) each in turn, at
+``--backend-size`` (default 256): render (image + mask + metadata) and generate (render + write + sha256)
+samples/s per core, one row per backend (set OMP_NUM_THREADS=1 to keep numpy on one core).
 """
 from __future__ import annotations
 
@@ -61,6 +65,22 @@ def bench_size(size: str, n: int, quality: int = 95) -> dict:
                 encode=_rate(n, encode_s), ratio=encode_s / generate_s, ceiling=encode_s / write_s)
 
 
+def bench_backend(name: str, size: str, n: int, quality: int = 95) -> dict:
+    """Render-only and render+write rates of backend ``name`` at ``size``, in this process (one core)."""
+    cfg = GenerateConfig(backend=name, image_size=size, num_samples=n, samples_per_shard=n, jpeg_quality=quality)
+    backend = create_backend(name, cfg)
+    backend.render(10_000)  # warm-up (allocator, caches)
+    t = time.perf_counter()
+    for i in range(n):
+        backend.render(i)
+    render_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        write_shard(backend, ShardPlan(0, 0, n), Path(d), cfg)
+        generate_s = time.perf_counter() - t
+    return dict(backend=name, size=size, n=n, render=_rate(n, render_s), generate=_rate(n, generate_s))
+
+
 def bench_stage(size: str, n: int, workers: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         cfg = GenerateConfig(image_size=size, num_samples=n, samples_per_shard=max(1, n // (4 * workers)),
@@ -75,10 +95,20 @@ def main(argv=None) -> None:
     ap.add_argument("--samples", type=int, default=200, help="samples at 512x512")
     ap.add_argument("--samples-4k", type=int, default=12, help="samples at 3840x2160")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--backends", default="", help="compare these backends (comma-separated) instead")
+    ap.add_argument("--backend-size", default="256", help="image size for --backends")
     args = ap.parse_args(argv)
     tune_allocator()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.platform()}")
+    if args.backends:
+        print(f"\nper core (one process), {args.backend_size} px, jpg q95, samples/s:")
+        print(f"| {'backend':>10} | {'n':>4} | {'render':>8} | {'generate':>9} |")
+        print(f"|{'-' * 12}|{'-' * 6}|{'-' * 10}|{'-' * 11}|")
+        for name in args.backends.split(","):
+            r = bench_backend(name.strip(), args.backend_size, args.samples)
+            print(f"| {r['backend']:>10} | {r['n']:>4} | {r['render']:8.1f} | {r['generate']:9.1f} |")
+        return
     print("\nper core (one process), samples/s:")
     print(f"| {'size':>10} | {'n':>4} | {'render':>8} | {'write-only':>10} | {'generate':>9} | {'encode-only':>11} "
           f"| generate/encode | write-only/encode |")

@@ -66,6 +66,49 @@ class ProceduralConfig:
             raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
 
 
+ContourFill = Literal["texture", "flat"]
+
+
+@dataclass(kw_only=True)
+class ContoursConfig:
+    """``backend=contours``: formula-driven radial contours (VisualAtom / SegRCDB style), one class per shape."""
+    num_classes: int = field(default=32, metadata={
+        "help": "K contour classes (ids 1..K), each a fixed shape drawn from the dataset seed"})
+    min_instances: int = field(default=4, metadata={"help": "instances per frame: min_instances..max_instances"})
+    max_instances: int = field(default=16, metadata={"help": "at most 255"})
+    harmonics: int = field(default=4, metadata={"help": "sinusoids per class contour r(theta): 1..harmonics"})
+    max_frequency: int = field(default=8, metadata={"help": "highest sinusoid frequency (lobes per turn)"})
+    shape_noise: float = field(default=0.15, metadata={"help": "smooth noise of each class contour (relative)"})
+    instance_noise: float = field(default=0.05, metadata={
+        "help": "max extra smooth noise of each instance's contour (relative)"})
+    min_scale: float = field(default=0.04, metadata={"help": "smallest instance radius, share of the short side"})
+    max_scale: float = field(default=0.25, metadata={"help": "largest instance radius (log-uniform in between)"})
+    outline_prob: float = field(default=0.3, metadata={"help": "share of instances with a dark or light inner rim"})
+    gray_prob: float = field(default=0.5, metadata={"help": "share of grayscale frames (the rest are RGB)"})
+    fill: ContourFill = field(default="texture", metadata={
+        "help": "texture: noise background, shaded textured instances; flat: black background, each instance its "
+                "class id as grey level (image == mask, for checks)"})
+
+    def __post_init__(self):
+        if not 1 <= self.num_classes <= 255:
+            raise ConfigError(f"num_classes: {self.num_classes} not accepted; use 1..255 (the mask is 8-bit)")
+        if not 0 <= self.min_instances <= self.max_instances <= 255:
+            raise ConfigError(f"min_instances, max_instances: {self.min_instances}, {self.max_instances} not "
+                              "accepted; use 0 <= min_instances <= max_instances <= 255")
+        if not 1 <= self.harmonics <= 16:
+            raise ConfigError(f"harmonics: {self.harmonics} not accepted; use 1..16")
+        if not 1 <= self.max_frequency <= 64:
+            raise ConfigError(f"max_frequency: {self.max_frequency} not accepted; use 1..64")
+        for name in ("shape_noise", "instance_noise"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} not accepted; use a value in [0, 1]")
+        if not 0 < self.min_scale <= self.max_scale <= 2:
+            raise ConfigError(f"min_scale, max_scale: {self.min_scale}, {self.max_scale} not accepted; use "
+                              "0 < min_scale <= max_scale <= 2")
+        _check_prob("outline_prob", self.outline_prob)
+        _check_prob("gray_prob", self.gray_prob)
+
+
 StyleGANMode = Literal["random", "oriented", "checkpoint"]
 DiffusionMode = Literal["inpaint", "img2img", "unconditional"]
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
@@ -160,6 +203,7 @@ class GenerateConfig:
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     stylegan: StyleGANConfig = field(default_factory=StyleGANConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    contours: ContoursConfig = field(default_factory=ContoursConfig)
 
     def __post_init__(self):
         from generate.backends import list_backends  # light: the registry holds lazy references

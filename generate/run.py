@@ -24,7 +24,7 @@ PREVIEW_FILE = "preview.png"
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
 RANK_WAIT_HOURS = 72  # how long ranks that finished wait in a barrier for the others
 # The backend groups that only their own backend reads (procedural.* is read by every backend: defects, surfaces).
-BACKEND_GROUPS = ("stylegan", "diffusion")
+BACKEND_GROUPS = ("stylegan", "diffusion", "contours")
 
 
 def _dataset_view(d: dict) -> dict:

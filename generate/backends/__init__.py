@@ -27,6 +27,7 @@ _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "procedural": "generate.backends.procedural:ProceduralBackend",
     "stylegan": "generate.backends.stylegan:StyleGANBackend",
     "diffusion": "generate.backends.diffusion:DiffusionBackend",
+    "contours": "generate.backends.contours:ContoursBackend",
 }
 
 
