@@ -8,7 +8,9 @@ each rank takes every ``world``-th cell on its local GPU.
 """
 from __future__ import annotations
 
+import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,15 +20,16 @@ from pathlib import Path
 import yaml
 
 from compare.config import ZERO_SHOT, CompareConfig, ModelSpec
-from finetune.artifacts import METRICS_FILE
+from finetune.artifacts import CONFIG_FILE, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
 from finetune.config import FinetuneConfig
-from synthvit.config import dump_yaml, load_config, to_dict
+from synthvit.config import ConfigError, dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text
 from synthvit.progress import progress_bar
 
 CELL_CONFIG = "cell.yaml"  # a cell's resolved finetune config (the child's --config)
 PROBE_FILE = "probe.json"  # a model's cost, written by ``python -m compare.probe`` into its largest cell
 CELL_LOG, PROBE_LOG = "log.txt", "probe.log"
+PREVIOUS = "previous"  # a stale cell's old results are moved to previous-1, previous-2, ... before it runs again
 # Variables of the launching job that must not reach a child: each child is a job of its own.
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
              "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "NODE_RANK")
@@ -69,25 +72,74 @@ class Cell:
         return ZERO_SHOT if self.zero_shot else self.budget
 
 
-def cell_config(cfg: CompareConfig, cell: Cell, n_train: int) -> FinetuneConfig:
-    """Write ``cell.yaml`` (the resolved finetune config of the cell); a finished cell whose config changed is
-    marked unfinished so that it runs again. Every seed and model of a budget gets the same ``data_seed``, so the
-    same nested subset of train images; a zero-shot cell trains nothing (``steps=0``)."""
+def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str] | None = None) -> FinetuneConfig:
+    """Write ``cell.yaml`` (the resolved finetune config of the cell). A finished cell is stale when the config it
+    ran with differs from this one in a value (a key a newer synthvit added reads as its default, so it changes
+    nothing) or its test split differs from ``test_ids`` (data or split policy changed): its results are moved to
+    ``previous-N/``, never deleted, and it runs again. Every seed and model of a budget gets the same ``data_seed``,
+    so the same nested subset of train images; a zero-shot cell trains nothing (``steps=0``)."""
     spec, folder = cell.spec, cell.folder
     tree = to_dict(cfg.finetune)
     tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
                 task=spec.task or cfg.finetune.task, seed=cell.seed,
                 train_limit=0 if cell.zero_shot or cell.budget >= n_train else cell.budget)
     path = folder / CELL_CONFIG
-    old = path.read_text() if path.is_file() else None
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
     resolved = load_config(FinetuneConfig, path, spec.overrides + (["steps=0"] if cell.zero_shot else []))
-    text = dump_yaml(resolved)
-    atomic_write_text(path, text)
-    if old is not None and old != text and (folder / METRICS_FILE).is_file():
-        print(f"compare: the config of {folder} changed; it runs again", file=sys.stderr)
-        (folder / METRICS_FILE).unlink()
+    atomic_write_text(path, dump_yaml(resolved))
+    if (folder / METRICS_FILE).is_file():
+        reasons = _config_changes(folder / CONFIG_FILE, resolved) + _split_change(folder / SPLIT_FILE, test_ids)
+        if reasons:
+            kept = _set_aside(folder)
+            print(f"compare: {folder} is stale ({'; '.join(reasons)}); its results are kept in {kept}, "
+                  f"it runs again", file=sys.stderr)
     return resolved
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _config_changes(old: Path, new: FinetuneConfig) -> list[str]:
+    """``key: old -> new`` for each value the finished run's ``config.yaml`` differs in (read with today's
+    defaults, retired keys dropped); a missing or unreadable file is itself the change."""
+    if not old.is_file():
+        return [f"no {old.name}"]
+    try:
+        a = _flat(to_dict(load_config(FinetuneConfig, old, retired=RETIRED_KEYS)))
+    except ConfigError as e:
+        return [f"{old.name} no longer loads: {e}"]
+    b = _flat(to_dict(new))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _split_change(split_file: Path, test_ids: set[str] | None) -> list[str]:
+    if test_ids is None:
+        return []
+    if not split_file.is_file():
+        return [f"no {split_file.name}"]
+    with open(split_file, newline="") as f:
+        old = {row["id"] for row in csv.DictReader(f) if row.get("split") == "test"}
+    if old == test_ids:
+        return []
+    return [f"its test split differs from today's ({len(old - test_ids)} images left it, {len(test_ids - old)} "
+            f"joined): the data or the split policy changed"]
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move a stale cell's results into ``previous-N/`` (the lowest free N); ``cell.yaml`` stays."""
+    n = 1
+    while (folder / f"{PREVIOUS}-{n}").exists():
+        n += 1
+    kept = folder / f"{PREVIOUS}-{n}"
+    kept.mkdir()
+    for entry in list(folder.iterdir()):
+        if entry.name != CELL_CONFIG and not entry.name.startswith(f"{PREVIOUS}-"):
+            shutil.move(str(entry), kept / entry.name)
+    return kept
 
 
 def effective_budgets(budgets: list[int], n_train: int) -> list[int]:
@@ -114,11 +166,13 @@ def _cell(cfg: CompareConfig, spec: ModelSpec, budget: int, seed: int, zero_shot
     return Cell(spec, budget, seed, Job(name, folder, argv, METRICS_FILE), zero_shot)
 
 
-def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True) -> list[Cell]:
+def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True,
+               test_ids: set[str] | None = None) -> list[Cell]:
     """The cells: each model's zero-shot cell (models with an init, when asked for), then per seed models x
     budgets (the first seed's cells come first: a matrix cut short still has one of every cell). With ``write``,
-    each cell folder gets its ``cell.yaml`` (only one process of a launched job writes) and a cell that will run
-    loses any old ``probe.json``."""
+    each cell folder gets its ``cell.yaml`` (only one process of a launched job writes), a stale finished cell is
+    set aside (``cell_config``; ``test_ids``: today's test split) and a cell that will run loses any old
+    ``probe.json``."""
     cells = [_cell(cfg, spec, 0, cfg.seeds[0], zero_shot=True) for spec in cfg.models
              if cfg.zero_shot and not zero_shot_reason(cfg, spec)]
     cells += [_cell(cfg, spec, budget, seed) for seed in cfg.seeds for spec in cfg.models
@@ -126,7 +180,7 @@ def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True) -> list[Cel
     if write:
         for cell in cells:
             cell.folder.mkdir(parents=True, exist_ok=True)
-            cell_config(cfg, cell, n_train)
+            cell_config(cfg, cell, n_train, test_ids)
             if not cell.job.done:
                 (cell.folder / PROBE_FILE).unlink(missing_ok=True)
     return cells

@@ -94,7 +94,7 @@ def run(cfg: CompareConfig) -> Path:
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
-    cells = plan_cells(cfg, n_train, write=ranks.rank == 0)
+    cells = plan_cells(cfg, n_train, write=ranks.rank == 0, test_ids={i.id for i in test_items})
     ranks.barrier()
     slots = ranks.slots(cfg.parallel)
     run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")

@@ -148,7 +148,9 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     bar.close()
     wall = time.perf_counter() - t0
     peak, kind = peak_memory_mb(acc.device)  # the process peak: training's, in a fresh run
+    # the plain model, without the autocast wrapper precision=bf16 put on its forward: the run's test metrics are
+    # then what `synthvit evaluate` computes from the export (before, a bf16 run scored itself under CPU autocast)
     return {"steps": cfg.steps, "train_images": len(items), "train_wall_s": round(wall, 2),
             "train_peak_mb": peak, "train_peak_kind": kind,
             "train_images_per_s": round(cfg.steps * cfg.batch_size * acc.num_processes / wall, 2),
-            "zero_shot": False, "model": acc.unwrap_model(model)}
+            "zero_shot": False, "model": acc.unwrap_model(model, keep_fp32_wrapper=False)}

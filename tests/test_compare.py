@@ -284,6 +284,42 @@ def _finish(cell, defect: float, auroc: float) -> None:
     (cell.folder / "export/config.json").write_text(json.dumps({"decoder": decoder}))
 
 
+def test_a_stale_cell_keeps_its_results_aside_and_a_new_default_key_is_no_change(tmp_path, capsys):
+    from compare.matrix import plan_cells
+
+    cells = _matrix(tmp_path, seeds=(0,))
+    cell = next(c for c in cells if c.folder.relative_to(tmp_path).as_posix() == "cells/vit/n00005/s0")
+    ran = yaml.safe_load((cell.folder / "cell.yaml").read_text())
+    del ran["split_missing"]  # the config.yaml of a run written before that key existed
+    (cell.folder / "config.yaml").write_text(yaml.safe_dump(ran, sort_keys=False))
+    (cell.folder / "split.csv").write_text("id,split\na,train\nb,test\nc,test\n")
+    _finish(cell, 0.3, 0.8)
+    replanned = _matrix(tmp_path, seeds=(0,))  # planned again by today's synthvit, which has that key
+    assert next(c for c in replanned if c.folder == cell.folder).job.done
+    assert not list(cell.folder.glob("previous-*")) and "stale" not in capsys.readouterr().err
+
+    from compare.config import CompareConfig, ModelSpec
+    cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5, 0], seeds=[0],
+                        models=[ModelSpec(name="vit", model="vit_tiny_patch16_224")])
+    plan_cells(cfg, n_train=14, test_ids={"b", "c"})
+    assert (cell.folder / "metrics.json").is_file()  # same config, same test split: still finished
+    plan_cells(cfg, n_train=14, test_ids={"b", "d"})
+    err = capsys.readouterr().err
+    assert f"{cell.folder} is stale" in err and "1 images left it, 1 joined" in err
+    assert not (cell.folder / "metrics.json").exists() and (cell.folder / "cell.yaml").is_file()
+    kept = cell.folder / "previous-1"
+    assert {p.name for p in kept.iterdir()} == {"metrics.json", "config.yaml", "split.csv", "export"}
+    assert json.loads((kept / "metrics.json").read_text())["pixel"]["iou"]["crack"] == 0.3
+
+    (cell.folder / "config.yaml").write_text((kept / "config.yaml").read_text())
+    (cell.folder / "split.csv").write_text((kept / "split.csv").read_text())
+    _finish(cell, 0.4, 0.8)
+    cfg.finetune.steps = 600
+    plan_cells(cfg, n_train=14, test_ids={"b", "c"})
+    assert "steps: 500 -> 600" in capsys.readouterr().err and (cell.folder / "previous-2/metrics.json").is_file()
+    assert json.loads((kept / "metrics.json").read_text())["pixel"]["iou"]["crack"] == 0.3
+
+
 def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):
     from compare.matrix import PROBE_FILE, reference_cells
     from compare.report import Report

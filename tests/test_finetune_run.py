@@ -54,7 +54,8 @@ def initial_model(run):
 @pytest.mark.slow
 def test_finetune_evaluate_predict_end_to_end(real_data, tmp_path, cli):
     run = tmp_path / "run"
-    res = run_cli("finetune", f"data={real_data}", f"out_dir={run}", "task=both", *FT, check=True)
+    res = run_cli("finetune", f"data={real_data}", f"out_dir={run}", "task=both", "precision=bf16", *FT,
+                  check=True)
     assert "test:" in res.stderr
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["pixel"]["iou"]) == {"background", "defect"} and 0 <= metrics["pixel"]["miou"] <= 1
@@ -69,6 +70,10 @@ def test_finetune_evaluate_predict_end_to_end(real_data, tmp_path, cli):
     ev = cli("evaluate", "--checkpoint", run, "--split", "all")
     assert ev.returncode == 0 and f"synthvit evaluate: done -> {run}" in ev.stdout, ev.stderr[-2000:]
     assert json.loads((run / "metrics_all.json").read_text())["images"] == 16
+    assert cli("evaluate", "--checkpoint", run).returncode == 0  # the test split, from the export alone
+    again = json.loads((run / "metrics_test.json").read_text())
+    for part in ("pixel", "image", "classification"):  # what the run reported of itself, bf16 training or not
+        assert again[part] == metrics[part], part
     out = tmp_path / "pred"
     pred = cli("predict", "--checkpoint", run, "--input", real_data / "images", "--out", out)
     assert pred.returncode == 0, pred.stderr[-2000:]
