@@ -9,6 +9,9 @@ from synthvit.config import ConfigError, parse_size
 SURFACES = ("metal", "sintered", "concrete", "fabric", "painted")
 DEFECTS = ("crack", "scratch", "pit", "stain", "inclusion", "dent", "chip")
 
+BACKGROUND_FORMATS = ("auto", "plain", "canonical", "imagefolder", "labelme", "coco", "hf", "shards")
+BackgroundFit = Literal["crop", "resize"]
+
 # Sizes outside this range are refused: below, a defect cannot be drawn; above, one frame needs > 2 GiB of floats.
 MIN_SIDE, MAX_SIDE = 32, 16384
 
@@ -50,8 +53,26 @@ class ProceduralConfig:
     scale_exponent: float = field(
         default=0.5, metadata={"help": "defect size grows as side**exponent above 256 px (0.5: small in 4K)"})
     camera: CameraConfig = field(default_factory=CameraConfig)
+    backgrounds: str = field(default="", metadata={
+        "help": "a folder of your defect-free images, or a real-data folder (its defect-free train images): "
+                "defects are drawn into them instead of procedural surfaces"})
+    backgrounds_format: str = field(default="auto", metadata={
+        "help": f"layout of backgrounds: {', '.join(BACKGROUND_FORMATS)} (plain: every image of the folder)"})
+    backgrounds_fit: BackgroundFit = field(default="crop", metadata={
+        "help": "crop: random crops of image_size (smaller images scaled up to cover it); resize: whole images"})
+    defect_free_labels: list[str] = field(default_factory=list, metadata={
+        "help": "image labels that mean defect-free in a labelled backgrounds folder (empty: good, free, ok, "
+                "normal, ...)"})
+    backgrounds_test_fraction: float = field(default=0.3, metadata={
+        "help": "the test share of the backgrounds folder's seeded split (no splits.csv): as finetune's"})
+    backgrounds_data_seed: int = field(default=0, metadata={"help": "its split seed: as finetune's data_seed"})
 
     def __post_init__(self):
+        if self.backgrounds_format not in BACKGROUND_FORMATS:
+            raise ConfigError(f"backgrounds_format: {self.backgrounds_format!r} not accepted; use one of "
+                              f"{', '.join(BACKGROUND_FORMATS)}")
+        if not 0 <= self.backgrounds_test_fraction < 1:
+            raise ConfigError(f"backgrounds_test_fraction: {self.backgrounds_test_fraction} not accepted; use [0, 1)")
         for name, accepted, values in (("surfaces", SURFACES, self.surfaces), ("classes", DEFECTS, self.classes)):
             bad = [v for v in values if v not in accepted]
             if bad or not values:

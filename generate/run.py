@@ -14,7 +14,7 @@ from generate.config import GenerateConfig
 from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
 from generate.writer import plan_shards, remove_stale_temporaries, write_shards
-from synthvit.config import CONFIG_FILE, dump_yaml, to_dict
+from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml, load_config, to_dict
 from synthvit.io import SynthvitError, atomic_write_text, sha256_file
 
 log = logging.getLogger("synthvit.generate")
@@ -64,10 +64,13 @@ def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
         raise SynthvitError(f"out_dir {out} is not writable ({e.strerror}); choose a writable folder") from None
     previous = out / CONFIG_FILE
     if previous.is_file():
-        try:
-            old = yaml.safe_load(previous.read_text()) or {}
-        except yaml.YAMLError:
-            old = {}
+        try:  # read with today's defaults: a key added since changes nothing
+            old = to_dict(load_config(GenerateConfig, previous))
+        except ConfigError:
+            try:
+                old = yaml.safe_load(previous.read_text()) or {}
+            except yaml.YAMLError:
+                old = {}
         old = _dataset_view(old)
         new_flat, old_flat = _flatten(dataset_config(cfg)), _flatten(old)
         diff = [f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in sorted(set(new_flat) | set(old_flat))
@@ -142,6 +145,7 @@ def run(cfg: GenerateConfig) -> Path:
     if cfg.verify:
         return verify(out) if rank == 0 else out
     backend = create_backend(cfg.backend, cfg)
+    getattr(backend, "validate", lambda: None)()  # its inputs (backgrounds) read whole, before any shard
     if rank == 0:
         _prepare(out, cfg)
     barrier()
@@ -161,7 +165,7 @@ def run(cfg: GenerateConfig) -> Path:
         for s in plan:  # shards of other ranks and of earlier runs are hashed from disk
             fname = shard_filename(cfg.name, s.index)
             shards.append(results.get(s.index) or (fname, s.num_samples, sha256_file(out / fname)))
-        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg))
+        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg)) | getattr(backend, "info", {})
         write_info(out, info)  # last: its presence marks the dataset complete
         preview = _preview(out, [f for f, _, _ in shards], cfg.preview, backend.class_names)
         log.info("%s: %d samples in %d shards (%d new samples%s)%s", out, cfg.num_samples, len(plan), done, rate,

@@ -96,7 +96,7 @@ def test_folder_backgrounds(pipelines, tmp_path):
     backgrounds = FolderBackgrounds(folder, 64, 64)
     for i, s in enumerate(backend.render_batch([0, 1, 2, 3])):
         bg, meta = backgrounds(i, sample_rng(0, i)[0])
-        assert s.meta["surface"]["file"] == meta["file"] and s.image.shape == bg.shape
+        assert s.meta["surface"]["id"] == meta["id"] and s.image.shape == bg.shape
         assert np.array_equal(s.image[s.mask == 0], bg[s.mask == 0])
     (tmp_path / "empty").mkdir()
     with pytest.raises(SynthvitError, match="holds no images"):

@@ -52,8 +52,8 @@ def test_mask_is_exactly_the_changed_pixels(monkeypatch):
     with_defects = [backend(**kw).render(i) for i in range(30)]
     real = defects.composite
 
-    def dry_run(img, inst, mask, stamp, inst_id, class_id, light=None):
-        return real(img.copy(), inst.copy(), mask.copy(), stamp, inst_id, class_id, light)
+    def dry_run(img, inst, mask, stamp, inst_id, class_id, light=None, adjust=None):
+        return real(img.copy(), inst.copy(), mask.copy(), stamp, inst_id, class_id, light, adjust)
 
     monkeypatch.setattr("generate.backends.procedural.composite", dry_run)
     without = [backend(**kw).render(i) for i in range(30)]

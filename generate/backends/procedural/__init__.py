@@ -6,15 +6,20 @@ surface luminance -> [perspective/rotation] -> [lens blur] -> lighting -> sensor
 (local patches, blurred and lit like the frame) -> uint8 -> [JPEG artifacts]. Each defect writes its class
 into the mask and its id into an instance map; ``cls`` and each instance's bbox/area are read off those, so
 labels always agree with the mask.
+
+With ``procedural.backgrounds`` the surface is the user's own defect-free image instead (``generate.backgrounds``,
+no camera effects: the photo has its own), and each defect follows the local statistics of the spot it lands on
+(:class:`~generate.backends.procedural.defects.LocalContrast`); the sample's json names its ``background``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from generate.backends.procedural import camera
-from generate.backends.procedural.defects import DEFECT_PAINTERS, blur_stamp, composite
+from generate.backends.procedural.defects import DEFECT_PAINTERS, LocalContrast, blur_stamp, composite
 from generate.backends.procedural.noise import blur
 from generate.backends.procedural.surfaces import SURFACE_FAMILIES
+from generate.backgrounds import BackgroundPool, find_backgrounds
 from generate.schema import BACKGROUND, Sample, main_class_of
 
 REFERENCE_SIDE = 256
@@ -40,11 +45,12 @@ def _r(params: dict) -> dict:
     return {k: r(v) for k, v in params.items()}
 
 
-def draw_defects(rng, img: np.ndarray, p, scale: float, sigma: float = 0.0, light=None, extra=None):
+def draw_defects(rng, img: np.ndarray, p, scale: float, sigma: float = 0.0, light=None, extra=None, adjust=None):
     """Draw ``p.defect_free_prob``-gated procedural defects into ``img`` (C, H, W) float, in place.
 
     ``extra``: optional ``(probability, class id, painter(rng, shape_stamp) -> Stamp)``: that share of defects is
     drawn by ``painter`` in the shape of a procedural defect instead (e.g. a DRAEM-style blended texture).
+    ``adjust``: passed to :func:`composite` (defects on real backgrounds).
     Returns (instance map, class mask, [(class id, clipped patch box)] per instance id 1..n).
     """
     _, H, W = img.shape
@@ -60,7 +66,7 @@ def draw_defects(rng, img: np.ndarray, p, scale: float, sigma: float = 0.0, ligh
                 cls, stamp = extra[1], extra[2](rng, stamp)
             if sigma:
                 stamp = blur_stamp(stamp, sigma)
-            landed = composite(img, inst, mask, stamp, len(instances) + 1, cls, light)
+            landed = composite(img, inst, mask, stamp, len(instances) + 1, cls, light, adjust)
             if landed:
                 instances.append((cls, landed[1]))
     return inst, mask, instances
@@ -83,6 +89,39 @@ def instance_records(inst: np.ndarray, instances: list[tuple[int, tuple]], class
     return out
 
 
+def background_pool(cfg, check: bool = False) -> BackgroundPool | None:
+    """The pool of ``procedural.backgrounds`` (None without one); ``check``: decode every file first, warn about
+    small ones (``generate`` does this once, before any shard). ``pool.record`` goes into ``_info.json``."""
+    p = cfg.procedural
+    if not p.backgrounds:
+        return None
+    sources, record = find_backgrounds(p.backgrounds, p.backgrounds_format, tuple(x.lower() for x in
+                                       p.defect_free_labels), p.backgrounds_test_fraction, p.backgrounds_data_seed,
+                                       check)
+    pool = BackgroundPool(sources, *cfg.size, p.backgrounds_fit, warn=check)
+    pool.record = record
+    return pool
+
+
+def background_frame(pool: BackgroundPool, rng) -> tuple[np.ndarray, dict]:
+    """A background from ``rng`` as a planar float32 frame in [0, 1] (one channel when it is grey) + its record."""
+    crop, record = pool(rng)
+    img = crop[None] if crop.ndim == 2 else crop.transpose(2, 0, 1)
+    return img.astype(np.float32) / 255.0, record
+
+
+def on_background(rng, pool: BackgroundPool, p, scale: float, class_names: list[str], meta: dict,
+                  extra=None) -> Sample:
+    """Procedural defects (and ``extra``'s) drawn into a background from ``pool``, each at the local contrast of
+    its spot and through a light lens blur; ``meta`` gets ``background`` ({id, box}) and ``channels``."""
+    img, record = background_frame(pool, rng)
+    sigma = float(rng.uniform(0.3, 0.8))
+    inst, mask, instances = draw_defects(rng, img, p, scale, sigma, extra=extra, adjust=LocalContrast(rng))
+    defects = instance_records(inst, instances, class_names)
+    meta = dict(meta, channels=img.shape[0], background=record, defects=defects)
+    return Sample(camera.to_uint8(img), mask, main_class_of(defects, len(class_names)), meta)
+
+
 class ProceduralBackend:
     name = "procedural"
 
@@ -92,9 +131,23 @@ class ProceduralBackend:
         self.width, self.height = cfg.size
         self.class_names = [BACKGROUND, *self.p.classes]
         self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
+        self.backgrounds = background_pool(cfg)
+
+    def validate(self) -> None:
+        """Every background decodes (one error listing those that do not); run once before any shard."""
+        if self.backgrounds is not None:
+            background_pool(self.cfg, check=True)
+
+    @property
+    def info(self) -> dict:
+        """What ``_info.json`` records beside the config: the backgrounds used (ids included)."""
+        return {"backgrounds": self.backgrounds.record} if self.backgrounds is not None else {}
 
     def render(self, index: int) -> Sample:
         rng = np.random.default_rng((self.cfg.seed, index))
+        if self.backgrounds is not None:
+            meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[self.width, self.height])
+            return on_background(rng, self.backgrounds, self.p, self.scale, self.class_names, meta)
         H, W, p, cam = self.height, self.width, self.p, self.p.camera
         family = p.surfaces[int(rng.integers(len(p.surfaces)))]
         lum, tint, surface_params = SURFACE_FAMILIES[family](rng, H, W, self.scale)

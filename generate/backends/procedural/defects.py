@@ -52,12 +52,14 @@ def blur_stamp(stamp: Stamp, sigma: float) -> Stamp:
 
 
 def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp, inst_id: int, class_id: int,
-              light: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[int, tuple] | None:
+              light: tuple[np.ndarray, np.ndarray] | None = None, adjust=None) -> tuple[int, tuple] | None:
     """Blend ``stamp`` into ``img`` (C, H, W) in place; label its pixels in ``inst`` and ``mask``.
 
     ``light`` ((H, 1) column, (1, W) row; their sum is the illumination the frame was multiplied by): offsets
     (light a defect reflects, such as a bright scratch) are lit the same way, so drawing defects after lighting
     equals lighting the defective frame.
+    ``adjust(region, change, covered) -> change``: rescales the defect's change of the frame before blending (see
+    :class:`LocalContrast`); the mask is still exactly the covered pixels.
     Returns (pixels covered, (ys, ye, xs, xe) of the clipped patch), or None when nothing landed.
     """
     H, W = inst.shape
@@ -78,11 +80,43 @@ def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp,
         offset = offset * (light[0][ys:ye] + light[1][:, xs:xe])
     new = region * _crop(stamp.gain, (h, w), sl) + offset
     new -= region
+    if adjust is not None:
+        new = adjust(region, new, covered)
     new *= a
     region += new
     inst[ys:ye, xs:xe][covered] = inst_id
     mask[ys:ye, xs:xe][covered] = class_id
     return count, (ys, ye, xs, xe)
+
+
+class LocalContrast:
+    """Defects drawn into a real background follow its local statistics: the mean change under a defect is at
+    least ``k`` (drawn per defect) times the patch's grey-level std plus ``floor``, so a pit on a dark, busy tile is
+    as visible as on a bright, flat one; where the frame has no room in the defect's direction (a dark pit on a
+    near-black area) it turns the other way; the defect's pixels get the background's own sensor noise."""
+
+    def __init__(self, rng, k: tuple[float, float] = (1.5, 4.0), floor: float = 0.04):
+        self.rng, self.k, self.floor = rng, k, floor
+
+    def __call__(self, region: np.ndarray, change: np.ndarray, covered: np.ndarray) -> np.ndarray:
+        lum = region.mean(0)
+        mu, sd = float(lum.mean()), float(lum.std())
+        d = float(change.mean(0)[covered].mean())
+        sign = math.copysign(1.0, d) if abs(d) > 1e-4 else float(self.rng.choice((-1.0, 1.0)))
+        target = max(abs(d), float(self.rng.uniform(*self.k)) * sd + self.floor)
+        room = 1.0 - mu if sign > 0 else mu
+        if room < 0.5 * target and 1.0 - room > room:  # no room this way: the other way round
+            sign, room = -sign, 1.0 - room
+        target = min(target, 0.95 * max(room, 0.0))
+        if abs(d) > 1e-4:
+            change = change * (math.copysign(1.0, d) * sign * min(target / abs(d), 10.0))
+        else:
+            change = np.full_like(change, sign * target)
+        # sensor noise of the background (from neighbour differences: std = mean |diff| * sqrt(pi) / 2)
+        noise = float(np.abs(np.diff(lum, axis=1)).mean()) * 0.886 / math.sqrt(2) if lum.shape[1] > 1 else 0.0
+        if noise > 0:
+            change = change + self.rng.normal(0.0, noise, lum.shape).astype(np.float32)
+        return change
 
 
 def _centre(rng, H, W) -> tuple[float, float]:

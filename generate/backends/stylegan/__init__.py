@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generate.backends.procedural import feature_scale, sample_on_surface
+from generate.backends.procedural import background_pool, feature_scale, on_background, sample_on_surface
 from generate.backends.procedural.defects import Stamp
 from generate.backends.stylegan.network import Generator, sample_synthesis_weights
 from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
 from generate.schema import BACKGROUND, Sample
+from synthvit.config import ConfigError
 from synthvit.io import SynthvitError
 from synthvit.training import resolve_device
 
@@ -90,6 +91,20 @@ class StyleGANBackend:
                 res = network_resolution(self.width, self.height, self.s.resolution)
                 G = Generator(resolution=res, channel_base=RANDOM_CHANNEL_BASE, channel_max=self.s.channel_max)
         self.G = G.eval().requires_grad_(False).to(self.device)
+        # procedural.backgrounds: the user's frames are the surfaces, the network's textures the anomalies' source
+        self.backgrounds = background_pool(cfg)
+        if self.backgrounds is not None and not self.s.anomaly_prob:
+            raise ConfigError("stylegan.anomaly_prob: 0 with procedural.backgrounds draws no StyleGAN texture at all; "
+                              "set stylegan.anomaly_prob > 0 (DRAEM-style anomalies in your frames) or use "
+                              "backend=procedural")
+
+    def validate(self) -> None:
+        if self.backgrounds is not None:
+            background_pool(self.cfg, check=True)
+
+    @property
+    def info(self) -> dict:
+        return {"backgrounds": self.backgrounds.record} if self.backgrounds is not None else {}
 
     def render(self, index: int) -> Sample:
         return self.render_batch([index])[0]
@@ -135,6 +150,8 @@ class StyleGANBackend:
 
     def render_batch(self, indices: list[int]) -> list[Sample]:
         rngs, seeds = zip(*(sample_rng(self.cfg.seed, i) for i in indices))
+        if self.backgrounds is not None:
+            return self._on_backgrounds(indices, rngs, seeds)
         anomalies = self.s.anomaly_prob > 0
         # A second texture per sample (its own seed) is the source of DRAEM-style anomalies.
         tex = self.textures(list(seeds) + ([s + 1 for s in seeds] if anomalies else []))
@@ -152,7 +169,22 @@ class StyleGANBackend:
         return out
 
 
-def _blend_painter(source: np.ndarray):
+    def _on_backgrounds(self, indices, rngs, seeds) -> list[Sample]:
+        """DRAEM on the user's frames: procedural defects and anomalies (this network's texture blended into a
+        defect's shape) drawn into backgrounds, each at its spot's local contrast."""
+        tex = self.textures([s + 1 for s in seeds])
+        out = []
+        for b, (index, rng) in enumerate(zip(indices, rngs)):
+            gray = bool(rng.random() < self.p.gray_prob)  # drawn as without backgrounds: the same stream
+            source = self._to_frame(rng, tex[b], gray)
+            meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[self.width, self.height],
+                        surface=dict(family="background"))
+            extra = (self.s.anomaly_prob, len(self.class_names) - 1, _blend_painter(source, match_channels=True))
+            out.append(on_background(rng, self.backgrounds, self.p, self.scale, self.class_names, meta, extra))
+        return out
+
+
+def _blend_painter(source: np.ndarray, match_channels: bool = False):
     """DRAEM-style: blend ``source`` (C, H, W) into the shape of a procedural defect with opacity beta."""
     _, H, W = source.shape
 
@@ -161,6 +193,8 @@ def _blend_painter(source: np.ndarray):
         rows = (shape.y0 + np.arange(h)) % H
         cols = (shape.x0 + np.arange(w)) % W
         patch = source[:, rows][:, :, cols]
+        if match_channels:  # onto a frame whose channel count is the background's: the texture's grey level
+            patch = patch.mean(0)
         beta = float(rng.uniform(0.5, 1.0))
         alpha = np.clip(shape.alpha * 4.0, 0.0, 1.0) * beta  # a filled region, not the defect's own shading
         return Stamp(shape.y0, shape.x0, alpha.astype(np.float32), gain=0.0, offset=patch)

@@ -1,0 +1,196 @@
+"""The user's own defect-free images as backgrounds for synthetic defects (``procedural.backgrounds=FOLDER``).
+
+FOLDER is a plain folder of images (every image is used) or a real-data folder in any finetune format: then
+only the defect-free images (an empty mask; with image labels, a label of ``procedural.defect_free_labels``) of
+its *train* split are used -- the split finetune draws (``splits.csv``, else the seeded split of
+``backgrounds_test_fraction`` / ``backgrounds_data_seed``, finetune's defaults), so an image finetune tests on is
+never drawn into pretraining data.
+
+:func:`find_backgrounds` lists them (with ``check``, run once by ``generate`` before any shard: every file
+decoded, every problem in one error);
+:class:`BackgroundPool` hands out a background per sample from the sample's own rng (the image choice and crop
+included), decoding each image once per worker process and keeping it in memory (up to ``CACHE_BYTES``).
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from synthvit.io import SynthvitError
+
+log = logging.getLogger("synthvit.generate")
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+CACHE_BYTES = 1 << 30  # decoded backgrounds kept per worker process
+KEY = "procedural.backgrounds"
+
+
+class BackgroundError(SynthvitError):
+    pass
+
+
+@dataclass(frozen=True)
+class Source:
+    id: str
+    where: str  # a path, for messages
+    load: Callable[[], Image.Image]
+    size: tuple[int, int]  # (width, height) as displayed
+
+
+def _open_file(path: Path) -> Callable[[], Image.Image]:
+    def load() -> Image.Image:
+        with Image.open(path) as im:
+            return ImageOps.exif_transpose(im)
+    return load
+
+
+def _plain(root: Path) -> list[tuple[str, str, Callable[[], Image.Image]]]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return [(p.relative_to(root).with_suffix("").as_posix(), str(p), _open_file(p)) for p in files]
+
+
+def _is_plain(root: Path) -> bool:
+    """Images directly in the folder and nothing a finetune format reads (no subfolders, JSON, CSV)."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    return bool(entries) and all(p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in entries)
+
+
+def _real_data(root: Path, fmt: str, labels: tuple[str, ...], test_fraction: float, data_seed: int, check: bool,
+               key: str):
+    """(id, where, loader) of the defect-free train images of a real-data folder, and what was left out."""
+    from finetune.datasets import GOOD_NAMES, has_defect, load_real_data, split_ids  # finetune's user-data reader
+
+    labels = labels or GOOD_NAMES
+    data = load_real_data(root, fmt, check=check)
+    split = split_ids(data, test_fraction, data_seed)
+    train = [i for i in data.items if split[i.id] == "train"]
+    keep = [i for i in train if not (data.has_masks and has_defect(i))
+            and not (data.has_labels and (i.label or "").lower() not in labels)]
+    left = {"test": len(data.items) - len(train), "defective": len(train) - len(keep)}
+    if not keep:
+        why = ("its masks" if data.has_masks else "") + (" and " if data.has_masks and data.has_labels else "") + \
+              (f"its labels (defect-free: {', '.join(labels)}; set procedural.defect_free_labels)"
+               if data.has_labels else "")
+        raise BackgroundError(
+            f"{key}: {root} ({data.fmt} layout) has no defect-free image in its train split ({left['test']} test, "
+            f"{left['defective']} defective by {why or 'its annotations'}); give a folder with defect-free "
+            f"images, or procedural.backgrounds_format=plain to use every image of a plain folder")
+    return data.fmt, [(i.id, i.source, i.load) for i in sorted(keep, key=lambda i: i.id)], left
+
+
+@lru_cache(maxsize=8)
+def find_backgrounds(folder: str, fmt: str = "auto", labels: tuple[str, ...] = (), test_fraction: float = 0.3,
+                     data_seed: int = 0, check: bool = True, key: str = KEY) -> tuple[list[Source], dict]:
+    """The background images of ``folder`` and a record of them for ``_info.json`` (folder, format, ids used,
+    counts left out). ``check``: decode every image and mask (else only their headers are read); ``key``: the
+    config key errors name."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise BackgroundError(f"{key}: {root} is not a folder; give a folder of defect-free images or a "
+                              f"real-data folder (any finetune format)")
+    if not any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise BackgroundError(f"{key}: {root} holds no images ({', '.join(IMAGE_EXTS)})")
+    left = {"test": 0, "defective": 0}
+    if fmt == "plain" or (fmt == "auto" and _is_plain(root)):
+        fmt, found = "plain", _plain(root)
+        if not found:
+            raise BackgroundError(f"{key}: {root} holds no images ({', '.join(IMAGE_EXTS)})")
+    else:
+        fmt, found, left = _real_data(root, fmt, labels, test_fraction, data_seed, check, key)
+    sources, bad = [], []
+    for id_, where, load in found:
+        try:
+            with load() as im:
+                if check:
+                    im.load()  # decodes: truncated and corrupt files fail here
+                size = im.size
+        except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError ...
+            bad.append(f"{where}: {e}")
+            continue
+        sources.append(Source(id_, where, load, size))
+    if bad:
+        raise BackgroundError(f"{key}: {len(bad)} unreadable image(s) in {root}: " + "; ".join(bad[:20])
+                              + (" ..." if len(bad) > 20 else "") + "; remove or fix them")
+    record = {"folder": str(root), "format": fmt, "count": len(sources), "ids": [s.id for s in sources],
+              "left_out": left}
+    return sources, record
+
+
+class BackgroundPool:
+    """Backgrounds of ``width`` x ``height``: a random crop (``fit=crop``; images smaller than the frame are first
+    scaled up to cover it) or the whole image resized (``fit=resize``). Grayscale images (mode L, or RGB with equal
+    channels) come back as (H, W), colour ones as (H, W, 3), both uint8."""
+
+    def __init__(self, sources: list[Source], width: int, height: int, fit: str = "crop", warn: bool = True,
+                 key: str = KEY):
+        self.sources, self.width, self.height, self.fit, self.key = sources, width, height, fit, key
+        self.record: dict = {}
+        self._cache: OrderedDict[int, tuple[np.ndarray, float]] = OrderedDict()
+        self._bytes = 0
+        small = [s for s in sources if s.size[0] < width or s.size[1] < height]
+        if small and fit == "crop" and warn:
+            log.warning("%s: %d of %d backgrounds are smaller than %dx%d (e.g. %s, %dx%d): they are scaled up to "
+                        "cover the frame before cropping", key, len(small), len(sources), width, height,
+                        small[0].where, *small[0].size)
+
+    def _decoded(self, k: int) -> tuple[np.ndarray, float]:
+        """Image ``k`` as uint8 (H, W) or (H, W, 3), scaled to cover the frame (crop) or to it (resize); decoded
+        once per process while the cache holds it."""
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        src = self.sources[k]
+        try:
+            with src.load() as im:
+                if im.mode in ("I;16", "I;16B", "I"):  # 16-bit grey: its top 8 bits
+                    im = Image.fromarray((np.asarray(im, np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+                im = im.convert("L" if im.mode in ("L", "LA", "1", "P") and _gray_palette(im) else "RGB")
+                if self.fit == "resize":
+                    scale = 1.0
+                    im = im.resize((self.width, self.height), Image.Resampling.BICUBIC)
+                else:
+                    scale = max(self.width / im.width, self.height / im.height, 1.0)
+                    if scale > 1.0:
+                        im = im.resize((max(self.width, round(im.width * scale)),
+                                        max(self.height, round(im.height * scale))), Image.Resampling.BICUBIC)
+                arr = np.asarray(im)
+        except Exception as e:
+            raise BackgroundError(f"{self.key}: cannot read {src.where}: {e}") from None
+        if arr.ndim == 3 and (arr == arr[..., :1]).all():
+            arr = np.ascontiguousarray(arr[..., 0])  # an RGB file of a grey image: a grey background
+        self._cache[k] = (arr, scale)
+        self._bytes += arr.nbytes
+        while self._bytes > CACHE_BYTES and len(self._cache) > 1:
+            old, _ = self._cache.popitem(last=False)[1]
+            self._bytes -= old.nbytes
+        return arr, scale
+
+    def __call__(self, rng) -> tuple[np.ndarray, dict]:
+        """A background and its record ``{id, box}`` (box: x0, y0, x1, y1 in the source image's pixels)."""
+        k = int(rng.integers(len(self.sources)))
+        arr, scale = self._decoded(k)
+        h, w = arr.shape[:2]
+        x0 = int(rng.integers(w - self.width + 1)) if self.fit == "crop" else 0
+        y0 = int(rng.integers(h - self.height + 1)) if self.fit == "crop" else 0
+        crop = arr[y0:y0 + self.height, x0:x0 + self.width]
+        if self.fit == "resize":
+            box = [0, 0, *self.sources[k].size]
+        else:
+            box = [round(v / scale, 1) if scale != 1.0 else v for v in (x0, y0, x0 + self.width, y0 + self.height)]
+        return crop, {"id": self.sources[k].id, "box": box}
+
+
+def _gray_palette(im: Image.Image) -> bool:
+    """Whether a single-band image is grey (a palette image is grey only when its palette is)."""
+    if im.mode != "P":
+        return True
+    pal = np.asarray(im.getpalette() or [0, 0, 0]).reshape(-1, 3)
+    return bool((pal == pal[:, :1]).all())
