@@ -14,11 +14,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# generate -> pretrain -> held-out 4K target set -> compare report (each stage skips work already done)
+# held-out 4K target set -> generic + domain-matched synthetic sets (defects in the target's defect-free train
+# frames) -> pretrain -> compare report (each stage skips work already done)
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/demo.yaml
-	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit pretrain --config configs/pretrain/demo.yaml
 	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/target-4k.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/demo.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit generate --config configs/generate/demo-domain.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit pretrain --config configs/pretrain/demo.yaml
 	HF_HUB_OFFLINE=1 $(VENV)/bin/synthvit compare --config configs/compare/demo.yaml
 	@echo "report: runs/demo-compare/report.html (and report.md)"
 
@@ -33,4 +35,4 @@ bench: install
 	$(PY) benchmarks/bench_pretrain.py
 
 clean:
-	rm -rf $(VENV) shards/demo shards/target-4k runs/demo-pretrain runs/demo-compare
+	rm -rf $(VENV) shards/demo shards/demo-domain shards/target-4k runs/demo-pretrain runs/demo-compare

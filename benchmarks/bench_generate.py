@@ -12,7 +12,9 @@ Then the whole CLI stage with all cores (workers) for the wall rate.
 
 With ``--backends procedural,contours`` it instead compares backends, one process (one core) each in turn, at
 ``--backend-size`` (default 256): render (image + mask + metadata) and generate (render + write + sha256)
-samples/s per core, one row per backend (set OMP_NUM_THREADS=1 to keep numpy on one core).
+samples/s per core, one row per backend (set OMP_NUM_THREADS=1 to keep numpy on one core). ``--backgrounds FOLDER``
+adds a row ``procedural+bg``: the procedural defects drawn into FOLDER's defect-free images (``procedural.backgrounds``),
+its render rate with every background decoded for the first time (cold) and decoded already (warm: a long run).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import webdataset as wds
 from PIL import Image
 
 from generate.backends import create_backend
-from generate.config import GenerateConfig
+from generate.config import GenerateConfig, ProceduralConfig
 from generate.run import run
 from generate.schema import encode_sample
 from generate.writer import ShardPlan, tune_allocator, write_shard
@@ -65,20 +67,29 @@ def bench_size(size: str, n: int, quality: int = 95) -> dict:
                 encode=_rate(n, encode_s), ratio=encode_s / generate_s, ceiling=encode_s / write_s)
 
 
-def bench_backend(name: str, size: str, n: int, quality: int = 95) -> dict:
-    """Render-only and render+write rates of backend ``name`` at ``size``, in this process (one core)."""
-    cfg = GenerateConfig(backend=name, image_size=size, num_samples=n, samples_per_shard=n, jpeg_quality=quality)
+def bench_backend(name: str, size: str, n: int, quality: int = 95, backgrounds: str = "") -> dict:
+    """Render-only and render+write rates of backend ``name`` at ``size``, in this process (one core); with
+    ``backgrounds`` the first render pass decodes them (cold) and a second one is timed too (warm)."""
+    cfg = GenerateConfig(backend=name, image_size=size, num_samples=n, samples_per_shard=n, jpeg_quality=quality,
+                         procedural=ProceduralConfig(backgrounds=backgrounds))
     backend = create_backend(name, cfg)
     backend.render(10_000)  # warm-up (allocator, caches)
     t = time.perf_counter()
     for i in range(n):
         backend.render(i)
     render_s = time.perf_counter() - t
+    warm = None
+    if backgrounds:
+        t = time.perf_counter()
+        for i in range(n):
+            backend.render(i)
+        warm = _rate(n, time.perf_counter() - t)
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         write_shard(backend, ShardPlan(0, 0, n), Path(d), cfg)
         generate_s = time.perf_counter() - t
-    return dict(backend=name, size=size, n=n, render=_rate(n, render_s), generate=_rate(n, generate_s))
+    return dict(backend=name + ("+bg" if backgrounds else ""), size=size, n=n, render=_rate(n, render_s),
+                generate=_rate(n, generate_s), warm=warm)
 
 
 def bench_stage(size: str, n: int, workers: int) -> float:
@@ -97,17 +108,24 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--backends", default="", help="compare these backends (comma-separated) instead")
     ap.add_argument("--backend-size", default="256", help="image size for --backends")
+    ap.add_argument("--backgrounds", default="", help="with --backends: add procedural into this folder's frames")
     args = ap.parse_args(argv)
     tune_allocator()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.platform()}")
     if args.backends:
         print(f"\nper core (one process), {args.backend_size} px, jpg q95, samples/s:")
-        print(f"| {'backend':>10} | {'n':>4} | {'render':>8} | {'generate':>9} |")
-        print(f"|{'-' * 12}|{'-' * 6}|{'-' * 10}|{'-' * 11}|")
-        for name in args.backends.split(","):
-            r = bench_backend(name.strip(), args.backend_size, args.samples)
-            print(f"| {r['backend']:>10} | {r['n']:>4} | {r['render']:8.1f} | {r['generate']:9.1f} |")
+        print(f"| {'backend':>14} | {'n':>4} | {'render':>8} | {'generate':>9} | {'render warm':>11} | vs procedural |")
+        print(f"|{'-' * 16}|{'-' * 6}|{'-' * 10}|{'-' * 11}|{'-' * 13}|{'-' * 15}|")
+        runs = [(name.strip(), "") for name in args.backends.split(",")]
+        runs += [("procedural", args.backgrounds)] if args.backgrounds else []
+        base = None
+        for name, folder in runs:
+            r = bench_backend(name, args.backend_size, args.samples, backgrounds=folder)
+            base = r["generate"] if name == "procedural" and not folder else base
+            warm = f"{r['warm']:11.1f}" if r["warm"] else f"{'':>11}"
+            ratio = f"{r['generate'] / base:13.0%}" if base else f"{'':>13}"
+            print(f"| {r['backend']:>14} | {r['n']:>4} | {r['render']:8.1f} | {r['generate']:9.1f} | {warm} | {ratio} |")
         return
     print("\nper core (one process), samples/s:")
     print(f"| {'size':>10} | {'n':>4} | {'render':>8} | {'write-only':>10} | {'generate':>9} | {'encode-only':>11} "

@@ -146,7 +146,8 @@ class ProceduralBackend:
     def render(self, index: int) -> Sample:
         rng = np.random.default_rng((self.cfg.seed, index))
         if self.backgrounds is not None:
-            meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[self.width, self.height])
+            meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[self.width, self.height],
+                        surface=dict(family="background"))
             return on_background(rng, self.backgrounds, self.p, self.scale, self.class_names, meta)
         H, W, p, cam = self.height, self.width, self.p, self.p.camera
         family = p.surfaces[int(rng.integers(len(p.surfaces)))]
