@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -156,6 +157,26 @@ def tiny_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "ds"
     run(load_config(GenerateConfig, overrides=tiny_overrides(out)))
     return out
+
+
+def make_real_data(root: Path, n: int, size: tuple[int, int], defect, name: str = "im{:02d}") -> Path:
+    """``n`` grayscale frames of ``size`` (h, w) in the canonical layout under ``root``; odd ones ('dark') hold a
+    0/255-masked defect at grey 30 where ``defect(rng)`` indexes, even ones are 'good'; ids are ``name.format(i)``."""
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = ["id,label"]
+    for i in range(n):
+        img = (rng.random(size) * 40 + 100).astype(np.uint8)
+        m = np.zeros(size, np.uint8)
+        if i % 2:
+            m[defect(rng)] = 255
+            img[m > 0] = 30
+        Image.fromarray(img).save(root / "images" / f"{name.format(i)}.png")
+        Image.fromarray(m).save(root / "masks" / f"{name.format(i)}.png")
+        lines.append(f"{name.format(i)},{'dark' if i % 2 else 'good'}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root
 
 
 # The tiny pretrain run behind `pretrain_export` (tests/test_pretrain_run.py reuses the settings).

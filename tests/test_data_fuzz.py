@@ -24,6 +24,8 @@ import tarfile
 import tempfile
 import zlib
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,6 +283,14 @@ def mark_image(case: Case, d, token: str, path: Path, data: bytes, how: str) -> 
     case.maybe(token) if decodes(bad) else case.culprit(token)
 
 
+@contextmanager
+def temp_case(data, name: str, fmt: str) -> Iterator[tuple[Callable, Path, Case]]:
+    """``data``'s draw, a folder ``name`` (not made yet) in a temporary directory, and a Case of ``fmt`` for it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        case = Case(Path(tmp) / name, fmt)
+        yield data.draw, case.root, case
+
+
 # ---------------------------------------------------------------------------------------------- canonical
 LABELS = ("good", "crack", "dent")
 CANONICAL_CORRUPTIONS = ("image_garbage", "image_truncated", "image_flipped", "image_huge", "image_dup",
@@ -534,10 +544,7 @@ HF_CORRUPTIONS = ("image_garbage", "image_truncated", "image_none", "mask_garbag
 def test_hf(data, corrupt):
     import datasets
 
-    d = data.draw
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "hfdata"
-        case = Case(root, "hf")
+    with temp_case(data, "hfdata", "hf") as (d, root, case):
         n = d(st.integers(1, 4))
         label_kind = d(st.sampled_from(["none", "classlabel", "string", "int"]))
         with_mask = d(st.booleans())
@@ -634,10 +641,7 @@ def tar_bytes(samples: list[dict]) -> bytes:
 @fuzz(50)
 @given(st.data(), st.booleans())
 def test_shards(data, corrupt):
-    d = data.draw
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "shards"
-        case = Case(root, "shards")
+    with temp_case(data, "shards", "shards") as (d, root, case):
         k = d(st.integers(1, 3))
         class_names = ["good", "scratch", "dent", "pit"][:k + 1]
         shards, index = [], 0

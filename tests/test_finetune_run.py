@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import accelerate_launch, assert_cli_error, run_cli
+from conftest import accelerate_launch, assert_cli_error, make_real_data, run_cli
 from finetune.artifacts import build_model, class_counts
 from finetune.config import FinetuneConfig
 from synthvit.config import load_config
@@ -16,26 +16,15 @@ from synthvit.config import load_config
 FT = ["crop_size=32", "steps=6", "batch_size=4", "num_workers=0", "log_every=3", "tiling.batch_size=4"]
 
 
+def _defect(rng):
+    y, x = rng.integers(5, 70), rng.integers(5, 95)
+    return np.s_[y:y + 12, x:x + 16]
+
+
 @pytest.fixture(scope="module")
 def real_data(tmp_path_factory):
     """16 grayscale 'high-res' frames in the canonical layout; odd ones hold a dark 0/255-masked defect."""
-    root = tmp_path_factory.mktemp("real") / "tiles"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    lines = ["id,label"]
-    for i in range(16):
-        img = (rng.random((90, 120)) * 40 + 100).astype(np.uint8)
-        m = np.zeros((90, 120), np.uint8)
-        if i % 2:
-            y, x = rng.integers(5, 70), rng.integers(5, 95)
-            m[y:y + 12, x:x + 16] = 255
-            img[m > 0] = 30
-        Image.fromarray(img).save(root / "images" / f"im{i:02d}.png")
-        Image.fromarray(m).save(root / "masks" / f"im{i:02d}.png")
-        lines.append(f"im{i:02d},{'dark' if i % 2 else 'good'}")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
-    return root
+    return make_real_data(tmp_path_factory.mktemp("real") / "tiles", 16, (90, 120), _defect)
 
 
 def export_tensors(folder):

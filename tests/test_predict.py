@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_cli_error, run_cli
+from conftest import assert_cli_error, make_real_data, run_cli
 from finetune.artifacts import FinetuneRun
 from finetune.config import PredictConfig
 from finetune.predict import RECORDS, SUMMARY, output_keys
@@ -28,20 +28,8 @@ def _frame(path: Path, seed: int, size=(40, 48)) -> Path:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finetune run folder (vit_tiny, 32 px, seg + cls, one step) trained on 8 tiny canonical frames."""
-    root = tmp_path_factory.mktemp("predict") / "data"
-    rng = np.random.default_rng(0)
-    lines = ["id,label"]
-    for i in range(8):
-        img = (rng.random((40, 48)) * 40 + 100).astype(np.uint8)
-        m = np.zeros((40, 48), np.uint8)
-        if i % 2:
-            m[10:20, 12:24] = 255
-            img[m > 0] = 30
-        for folder, a in (("images", img), ("masks", m)):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(a).save(root / folder / f"im{i}.png")
-        lines.append(f"im{i},{'dark' if i % 2 else 'good'}")
-    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    root = make_real_data(tmp_path_factory.mktemp("predict") / "data", 8, (40, 48), lambda rng: np.s_[10:20, 12:24],
+                          name="im{}")
     out = root.parent / "run"
     run_cli("finetune", f"data={root}", f"out_dir={out}", "task=both", "crop_size=32", "steps=1", "batch_size=2",
             "num_workers=0", "evaluate=false", "log_every=1", check=True)
