@@ -33,32 +33,44 @@ from synthvit.io import SynthvitError
 log = logging.getLogger("synthvit.pretrain")
 
 
+MAX_CLASSES = 256  # masks are 8-bit
+
+
 @dataclass
 class Source:
     folder: Path
     urls: list[str]
     weight: float
     num_samples: int
+    class_map: tuple[int, ...] = ()  # this dataset's class id -> the run's (empty: the same ids)
 
 
 def load_sources(folders: list[str], weights: list[float], expected_classes: list[str]) -> tuple[list[Source], list]:
-    """Read every dataset's ``_info.json``; all must share one class list (and match ``expected_classes``)."""
-    sources, class_names = [], None
+    """Read every dataset's ``_info.json``. Datasets with other class lists are mixed over their union: the first
+    dataset's classes in order, then each later dataset's new names (id 0, defect-free, is shared); a later
+    dataset's masks and labels are mapped into it. The union must match ``expected_classes`` when given."""
+    sources, class_names = [], []
     for i, folder in enumerate(folders):
         info = read_info(folder)
         split = info["splits"]["train"]
         names = list(info["class_names"])
-        if class_names is None:
-            class_names = names
-        elif names != class_names:
-            raise SynthvitError(f"dataset {folder} has classes {names}, but {folders[0]} has {class_names}; "
-                                f"datasets mixed in one run must share one class list")
+        if not class_names:
+            class_names = list(names)
+        elif names[:1] != class_names[:1]:
+            raise SynthvitError(f"dataset {folder} calls class 0 {names[0]!r}, {folders[0]} {class_names[0]!r}: "
+                                f"datasets mixed in one run must share their defect-free class 0")
+        class_names += [n for n in names if n not in class_names]
+        if len(class_names) > MAX_CLASSES:
+            raise SynthvitError(f"the datasets {', '.join(folders)} have {len(class_names)} classes together; "
+                                f"masks hold at most {MAX_CLASSES}")
+        class_map = tuple(class_names.index(n) for n in names)
         urls = [str(Path(folder) / f) for f in split["filenames"]]
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
             raise SynthvitError(f"{len(missing)} shard(s) listed in {folder}/_info.json are missing, e.g. "
                                 f"{missing[0]}; run `synthvit generate out_dir={folder} verify=true`")
-        sources.append(Source(Path(folder), urls, weights[i] if weights else 1.0, int(split["num_samples"])))
+        sources.append(Source(Path(folder), urls, weights[i] if weights else 1.0, int(split["num_samples"]),
+                              () if class_map == tuple(range(len(names))) else class_map))
     if expected_classes and expected_classes != class_names:
         raise SynthvitError(f"class_names in the config {expected_classes} differ from the data's {class_names} "
                             f"({folders[0]}/_info.json); fix class_names or leave it empty to take the data's")
@@ -172,7 +184,7 @@ def jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return ((x - mean) * c + mean * b).clamp_(0, 255)
 
 
-def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
+def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator, class_maps: dict[str, np.ndarray]) -> dict:
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None or CLS_KEY not in sample or (spec.with_mask and MASK_KEY not in sample):
         raise SynthvitError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks jpg|png, cls or "
@@ -180,8 +192,10 @@ def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator) -> dict:
     with Image.open(io.BytesIO(sample[key])) as im:
         mask = Image.open(io.BytesIO(sample[MASK_KEY])) if spec.with_mask else None
         image, m, jitter = augment(im, mask, rng, spec)
-    out = {"image": image, "cls": int(sample[CLS_KEY]), "jitter": jitter,
-           "key": f"{Path(sample['__url__']).name}/{sample['__key__']}"}
+    cls, lut = int(sample[CLS_KEY]), class_maps.get(sample["__url__"])
+    if lut is not None:  # a dataset mixed over a union of classes: its ids -> the run's
+        cls, m = int(lut[cls]), (lut[m] if m is not None else None)
+    out = {"image": image, "cls": cls, "jitter": jitter, "key": f"{Path(sample['__url__']).name}/{sample['__key__']}"}
     if m is not None:
         out["mask"] = m
     return out
@@ -222,13 +236,14 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _epoch(self, slot: int, role: int, epoch: int, skip_batches: int, num_batches: int, skipped: SkipCounter):
         spec = self.spec
         counter = iter(range(skip_batches * spec.batch_size, 1 << 62))
+        maps = {u: np.asarray(s.class_map, np.uint8) for s in spec.sources if s.class_map for u in s.urls}
         pipeline = wds.DataPipeline(
             lambda: _shard_urls(spec, slot, epoch),
             wds.tarfile_to_samples(handler=skipped),
             wds.shuffle(spec.shuffle_buffer, min(spec.shuffle_buffer, 100),
                         rng=random.Random(f"synthvit-shuffle/{spec.seed}/{epoch}/{slot}")),
             lambda src: islice(src, skip_batches * spec.batch_size, None),  # resume: skip before decoding
-            wds.map(lambda s: _decode(s, spec, np.random.default_rng((spec.seed, epoch, slot, next(counter)))),
+            wds.map(lambda s: _decode(s, spec, np.random.default_rng((spec.seed, epoch, slot, next(counter))), maps),
                     handler=skipped),
             wds.batched(spec.batch_size, collation_fn=lambda b: _collate(b, skipped, role), partial=False),
         )

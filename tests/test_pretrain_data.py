@@ -98,3 +98,35 @@ def test_augment_keeps_mask_aligned(fmt):
                             np.random.default_rng(i), spec)
         agree = ((img[0] > 127) == (m > 0)).mean()
         assert agree > 0.95, (i, agree)
+
+
+def test_datasets_with_other_classes_mix_over_their_union(tiny_dataset, tmp_path):
+    """Procedural (7 defect classes) + formula-driven contours (3 others): one class list, contour masks and labels
+    mapped past the procedural ids, each batch's pixels still agreeing with its labels."""
+    from generate.config import GenerateConfig
+    from generate.run import run
+    from generate.schema import read_info
+    from synthvit.config import load_config
+
+    from conftest import tiny_overrides
+
+    contours = tmp_path / "contours"
+    run(load_config(GenerateConfig, overrides=tiny_overrides(contours, backend="contours",
+                                                             **{"contours.num_classes": 3})))
+    ours, theirs = read_info(tiny_dataset)["class_names"], read_info(contours)["class_names"]
+    sources, names = load_sources([str(tiny_dataset), str(contours)], [1, 1], [])
+    assert names == ours + theirs[1:] and sources[0].class_map == ()
+    assert sources[1].class_map == (0, len(ours), len(ours) + 1, len(ours) + 2)
+    spec = spec_for(tiny_dataset, sources=sources, batches_per_epoch=batches_per_epoch(80, 4, 1, 2))
+    seen = set()
+    for b in take(spec, 0, 12):
+        for cls, mask in zip(b["cls"], b["mask"]):
+            values = set(mask.unique().tolist()) - {0}
+            contour = bool(values & {len(ours), len(ours) + 1, len(ours) + 2})
+            # a sample's pixels come from one dataset: contour ids and procedural defect ids never mix
+            assert not (contour and values & set(range(1, len(ours)))) and max(values | {int(cls)}) < len(names)
+            assert not contour or int(cls) >= len(ours)  # its label (the whole frame's) mapped as its mask was
+            seen.add("contour" if contour else "procedural")
+    assert seen == {"contour", "procedural"}
+    with pytest.raises(SynthvitError, match=r"class_names in the config"):
+        load_sources([str(tiny_dataset), str(contours)], [], ours)
