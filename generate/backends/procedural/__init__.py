@@ -122,16 +122,11 @@ def on_background(rng, pool: BackgroundPool, p, scale: float, class_names: list[
     return Sample(camera.to_uint8(img), mask, main_class_of(defects, len(class_names)), meta)
 
 
-class ProceduralBackend:
-    name = "procedural"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-        self.p = cfg.procedural
-        self.width, self.height = cfg.size
-        self.class_names = [BACKGROUND, *self.p.classes]
-        self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
-        self.backgrounds = background_pool(cfg)
+class UsesBackgrounds:
+    """What ``generate`` asks of a backend that draws into ``procedural.backgrounds`` (``self.backgrounds``, the
+    pool or None, and ``self.cfg``)."""
+    cfg: object
+    backgrounds: BackgroundPool | None
 
     def validate(self) -> None:
         """Every background decodes (one error listing those that do not); run once before any shard."""
@@ -142,6 +137,18 @@ class ProceduralBackend:
     def info(self) -> dict:
         """What ``_info.json`` records beside the config: the backgrounds used (ids included)."""
         return {"backgrounds": self.backgrounds.record} if self.backgrounds is not None else {}
+
+
+class ProceduralBackend(UsesBackgrounds):
+    name = "procedural"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.p = cfg.procedural
+        self.width, self.height = cfg.size
+        self.class_names = [BACKGROUND, *self.p.classes]
+        self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
+        self.backgrounds = background_pool(cfg)
 
     def render(self, index: int) -> Sample:
         rng = np.random.default_rng((self.cfg.seed, index))

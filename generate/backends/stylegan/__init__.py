@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generate.backends.procedural import background_pool, feature_scale, on_background, sample_on_surface
+from generate.backends.procedural import (UsesBackgrounds, background_pool, feature_scale, on_background,
+                                          sample_on_surface)
 from generate.backends.procedural.defects import Stamp
 from generate.backends.stylegan.network import Generator, sample_synthesis_weights
 from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
@@ -71,7 +72,7 @@ def network_resolution(width: int, height: int, requested: int) -> int:
     return requested or max(8, 2 ** math.ceil(math.log2(max(width, height))))
 
 
-class StyleGANBackend:
+class StyleGANBackend(UsesBackgrounds):
     name = "stylegan"
     in_process = True  # one model per process (GPU); batches instead of worker processes
 
@@ -97,14 +98,6 @@ class StyleGANBackend:
             raise ConfigError("stylegan.anomaly_prob: 0 with procedural.backgrounds draws no StyleGAN texture at all; "
                               "set stylegan.anomaly_prob > 0 (DRAEM-style anomalies in your frames) or use "
                               "backend=procedural")
-
-    def validate(self) -> None:
-        if self.backgrounds is not None:
-            background_pool(self.cfg, check=True)
-
-    @property
-    def info(self) -> dict:
-        return {"backgrounds": self.backgrounds.record} if self.backgrounds is not None else {}
 
     def render(self, index: int) -> Sample:
         return self.render_batch([index])[0]
