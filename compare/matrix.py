@@ -22,7 +22,7 @@ import yaml
 from compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from finetune.artifacts import CONFIG_FILE, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
 from finetune.config import FinetuneConfig
-from synthvit.config import ConfigError, dump_yaml, load_config, to_dict
+from synthvit.config import ConfigError, config_diff, dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text
 from synthvit.progress import progress_bar
 
@@ -96,24 +96,16 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     return resolved
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def _config_changes(old: Path, new: FinetuneConfig) -> list[str]:
     """``key: old -> new`` for each value the finished run's ``config.yaml`` differs in (read with today's
     defaults, retired keys dropped); a missing or unreadable file is itself the change."""
     if not old.is_file():
         return [f"no {old.name}"]
     try:
-        a = _flat(to_dict(load_config(FinetuneConfig, old, retired=RETIRED_KEYS)))
+        before = to_dict(load_config(FinetuneConfig, old, retired=RETIRED_KEYS))
     except ConfigError as e:
         return [f"{old.name} no longer loads: {e}"]
-    b = _flat(to_dict(new))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return config_diff(before, to_dict(new))
 
 
 def _split_change(split_file: Path, test_ids: set[str] | None) -> list[str]:

@@ -14,7 +14,7 @@ from generate.config import GenerateConfig
 from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
 from generate.writer import plan_shards, remove_stale_temporaries, write_shards
-from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml, load_config, to_dict
+from synthvit.config import CONFIG_FILE, ConfigError, config_diff, dump_yaml, load_config, to_dict
 from synthvit.io import SynthvitError, atomic_write_text, sha256_file
 
 log = logging.getLogger("synthvit.generate")
@@ -41,13 +41,6 @@ def dataset_config(cfg: GenerateConfig) -> dict:
     return _dataset_view(to_dict(cfg))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
     """Create ``out`` or check that it holds an earlier run of the same dataset config (then we resume)."""
     try:
@@ -72,9 +65,7 @@ def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
             except yaml.YAMLError:
                 old = {}
         old = _dataset_view(old)
-        new_flat, old_flat = _flatten(dataset_config(cfg)), _flatten(old)
-        diff = [f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in sorted(set(new_flat) | set(old_flat))
-                if new_flat.get(k) != old_flat.get(k)]
+        diff = config_diff(old, dataset_config(cfg))
         if diff:
             raise SynthvitError(
                 f"out_dir {out} holds a dataset made with a different config ({'; '.join(diff[:5])}); "

@@ -255,6 +255,17 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         raise ConfigError(f"{e}{where}") from None
 
 
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``dotted.key: old -> new`` for every leaf where two config trees differ (a key absent on one side is None)."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    a, b = flat(old), flat(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
