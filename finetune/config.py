@@ -66,7 +66,9 @@ class FinetuneConfig:
     crop_size: int = 512
     input: InputMode = field(default="crop", metadata={"help": "crop: random crops at full resolution; resize: whole "
                                                                 "images resized to crop_size"})
-    defect_crop_prob: float = field(default=0.5, metadata={"help": "share of crops centred on a defect pixel"})
+    defect_crop_prob: float = field(default=0.5, metadata={
+        "help": "share of training samples drawn from the frames that hold defects (crop: centred on a defect "
+                "pixel); the rest from any frame, anywhere"})
     seg_loss: SegLoss = field(default="ce+dice", metadata={"help": "ce+dice: Dice over defect classes added"})
     seed: int = field(default=0, metadata={"help": "initialisation, sample order and augmentation"})
     data_seed: int = field(default=0, metadata={"help": "the seeded split (no splits.csv) and train_limit subset"})

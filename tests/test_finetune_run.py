@@ -278,6 +278,23 @@ def test_training_samples_keep_masks_aligned(real_data, mode):
     assert seen_defect >= 15  # defect_crop_prob=1 centres crops of defective frames on their defects
 
 
+def test_defect_crop_prob_is_the_share_of_defect_crops_however_few_frames_hold_defects(tmp_path):
+    """defect_crop_prob counts crops, not frames: with 1 defective frame in 10 it still sets the share of crops that
+    show a defect (drawing the frame first made 0.8 mean ~8 % here, and ViTs learnt "all background")."""
+    from finetune.datasets import load_real_data
+    from finetune.train import CropDataset
+
+    root = make_real_data(tmp_path / "few", 20, (64, 64), lambda rng: (slice(30, 34), slice(30, 34)))
+    for i in range(5, 20, 2):  # im01 and im03 keep their defect; the other odd frames become defect-free
+        Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "masks" / f"im{i:02d}.png")
+    data = load_real_data(root)
+    for prob, lo, hi in ((0.8, 0.7, 0.9), (0.0, 0.0, 0.15)):
+        cfg = FinetuneConfig(data=str(root), crop_size=16, defect_crop_prob=prob, task="seg")
+        ds = CropDataset(data, data.items, cfg, total=200)
+        share = np.mean([bool(ds[i]["mask"].any()) for i in range(200)])
+        assert lo <= share <= hi, (prob, share)
+
+
 def test_dice_loss_is_zero_for_perfect_and_high_for_missed_defects():
     from finetune.train import dice_loss
 
