@@ -3,7 +3,7 @@
 # synthetic sets (CPU workers), pretrain the four ViT-Tiny + dpt-skip inits side by side on the GPU, then the
 # compare matrix (its `parallel` cells at once on the GPU). Measured on one H200: ~3 minutes to the matrix, then
 # an estimated 15-20 minutes for it (see the config). Each stage skips what is done, so an interrupted run
-# continues with the same command (a cell cut mid-training restarts).
+# continues with the same command (a cell cut mid-training resumes from its last checkpoint).
 #   sh benchmarks/magnetic_tile_evidence_gpu.sh [path/to/magnetic-tile]
 # Knobs (environment): SAMPLES (per synthetic set, 8000), PT_STEPS (1000), PT_BATCH (64), PT_SIZE (192),
 # WORKERS (generate

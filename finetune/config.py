@@ -87,6 +87,12 @@ class FinetuneConfig:
     cache_mb: int = field(default=2048, metadata={"help": "decoded train frames kept per loader worker, MB"})
     max_pixels: int = field(default=8192 * 8192, metadata={"help": "Pillow's decompression-bomb cap, in pixels"})
     log_every: int = 10
+    save_every: int = field(default=500, metadata={
+        "help": "checkpoint every N steps (Accelerate state; removed once the export is written); 0: off"})
+    resume: str = field(default="auto", metadata={
+        "help": "auto: continue from out_dir's newest checkpoint (it must come from the same config); none: start "
+                "over; or a checkpoint folder"})
+    stop_at: int = field(default=0, metadata={"help": "end this run after step N with a checkpoint (0: run all)"})
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
 
     def __post_init__(self):
@@ -99,6 +105,9 @@ class FinetuneConfig:
             raise ConfigError("defect_crop_prob in [0, 1] and test_fraction in (0, 1) required")
         if self.freeze_blocks < 0 or not 0 <= self.layer_decay < 1:
             raise ConfigError("freeze_blocks >= 0 and layer_decay in [0, 1) required")
+        if self.save_every < 0 or not 0 <= self.stop_at <= self.steps:
+            raise ConfigError(f"save_every >= 0 and stop_at in 0..steps ({self.steps}) required, got "
+                              f"save_every={self.save_every}, stop_at={self.stop_at}")
         if self.init and self.weights:
             raise ConfigError("give init (a synthvit export) or weights (a timm weights file), not both")
 

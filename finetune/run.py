@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
 from finetune.datasets import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
 from finetune.evaluate import Predictor, evaluate
 from finetune.predict import check_earlier_run, failure_message, input_files, output_keys, predict_files
-from finetune.train import train
+from finetune.train import check_resumable, train
 from models import class_groups, read_export_config, stats_meta, write_export
 from synthvit import __version__
+from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
 from synthvit.progress import progress_bar
@@ -51,6 +53,9 @@ def run(cfg: FinetuneConfig) -> Path:
     if not cfg.data:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
     run_dir = Path(cfg.out_dir)
+    ckpt = resolve_resume(cfg.resume, run_dir) if cfg.steps else None
+    if ckpt is not None:
+        check_resumable(cfg, ckpt)  # a checkpoint of another config stops the run before anything is written
     data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
     data.check_task(cfg.task)
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
@@ -69,13 +74,18 @@ def run(cfg: FinetuneConfig) -> Path:
                  sum(v == "train" for v in split.values()), len(test_items), f"{frozen:,}")
     mean, std = model.input_stats(cfg.in_chans)
     if cfg.steps:
-        summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir)
+        summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir, ckpt)
+        if summary.pop("stopped"):
+            log.info("stopped at step %d of %d with a checkpoint; run again (resume=auto) to continue", cfg.stop_at,
+                     cfg.steps)
+            return run_dir
     else:
         summary = _zero_shot_summary(model, acc.device)
     model = summary.pop("model")
     meta = _meta(cfg, data, stats_meta(mean, std))
     if acc.is_main_process:
         write_export(model, run_dir / EXPORT_DIR, meta)
+        shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the export is the product; checkpoints were a means
         if cfg.evaluate and test_items:
             _evaluate_run(cfg, model, meta, acc.device, data, test_items, summary, run_dir)
     return run_dir

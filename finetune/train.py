@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from finetune.datasets import Item, RealData, has_defect, to_array
+from synthvit.checkpoint import read_state, save_checkpoint
+from synthvit.config import config_diff, to_dict
+from synthvit.io import SynthvitError
 from synthvit.progress import progress_bar
 from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, peak_memory_mb, seed_step, set_lr
 
@@ -124,21 +127,56 @@ def losses(out: dict, batch: dict, label_smoothing: float, seg_loss: str = "ce")
     return parts
 
 
-def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir: Path) -> dict:
-    """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step."""
+# keys that do not change what a step computes: a checkpoint resumes across them
+RESUME_FREE_KEYS = ("out_dir", "resume", "stop_at", "save_every", "log_every", "evaluate", "num_workers", "cache_mb",
+                    "tiling", "max_pixels")
+
+
+def training_config(cfg) -> dict:
+    """The config a checkpoint records, and a resumed run must match."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS}
+
+
+def check_resumable(cfg, ckpt: Path, num_processes: int | None = None) -> dict:
+    """The checkpoint's state, if this config (and process count) wrote it; else a clear error, nothing touched."""
+    state = read_state(ckpt)
+    changed = config_diff(state.get("config", {}), training_config(cfg))
+    if num_processes is not None and state.get("num_processes") != num_processes:
+        changed.append(f"processes: {state.get('num_processes')} -> {num_processes}")
+    if changed:
+        raise SynthvitError(f"resume: {ckpt} was written by a different run ({'; '.join(changed)}); run with "
+                            f"resume=none to start over in {cfg.out_dir}, or use another out_dir")
+    return state
+
+
+def resume_state(cfg, acc, ckpt: Path) -> int:
+    """Load a checkpoint written by this config into the prepared model/optimizer; returns its step."""
+    state = check_resumable(cfg, ckpt, acc.num_processes)
+    acc.load_state(str(ckpt))
+    log.info("resumed from %s at step %d of %d", ckpt, state["step"], cfg.steps)
+    return int(state["step"])
+
+
+def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir: Path,
+          ckpt: Path | None = None) -> dict:
+    """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step. Checkpoints every
+    ``save_every`` steps (and at ``stop_at``); from ``ckpt`` the run continues exactly where it stopped."""
     model.train()
     optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.layer_decay)
     model, optimizer = acc.prepare(model, optimizer)
+    start = resume_state(cfg, acc, ckpt) if ckpt is not None else 0
+    end = cfg.stop_at or cfg.steps
     world, rank, b = acc.num_processes, acc.process_index, cfg.batch_size
     ds = CropDataset(data, items, cfg, cfg.steps * b * world)
     # rank r takes batch slots r, r + world, ...: disjoint sample ids across ranks, same ids on every rerun
-    ids = [(s * world + rank) * b + j for s in range(cfg.steps) for j in range(b)]
+    ids = [(s * world + rank) * b + j for s in range(start, end) for j in range(b)]
     loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=ids, num_workers=cfg.num_workers,
                                          persistent_workers=cfg.num_workers > 0)
-    bar = progress_bar(total=cfg.steps, desc="finetune", unit="step", disable=not acc.is_main_process)
+    bar = progress_bar(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not acc.is_main_process)
     metrics, t0, window = MetricsLog(run_dir, acc), time.perf_counter(), []
-    metrics.truncate_after(0)
-    for step, batch in enumerate(loader):
+    metrics.truncate_after(start)
+    state = {"config": training_config(cfg), "num_processes": world}
+    for step, batch in enumerate(loader, start=start):
         seed_step(cfg.seed, step, acc.process_index)
         lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
         set_lr(optimizer, lr)
@@ -154,12 +192,17 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
             metrics.write(step + 1, rec)
             window = []
+        done = step + 1
+        if done < cfg.steps and (done == cfg.stop_at or cfg.save_every and done % cfg.save_every == 0):
+            save_checkpoint(acc, run_dir, done, state | {"step": done}, keep_last=1)
     bar.close()
     wall = time.perf_counter() - t0
     peak, kind = peak_memory_mb(acc.device)  # the process peak: training's, in a fresh run
     # the plain model, without the autocast wrapper precision=bf16 put on its forward: the run's test metrics are
     # then what `synthvit evaluate` computes from the export (before, a bf16 run scored itself under CPU autocast)
-    return {"steps": cfg.steps, "train_images": len(items), "train_wall_s": round(wall, 2),
+    resumed = {"resumed_at": start} if start else {}
+    return {"steps": cfg.steps, "stopped": end < cfg.steps, **resumed, "train_images": len(items),
+            "train_wall_s": round(wall, 2),  # this process's part of the training when resumed
             "train_peak_mb": peak, "train_peak_kind": kind,
-            "train_images_per_s": round(cfg.steps * cfg.batch_size * acc.num_processes / wall, 2),
+            "train_images_per_s": round((end - start) * cfg.batch_size * acc.num_processes / max(wall, 1e-9), 2),
             "zero_shot": False, "model": acc.unwrap_model(model, keep_fp32_wrapper=False)}

@@ -19,7 +19,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from models import save_tensors
-from pretrain import checkpoint
+from synthvit import checkpoint
 from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer
 from synthvit.io import SynthvitError

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from models import EXPORT_DIR, create_model, stats_meta, write_export
-from pretrain import checkpoint
+from synthvit import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import check_shard_counts, load_sources
 from pretrain.loop import Trainer

@@ -295,6 +295,26 @@ def test_defect_crop_prob_is_the_share_of_defect_crops_however_few_frames_hold_d
         assert lo <= share <= hi, (prob, share)
 
 
+def test_a_stopped_finetune_resumes_to_the_same_export_and_log(real_data, tmp_path, cli):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = [f"data={real_data}", "task=seg", *FT, "optim.warmup_steps=2", "evaluate=false"]
+    assert cli("finetune", *common, f"out_dir={whole}").returncode == 0
+    assert cli("finetune", *common, f"out_dir={parts}", "stop_at=3").returncode == 0
+    assert not (parts / "export").exists()
+    assert (parts / "checkpoints" / "step_00000003" / "trainer_state.json").is_file()
+    config = (parts / "config.yaml").read_text()
+    # a checkpoint of another training config is refused, naming the key, before anything is written
+    bad = cli("finetune", *common, f"out_dir={parts}", "optim.lr=0.5")
+    assert bad.returncode != 0 and "optim.lr: 0.0001 -> 0.5" in bad.stderr and "resume=none" in bad.stderr
+    assert (parts / "config.yaml").read_text() == config
+    res = cli("finetune", *common, f"out_dir={parts}", "num_workers=1")  # the loader's workers do not matter
+    assert res.returncode == 0 and " 3/6 [" in res.stderr, res.stderr[-2000:]  # its bar starts at step 3
+    assert not (parts / "checkpoints").exists()  # removed once the export is written
+    a, b = export_tensors(whole / "export"), export_tensors(parts / "export")
+    assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    assert (whole / "metrics.jsonl").read_text() == (parts / "metrics.jsonl").read_text()
+
+
 def test_dice_loss_is_zero_for_perfect_and_high_for_missed_defects():
     from finetune.train import dice_loss
 

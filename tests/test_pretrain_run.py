@@ -175,7 +175,7 @@ def test_tensorboard_logs_when_installed(exported):
 
 
 def test_half_written_checkpoints_are_ignored(tmp_path):
-    from pretrain.checkpoint import CKPT_DIR, STATE_FILE, complete_checkpoints, resolve_resume
+    from synthvit.checkpoint import CKPT_DIR, STATE_FILE, complete_checkpoints, resolve_resume
 
     root = tmp_path / CKPT_DIR
     (root / "step_00000004").mkdir(parents=True)
