@@ -56,6 +56,10 @@ def run(cfg: FinetuneConfig) -> Path:
     ckpt = resolve_resume(cfg.resume, run_dir) if cfg.steps else None
     if ckpt is not None:
         check_resumable(cfg, ckpt)  # a checkpoint of another config stops the run before anything is written
+    elif cfg.resume == "none" and (run_dir / CKPT_DIR).is_dir():
+        # starting over, as asked: older checkpoints would otherwise outrank (and be kept over) this run's own
+        log.info("resume=none: removing the earlier checkpoints in %s", run_dir / CKPT_DIR)
+        shutil.rmtree(run_dir / CKPT_DIR)
     data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
     data.check_task(cfg.task)
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
