@@ -278,6 +278,12 @@ def _empty_mask(size):
     return np.zeros((size[1], size[0]), np.uint8)
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image under ``folder`` (recursive, sorted); hidden files and folders are not data."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def _visible_files(folder: Path, exts: tuple[str, ...]) -> list[Path]:
     """Files of ``folder`` with one of ``exts`` (any case), sorted; hidden ones (``.x``, macOS ``._x.png`` forks,
     temporary files) are not data."""

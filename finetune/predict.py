@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from finetune.datasets import IMAGE_EXTS, to_array
+from finetune.datasets import IMAGE_EXTS, image_files, to_array
 from synthvit.config import CONFIG_FILE
 from synthvit.io import SynthvitError, atomic_open, atomic_write_text
 from synthvit.overlay import overlay
@@ -48,8 +48,7 @@ def input_files(spec: str | Path, skip: Path | None = None) -> tuple[list[Path],
     if path.is_file():
         return listed_files(path) if path.suffix.lower() in LIST_SUFFIXES else ([path], path.parent)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = image_files(path)
         files = _outside(found, skip)
         if files:
             return files, path

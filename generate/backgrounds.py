@@ -23,11 +23,11 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from finetune.datasets import GOOD_NAMES, IMAGE_EXTS, has_defect, image_files, load_real_data, split_ids
 from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.generate")
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 CACHE_BYTES = 1 << 30  # decoded backgrounds kept per worker process
 KEY = "procedural.backgrounds"
 
@@ -52,9 +52,7 @@ def _open_file(path: Path) -> Callable[[], Image.Image]:
 
 
 def _plain(root: Path) -> list[tuple[str, str, Callable[[], Image.Image]]]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    return [(p.relative_to(root).with_suffix("").as_posix(), str(p), _open_file(p)) for p in files]
+    return [(p.relative_to(root).with_suffix("").as_posix(), str(p), _open_file(p)) for p in image_files(root)]
 
 
 def _is_plain(root: Path) -> bool:
@@ -66,8 +64,6 @@ def _is_plain(root: Path) -> bool:
 def _real_data(root: Path, fmt: str, labels: tuple[str, ...], test_fraction: float, data_seed: int, check: bool,
                key: str):
     """(id, where, loader) of the defect-free train images of a real-data folder, and what was left out."""
-    from finetune.datasets import GOOD_NAMES, has_defect, load_real_data, split_ids  # finetune's user-data reader
-
     labels = labels or GOOD_NAMES
     data = load_real_data(root, fmt, check=check)
     split = split_ids(data, test_fraction, data_seed)

@@ -12,7 +12,7 @@ ALLOWED = {
     "synthvit": set(),
     "models": {"synthvit"},
     # generate reads a user's real-data folder (procedural.backgrounds) with finetune's reader of user data, the
-    # one contract of real-data layouts (lazily, in generate/backgrounds.py alone; see test below)
+    # one contract of real-data layouts (in generate/backgrounds.py alone; see test below)
     "generate": {"synthvit", "finetune.datasets"},
     "pretrain": {"synthvit", "models", "generate.schema"},
     "finetune": {"synthvit", "models", "generate.schema"},
