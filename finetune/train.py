@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from finetune.datasets import Item, RealData, has_defect, to_array
-from synthvit.checkpoint import read_state, save_checkpoint
+from synthvit.checkpoint import load_checkpoint, read_state, save_checkpoint
 from synthvit.config import config_diff, to_dict
 from synthvit.io import SynthvitError
 from synthvit.progress import progress_bar
@@ -152,7 +152,7 @@ def check_resumable(cfg, ckpt: Path, num_processes: int | None = None) -> dict:
 def resume_state(cfg, acc, ckpt: Path) -> int:
     """Load a checkpoint written by this config into the prepared model/optimizer; returns its step."""
     state = check_resumable(cfg, ckpt, acc.num_processes)
-    acc.load_state(str(ckpt))
+    load_checkpoint(acc, ckpt)
     log.info("resumed from %s at step %d of %d", ckpt, state["step"], cfg.steps)
     return int(state["step"])
 

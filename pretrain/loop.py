@@ -65,7 +65,7 @@ class Trainer:
         return path
 
     def resume(self, ckpt: Path) -> None:
-        self.acc.load_state(str(ckpt))
+        checkpoint.load_checkpoint(self.acc, ckpt)
         state = checkpoint.read_state(ckpt)
         if state.get("num_processes", self.acc.num_processes) != self.acc.num_processes:
             log.warning("resuming a %s-process run on %s processes: the data stream will differ",

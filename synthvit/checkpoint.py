@@ -60,4 +60,18 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 
 
 def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE_FILE).read_text())
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise SynthvitError(f"resume: {ckpt / STATE_FILE} is unreadable ({e}); remove {ckpt} to resume from an "
+                            f"earlier checkpoint, or run with resume=none") from None
+
+
+def load_checkpoint(accelerator, ckpt: Path) -> None:
+    """``accelerator.load_state`` of a checkpoint folder (model, optimizer, RNG states -- the RNG files are
+    pickles: resume only from your own runs); a damaged one is named in a clear error."""
+    try:
+        accelerator.load_state(str(ckpt))
+    except Exception as e:  # safetensors, torch.load and pickle raise many kinds
+        raise SynthvitError(f"resume: cannot load {ckpt} ({type(e).__name__}: {e}); remove it to resume from an "
+                            f"earlier checkpoint, or run with resume=none") from None

@@ -317,6 +317,14 @@ def test_a_stopped_finetune_resumes_to_the_same_export_and_log(real_data, tmp_pa
     assert cli("finetune", *common, f"out_dir={whole}", "stop_at=5", "resume=none").returncode == 0
     assert cli("finetune", *common, f"out_dir={whole}", "stop_at=3", "save_every=2", "resume=none").returncode == 0
     assert [p.name for p in (whole / "checkpoints").iterdir()] == ["step_00000003"]
+    # damaged checkpoints are named, not a traceback
+    (whole / "checkpoints" / "step_00000003" / "trainer_state.json").write_text("{broken")
+    bad = cli("finetune", *common, f"out_dir={whole}")
+    assert bad.returncode == 1 and "step_00000003/trainer_state.json is unreadable" in bad.stderr
+    assert cli("finetune", *common, f"out_dir={whole}", "stop_at=3", "resume=none").returncode == 0
+    (whole / "checkpoints" / "step_00000003" / "model.safetensors").write_bytes(b"\0" * 100)
+    bad = cli("finetune", *common, f"out_dir={whole}")
+    assert bad.returncode == 1 and "cannot load" in bad.stderr and "step_00000003" in bad.stderr
 
 
 def test_dice_loss_is_zero_for_perfect_and_high_for_missed_defects():
