@@ -42,6 +42,7 @@ from finetune.annotations import (GOOD_LABEL, IMAGE_EXTS, MAX_CLASSES, is_file, 
 from finetune.annotations import rle_decode  # noqa: F401  (here since before finetune.annotations)
 from generate.schema import CLS_KEY, IMAGE_KEYS, INFO_FILE, MASK_KEY, SPLIT, iter_members, read_info
 from synthvit.io import SynthvitError
+from synthvit.storage import Folder, is_url, redact
 
 GOOD_NAMES = ("good", "free", "ok", "normal", "defect-free", "defect_free", "none", "background")
 SHOWN = 20
@@ -71,7 +72,7 @@ class Item:
 
 @dataclass
 class RealData:
-    root: Path
+    root: Path | str  # str: an object-store URL (shards)
     fmt: str
     items: list[Item]
     seg_classes: list[str] = field(default_factory=list)  # background first; empty: no masks
@@ -478,29 +479,34 @@ def _bytes_mask(data: bytes) -> Callable[[tuple[int, int]], np.ndarray]:
     return load
 
 
-def _shards(root: Path, problems: list[str]) -> RealData:
+def _shards(root: Path | str, problems: list[str]) -> RealData:
+    """synthvit shards in a local folder or at an object-store URL (read through synthvit.storage)."""
+    folder = Folder(root)
+    manifest = f"{folder}/{INFO_FILE}"
     try:
-        info = read_info(root)
+        info = read_info(folder)
         names, split = info["class_names"], info["splits"][SPLIT]
         filenames, lengths = split["filenames"], split["shard_lengths"]
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-            raise SynthvitError(f"{root / INFO_FILE}: class_names must be a list of names, got {str(names)[:60]}")
+            raise SynthvitError(f"{manifest}: class_names must be a list of names, got {str(names)[:60]}")
         if not (isinstance(filenames, list) and all(isinstance(f, str) for f in filenames)
                 and isinstance(lengths, list) and len(lengths) == len(filenames)
                 and all(isinstance(n, int) for n in lengths)):
-            raise SynthvitError(f"{root / INFO_FILE}: splits.{SPLIT} must hold a list of shard filenames and one "
+            raise SynthvitError(f"{manifest}: splits.{SPLIT} must hold a list of shard filenames and one "
                                 f"shard_lengths count each, got {str(filenames)[:60]} and {str(lengths)[:60]}")
     except SynthvitError as e:
         problems.append(str(e))
         return RealData(root, "shards", [])
     except Exception as e:  # a JSON of the wrong shape: a list, a number, splits that are not a dict ...
-        problems.append(f"{root / INFO_FILE}: not a synthvit shards manifest ({_why(e)})")
+        problems.append(f"{manifest}: not a synthvit shards manifest ({_why(e)})")
         return RealData(root, "shards", [])
     items = []
     for filename, expected in zip(filenames, lengths):
         count = 0
         try:
-            for m in iter_members(root / filename):
+            with folder.open(filename) as stream:
+                shard = list(iter_members(stream))
+            for m in shard:
                 count += 1
                 where = f"{filename}#{m['__key__']}"
                 image_key = next((k for k in IMAGE_KEYS if k in m), None)
@@ -514,7 +520,7 @@ def _shards(root: Path, problems: list[str]) -> RealData:
                 if not 0 <= cls < len(names):
                     problems.append(f"{where}: cls {m[CLS_KEY][:20]!r} is not a class id 0..{len(names) - 1}")
                     continue
-                items.append(Item(m["__key__"], f"{root / filename}#{m['__key__']}", _bytes_image(m[image_key]),
+                items.append(Item(m["__key__"], f"{folder.url(filename)}#{m['__key__']}", _bytes_image(m[image_key]),
                                   names[cls], _bytes_mask(m[MASK_KEY])))
         except Exception as e:  # missing, truncated or not a tar; a member name without an extension ...
             problems.append(f"{filename}: unreadable shard ({_why(e)})")
@@ -562,11 +568,17 @@ def load_real_data(root: str | Path, fmt: str = "auto", check: bool = True, max_
     or go to train or test), validated unless ``check`` is false; every problem found in one :class:`DataError`."""
     if split_missing not in SPLIT_MISSING:
         raise ValueError(f"split_missing={split_missing!r}; use one of {', '.join(SPLIT_MISSING)}")
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
-    if not any(root.iterdir()):
-        raise DataError(f"data folder {root} is empty")
+    if is_url(root):  # an object store holds synthvit shards only (the folder layouts need a file system)
+        if fmt not in ("auto", "shards"):
+            raise DataError(f"data {redact(str(root))}: a URL holds synthvit shards (format=shards); format={fmt} "
+                            f"needs a local folder")
+        root, fmt = str(root).rstrip("/"), "shards"
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"data folder {root} does not exist")
+        if not any(root.iterdir()):
+            raise DataError(f"data folder {root} is empty")
     set_pixel_cap(max_pixels)
     fmt = detect_format(root) if fmt == "auto" else fmt
     if fmt not in FORMATS:
@@ -624,6 +636,8 @@ def read_splits(data: RealData, split_missing: str, problems: list[str]) -> dict
     """id -> split of every item from ``splits.csv`` at the data root ({} without one). Rows with a split other than
     train or test, an id listed with both, ids of no item and (``split_missing=error``) items it does not list are
     problems; with ``split_missing`` train or test, unlisted items go there."""
+    if isinstance(data.root, str):  # shards at a URL: no splits.csv beside them (a seeded split is made)
+        return {}
     path = data.root / SPLITS_FILE
     if not path.is_file():
         return {}

@@ -15,7 +15,8 @@ from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
 from generate.writer import plan_shards, remove_stale_temporaries, write_shards
 from synthvit.config import CONFIG_FILE, ConfigError, config_diff, dump_yaml, load_config, to_dict
-from synthvit.io import SynthvitError, atomic_write_text, sha256_file
+from synthvit.io import SynthvitError
+from synthvit.storage import Folder
 
 log = logging.getLogger("synthvit.generate")
 
@@ -41,27 +42,20 @@ def dataset_config(cfg: GenerateConfig) -> dict:
     return _dataset_view(to_dict(cfg))
 
 
-def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
-    """Create ``out`` or check that it holds an earlier run of the same dataset config (then we resume)."""
+def _prepare_out_dir(out: Folder, cfg: GenerateConfig) -> None:
+    """Create ``out`` (or reach its bucket) and prove it writable, or check that it holds an earlier run of the
+    same dataset config (then we resume)."""
+    out.check_writable()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SynthvitError(f"cannot create out_dir {out}: {e.strerror}; choose a writable folder") from None
-    if not out.is_dir():
-        raise SynthvitError(f"out_dir {out} exists and is not a folder")
-    probe = out / ".write-probe.tmp"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SynthvitError(f"out_dir {out} is not writable ({e.strerror}); choose a writable folder") from None
-    previous = out / CONFIG_FILE
-    if previous.is_file():
+        previous = out.read_text(CONFIG_FILE)
+    except FileNotFoundError:
+        previous = None
+    if previous is not None:
         try:  # read with today's defaults: a key added since changes nothing
-            old = to_dict(load_config(GenerateConfig, previous))
+            old = to_dict(load_config(GenerateConfig, text=previous))
         except ConfigError:
             try:
-                old = yaml.safe_load(previous.read_text()) or {}
+                old = yaml.safe_load(previous) or {}
             except yaml.YAMLError:
                 old = {}
         old = _dataset_view(old)
@@ -71,14 +65,15 @@ def _prepare_out_dir(out: Path, cfg: GenerateConfig) -> None:
                 f"out_dir {out} holds a dataset made with a different config ({'; '.join(diff[:5])}); "
                 f"use another out_dir, or delete it to start over")
         return
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    names = out.names() if out.remote else {p.name for p in Path(out.location).iterdir()}
+    foreign = sorted(n for n in names if not n.startswith("."))
     if foreign:
         raise SynthvitError(
             f"out_dir {out} is not empty and holds no synthvit dataset (found {', '.join(foreign[:5])}"
             f"{' ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
 
 
-def verify(out: Path) -> Path:
+def verify(out: Folder) -> Path | str:
     problems = verify_dataset(out)
     if problems:
         shown = "\n  ".join(problems[:20])
@@ -90,19 +85,26 @@ def verify(out: Path) -> Path:
     split = info["splits"]["train"]
     log.info("verified %s: %d shards, %d samples match %s", out, len(split["filenames"]), split["num_samples"],
              INFO_FILE)
-    return out
+    return out.location if out.remote else Path(out.location)
 
 
-def _preview(out: Path, filenames: list[str], count: int, class_names: list[str]) -> Path | None:
+def _preview(out: Folder, filenames: list[str], count: int, class_names: list[str]) -> str | None:
     if count == 0:
         return None
     samples = []
     for fname in filenames:
-        for sample in iter_shard(out / fname):
-            samples.append(sample)
-            if len(samples) == count:
-                return write_preview(out / PREVIEW_FILE, samples, class_names)
-    return write_preview(out / PREVIEW_FILE, samples, class_names)
+        with out.open(fname) as f:
+            for sample in iter_shard(f):
+                samples.append(sample)
+                if len(samples) == count:
+                    break
+        if len(samples) == count:
+            break
+    with out.staging() as folder:
+        path = write_preview(folder / PREVIEW_FILE, samples, class_names)
+        if out.remote:
+            out.upload(path, PREVIEW_FILE)
+    return out.url(PREVIEW_FILE)
 
 
 def _ranks():
@@ -120,28 +122,31 @@ def _ranks():
     return state.process_index, state.num_processes, state.wait_for_everyone, done
 
 
-def _prepare(out: Path, cfg: GenerateConfig) -> None:
-    """Rank 0 only: check or create ``out``, remove an interrupted run's partial files, record the config."""
+def _prepare(out: Folder, cfg: GenerateConfig) -> None:
+    """Rank 0 only: check or create ``out``, remove an interrupted run's partial files, record the config.
+    (An object store keeps no partial objects: an interrupted upload never becomes visible.)"""
     _prepare_out_dir(out, cfg)
-    stale = remove_stale_temporaries(out)
+    stale = [] if out.remote else remove_stale_temporaries(Path(out.location))
     if stale:
         log.info("removed %d partial file(s) of an interrupted run", len(stale))
-    atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+    out.write_text(CONFIG_FILE, dump_yaml(cfg))
 
 
-def run(cfg: GenerateConfig) -> Path:
-    """Render the shards this rank owns (shard k belongs to rank k % world size); rank 0 then writes _info.json."""
-    out = Path(cfg.out_dir)
+def run(cfg: GenerateConfig) -> Path | str:
+    """Render the shards this rank owns (shard k belongs to rank k % world size); rank 0 then writes _info.json.
+    ``out_dir`` is a local folder or an object-store URL (s3://, gs://); returns it (a Path when local)."""
     rank, world, barrier, finish = _ranks()
     if cfg.verify:
-        return verify(out) if rank == 0 else out
+        return verify(Folder(cfg.out_dir)) if rank == 0 else cfg.out_dir
+    out = Folder(cfg.out_dir, write=True)
     backend = create_backend(cfg.backend, cfg)
     getattr(backend, "validate", lambda: None)()  # its inputs (backgrounds) read whole, before any shard
     if rank == 0:
         _prepare(out, cfg)
     barrier()
     plan = plan_shards(cfg.num_samples, cfg.samples_per_shard)
-    todo = [s for s in plan if not (out / shard_filename(cfg.name, s.index)).is_file() and s.index % world == rank]
+    present = out.names()  # one listing, not a request per shard
+    todo = [s for s in plan if shard_filename(cfg.name, s.index) not in present and s.index % world == rank]
     mine = sum(1 for s in plan if s.index % world == rank)
     if len(todo) < mine:
         log.info("resuming: %d of %d shards already written", mine - len(todo), mine)
@@ -155,7 +160,7 @@ def run(cfg: GenerateConfig) -> Path:
         shards = []
         for s in plan:  # shards of other ranks and of earlier runs are hashed from disk
             fname = shard_filename(cfg.name, s.index)
-            shards.append(results.get(s.index) or (fname, s.num_samples, sha256_file(out / fname)))
+            shards.append(results.get(s.index) or (fname, s.num_samples, out.sha256(fname)))
         info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg)) | getattr(backend, "info", {})
         write_info(out, info)  # last: its presence marks the dataset complete
         preview = _preview(out, [f for f, _, _ in shards], cfg.preview, backend.class_names)
@@ -165,4 +170,4 @@ def run(cfg: GenerateConfig) -> Path:
         log.info("rank %d: %d new samples%s", rank, done, rate)
     barrier()
     finish()
-    return out
+    return out.location if out.remote else Path(out.location)

@@ -13,6 +13,7 @@ Each sample (key: 8 digits, the global sample index) holds:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from synthvit.io import SynthvitError, atomic_write_text, sha256_file
+from synthvit.io import SynthvitError
+from synthvit.storage import Folder, StorageError
 
 SCHEMA = "synthvit.shards/1"
 INFO_FILE = "_info.json"
@@ -100,11 +102,13 @@ def decode_sample(members: dict[str, bytes]) -> Sample:
     return Sample(image, mask, int(members[CLS_KEY]), json.loads(members[META_KEY]))
 
 
-def iter_members(path: str | Path):
-    """Raw members of each sample of one shard, in order: ``{"__key__": key, "jpg": bytes, ...}``."""
+def iter_members(path):
+    """Raw members of each sample of one shard, in order: ``{"__key__": key, "jpg": bytes, ...}``.
+    ``path``: a local file, or an open binary stream (read once, front to back: a remote object)."""
     members: dict[str, bytes] = {}
     key = None
-    with tarfile.open(path, "r") as tar:
+    opened = tarfile.open(path, "r") if isinstance(path, (str, Path)) else tarfile.open(fileobj=path, mode="r|*")
+    with opened as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -119,7 +123,7 @@ def iter_members(path: str | Path):
         yield {"__key__": key, **members}
 
 
-def iter_shard(path: str | Path):
+def iter_shard(path):
     """Decoded samples of one shard, in order (a small reader for tests, previews and verification)."""
     for members in iter_members(path):
         yield decode_sample(members)
@@ -143,23 +147,27 @@ def make_info(name: str, shards: list[tuple[str, int, str]], class_names: list[s
     }
 
 
-def write_info(out_dir: str | Path, info: dict) -> Path:
-    path = Path(out_dir) / INFO_FILE
-    atomic_write_text(path, json.dumps(info, indent=2) + "\n")
-    return path
+def write_info(out_dir: str | Path | Folder, info: dict) -> str:
+    """Write the manifest (atomically: a reader sees none or all of it); returns where."""
+    folder = out_dir if isinstance(out_dir, Folder) else Folder(out_dir)
+    folder.write_text(INFO_FILE, json.dumps(info, indent=2) + "\n")
+    return folder.url(INFO_FILE)
 
 
-def read_info(data_dir: str | Path) -> dict:
-    """Load and check ``_info.json``; errors name the folder and the missing key."""
-    path = Path(data_dir) / INFO_FILE
-    if not Path(data_dir).is_dir():
-        raise SynthvitError(f"dataset folder {data_dir} does not exist")
-    if not path.is_file():
-        raise SynthvitError(f"{path} is missing: {data_dir} is not a finished synthvit dataset "
-                            f"(re-run `synthvit generate out_dir={data_dir}` to complete it)")
+def read_info(data_dir: str | Path | Folder) -> dict:
+    """Load and check ``_info.json`` (local or remote); errors name the folder and the missing key."""
+    folder = data_dir if isinstance(data_dir, Folder) else Folder(data_dir)
+    path = f"{folder}/{INFO_FILE}" if folder.remote else Path(folder.location) / INFO_FILE
+    if not folder.is_dir():
+        raise SynthvitError(f"dataset folder {folder} does not exist")
     try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        text = folder.read_text(INFO_FILE)
+    except FileNotFoundError:
+        raise SynthvitError(f"{path} is missing: {folder} is not a finished synthvit dataset (re-run "
+                            f"`synthvit generate out_dir={folder}` to complete it)") from None
+    try:
+        info = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SynthvitError(f"{path} is not valid JSON: {e}") from None
     for key in ("name", "class_names", "splits"):
         if key not in info:
@@ -170,30 +178,59 @@ def read_info(data_dir: str | Path) -> dict:
     return info
 
 
-def verify_dataset(data_dir: str | Path, deep: bool = True) -> list[str]:
+class _Hashing(io.RawIOBase):
+    """Hashes what is read through it: one pass over a (remote) shard both checks its sha256 and decodes it."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream, self.hash = stream, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.stream.read(len(b))
+        b[:len(data)] = data
+        self.hash.update(data)
+        return len(data)
+
+    def digest(self) -> str:
+        while self.read(1 << 20):  # the tar's end-of-archive padding
+            pass
+        return self.hash.hexdigest()
+
+
+def verify_dataset(data_dir: str | Path | Folder, deep: bool = True) -> list[str]:
     """Problems found (empty list: the dataset matches its manifest).
 
     Checks every shard exists with the recorded sha256; with ``deep``, also that each shard decodes
-    into the recorded number of samples.
+    into the recorded number of samples. Each shard is read once, local or remote.
     """
-    info = read_info(data_dir)
+    folder = data_dir if isinstance(data_dir, Folder) else Folder(data_dir)
+    info = read_info(folder)
     split = info["splits"][SPLIT]
     hashes = split.get("sha256") or [None] * len(split["filenames"])
+    present = folder.names()
     problems = []
     for fname, n, digest in zip(split["filenames"], split["shard_lengths"], hashes):
-        path = Path(data_dir) / fname
-        if not path.is_file():
+        if not (fname in present if present is not None else folder.exists(fname)):
             problems.append(f"{fname}: missing")
             continue
-        if digest is not None and sha256_file(path) != digest:
+        count, error = None, None
+        with folder.open(fname) as raw:
+            stream = _Hashing(raw)
+            if deep:
+                try:
+                    count = sum(1 for _ in iter_shard(io.BufferedReader(stream, 1 << 20)))
+                except StorageError:
+                    raise
+                except (tarfile.TarError, OSError, ValueError, SynthvitError) as e:
+                    error = e
+            actual = stream.digest()
+        if digest is not None and actual != digest:
             problems.append(f"{fname}: sha256 differs from the manifest (corrupt or modified)")
-            continue
-        if deep:
-            try:
-                count = sum(1 for _ in iter_shard(path))
-            except (tarfile.TarError, OSError, ValueError, SynthvitError) as e:
-                problems.append(f"{fname}: unreadable ({e})")
-                continue
-            if count != n:
-                problems.append(f"{fname}: holds {count} samples, the manifest says {n}")
+        elif error is not None:
+            problems.append(f"{fname}: unreadable ({error})")
+        elif count is not None and count != n:
+            problems.append(f"{fname}: holds {count} samples, the manifest says {n}")
     return problems

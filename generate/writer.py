@@ -1,7 +1,8 @@
 """Shard writing: a plan of shards, one atomic tar per shard, and a pool of worker processes with progress.
 
 Backends only render samples; this module owns the files. A shard is rendered and written by a single worker
-to a temporary name and renamed when complete, so an interrupted run leaves whole shards or none.
+to a temporary name and renamed when complete (or, for an object store, uploaded in one piece from a local
+temporary file), so an interrupted run leaves whole shards or none.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import webdataset as wds
 from generate.backends import create_backend
 from generate.schema import encode_sample, shard_filename
 from synthvit.io import TMP_SUFFIX, atomic_open, sha256_file
+from synthvit.storage import Folder
 from synthvit.progress import progress_bar
 
 log = logging.getLogger("synthvit.generate")
@@ -71,10 +73,21 @@ def index_batches(start: int, stop: int, size: int) -> list[list[int]]:
     return [list(range(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def write_shard(backend, shard: ShardPlan, out_dir: Path, cfg, progress=None) -> tuple[str, int, str]:
-    """Render and write one shard atomically; returns (filename, num_samples, sha256)."""
+def write_shard(backend, shard: ShardPlan, out: Folder | Path, cfg, progress=None) -> tuple[str, int, str]:
+    """Render and write one shard atomically; returns (filename, num_samples, sha256). Remote: the shard is
+    written to a local temporary folder, hashed, uploaded, and only then returned (counted)."""
+    out = out if isinstance(out, Folder) else Folder(out)
     fname = shard_filename(cfg.name, shard.index)
-    path = out_dir / fname
+    with out.staging() as folder:
+        path = folder / fname
+        _write_tar(backend, shard, path, cfg, progress)
+        digest = sha256_file(path)
+        if out.remote:
+            out.upload(path, fname)
+    return fname, shard.num_samples, digest
+
+
+def _write_tar(backend, shard: ShardPlan, path: Path, cfg, progress) -> None:
     render_batch = getattr(backend, "render_batch", None)
     size = getattr(backend, "batch_size", 1) if render_batch else 1
     with atomic_open(path) as f:
@@ -87,19 +100,18 @@ def write_shard(backend, shard: ShardPlan, out_dir: Path, cfg, progress=None) ->
             if progress is not None:
                 progress(len(batch))
         writer.close()
-    return fname, shard.num_samples, sha256_file(path)
 
 
 # ---------------------------------------------------------------- worker processes
 _WORKER: dict = {}
 
 
-def _init_worker(cfg, out_dir: str, progress_queue) -> None:
+def _init_worker(cfg, out: Folder, progress_queue) -> None:
     # Ctrl-C reaches the whole process group: only the main process reacts (it terminates the pool), so no
     # worker dies mid-task and gets replaced by a fresh one that keeps writing shards.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     tune_allocator()
-    _WORKER.update(cfg=cfg, out_dir=Path(out_dir), queue=progress_queue,
+    _WORKER.update(cfg=cfg, out=out, queue=progress_queue,
                    backend=create_backend(cfg.backend, cfg), pending=0, last=time.monotonic())
 
 
@@ -112,14 +124,14 @@ def _report(n: int) -> None:
 
 
 def _work(shard: ShardPlan) -> tuple[int, tuple[str, int, str]]:
-    result = write_shard(_WORKER["backend"], shard, _WORKER["out_dir"], _WORKER["cfg"], progress=_report)
+    result = write_shard(_WORKER["backend"], shard, _WORKER["out"], _WORKER["cfg"], progress=_report)
     if _WORKER["pending"]:
         _WORKER["queue"].put(_WORKER["pending"])
         _WORKER["pending"] = 0
     return shard.index, result
 
 
-def write_shards(cfg, shards: list[ShardPlan], out_dir: Path, desc: str = "generate", backend=None) -> dict[int, tuple]:
+def write_shards(cfg, shards: list[ShardPlan], out: Folder, desc: str = "generate", backend=None) -> dict[int, tuple]:
     """Write ``shards`` with ``cfg.num_workers`` processes (0: in this process), showing a progress bar.
 
     ``backend``: an already created backend for the in-process path. Backends that set ``in_process`` (neural
@@ -136,12 +148,12 @@ def write_shards(cfg, shards: list[ShardPlan], out_dir: Path, desc: str = "gener
             tune_allocator()
             backend = backend or create_backend(cfg.backend, cfg)
             for s in shards:
-                results[s.index] = write_shard(backend, s, out_dir, cfg, progress=bar.update)
+                results[s.index] = write_shard(backend, s, out, cfg, progress=bar.update)
             return results
         ctx = mp.get_context("spawn")
         progress_queue = ctx.Queue()
         workers = min(cfg.num_workers, len(shards))
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, str(out_dir), progress_queue)) as pool:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(cfg, out, progress_queue)) as pool:
             async_results = [pool.apply_async(_work, (s,)) for s in shards]
             while any(not r.ready() for r in async_results) or not progress_queue.empty():
                 try:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from generate.schema import CLS_KEY, IMAGE_KEYS, MASK_KEY, read_info
 from synthvit.io import SynthvitError
+from synthvit.storage import Folder, open_stream, redact
 
 log = logging.getLogger("synthvit.pretrain")
 
@@ -38,7 +39,7 @@ MAX_CLASSES = 256  # masks are 8-bit
 
 @dataclass
 class Source:
-    folder: Path
+    folder: str  # as given: a local folder or an object-store URL (printable: URLs carrying secrets are refused)
     urls: list[str]
     weight: float
     num_samples: int
@@ -50,7 +51,8 @@ def load_sources(folders: list[str], weights: list[float], expected_classes: lis
     dataset's classes in order, then each later dataset's new names (id 0, defect-free, is shared); a later
     dataset's masks and labels are mapped into it. The union must match ``expected_classes`` when given."""
     sources, class_names = [], []
-    for i, folder in enumerate(folders):
+    for i, location in enumerate(folders):
+        folder = Folder(location)
         info = read_info(folder)
         split = info["splits"]["train"]
         names = list(info["class_names"])
@@ -64,12 +66,13 @@ def load_sources(folders: list[str], weights: list[float], expected_classes: lis
             raise SynthvitError(f"the datasets {', '.join(folders)} have {len(class_names)} classes together; "
                                 f"masks hold at most {MAX_CLASSES}")
         class_map = tuple(class_names.index(n) for n in names)
-        urls = [str(Path(folder) / f) for f in split["filenames"]]
-        missing = [u for u in urls if not Path(u).is_file()]
+        urls = [folder.url(f) for f in split["filenames"]]
+        present = folder.names()  # one listing (None over https: missing shards are then skipped and counted)
+        missing = [folder.url(f) for f in split["filenames"] if present is not None and f not in present]
         if missing:
             raise SynthvitError(f"{len(missing)} shard(s) listed in {folder}/_info.json are missing, e.g. "
-                                f"{missing[0]}; run `synthvit generate out_dir={folder} verify=true`")
-        sources.append(Source(Path(folder), urls, weights[i] if weights else 1.0, int(split["num_samples"]),
+                                f"{redact(missing[0])}; run `synthvit generate out_dir={folder} verify=true`")
+        sources.append(Source(str(folder), urls, weights[i] if weights else 1.0, int(split["num_samples"]),
                               () if class_map == tuple(range(len(names))) else class_map))
     if expected_classes and expected_classes != class_names:
         raise SynthvitError(f"class_names in the config {expected_classes} differ from the data's {class_names} "
@@ -129,6 +132,34 @@ class SkipCounter:
         self.count += 1
         log.warning("skipping unreadable data (%d so far): %r", self.count, exn)
         return True
+
+
+def tar_samples(handler):
+    """``webdataset.tarfile_to_samples`` with synthvit's opener: local files as webdataset opens them, remote
+    objects through :func:`synthvit.storage.open_stream` (fsspec, retried with backoff, resumed at the byte
+    reached). An error that outlives the retries reaches ``handler``: the rest of that shard is skipped, counted."""
+    def opened(src):
+        stream = None
+        try:
+            for sample in src:
+                if stream is not None:  # the expander is done with the previous shard
+                    stream.close()
+                    stream = None
+                try:
+                    stream = open_stream(sample["url"])
+                except Exception as e:
+                    if handler(e):
+                        continue
+                    raise
+                yield dict(sample, stream=stream)
+        finally:
+            if stream is not None:
+                stream.close()
+
+    def stage(src):
+        files = wds.tariterators.tar_file_expander(opened(src), handler=handler)
+        return wds.tariterators.group_by_keys(files, handler=handler)
+    return stage
 
 
 def _shard_urls(spec: StreamSpec, slot: int, epoch: int):
@@ -239,7 +270,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         maps = {u: np.asarray(s.class_map, np.uint8) for s in spec.sources if s.class_map for u in s.urls}
         pipeline = wds.DataPipeline(
             lambda: _shard_urls(spec, slot, epoch),
-            wds.tarfile_to_samples(handler=skipped),
+            tar_samples(skipped),
             wds.shuffle(spec.shuffle_buffer, min(spec.shuffle_buffer, 100),
                         rng=random.Random(f"synthvit-shuffle/{spec.seed}/{epoch}/{slot}")),
             lambda src: islice(src, skip_batches * spec.batch_size, None),  # resume: skip before decoding

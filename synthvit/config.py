@@ -228,16 +228,20 @@ def _drop_dotted(tree: dict, dotted: str) -> bool:
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
-                retired: tuple[str, ...] = ()) -> Any:
-    """Defaults of ``cls``, then the YAML diff at ``path``, then ``key=value`` overrides. ``retired`` dotted keys
-    (written by an older synthvit into a run folder's config.yaml, never read) are dropped from the file."""
+                retired: tuple[str, ...] = (), text: str | None = None) -> Any:
+    """Defaults of ``cls``, then the YAML diff at ``path`` (or in ``text``, read from elsewhere), then
+    ``key=value`` overrides. ``retired`` dotted keys (written by an older synthvit into a run folder's config.yaml,
+    never read) are dropped from the file."""
     tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+    if path is not None or text is not None:
+        if text is None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+        else:
+            path = path or "<text>"
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text() if text is None else text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

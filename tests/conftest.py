@@ -231,3 +231,23 @@ def rle_string(counts: list[int]) -> str:
             more = x != -1 if c & 0x10 else x != 0
             out.append(chr((c | (0x20 if more else 0)) + 48))
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- object storage
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on 127.0.0.1 for the session, its endpoint and key in this process's
+    environment (so subprocesses inherit them, as on a cluster node). Skipped, with the reason, only if the
+    `weed` binary is missing or cannot start."""
+    from s3server import SeaweedS3, ServerUnavailable
+
+    server = SeaweedS3(tmp_path_factory.mktemp("s3"))
+    try:
+        server.start()
+    except ServerUnavailable as e:
+        pytest.skip(f"no S3 server for the object-storage tests: {e}")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        yield server
+    server.stop()
