@@ -265,3 +265,15 @@ def test_two_ranks_pretrain_from_the_bucket_see_the_batches_of_a_local_copy(s3, 
     assert losses[0] == losses[1] and losses[0]
     assert f"- {url}" in (runs["s3"] / "config.yaml").read_text()
     assert_no_secret(s3.secret_key, tmp_path)
+
+
+def test_finetune_reads_shards_from_the_bucket_as_from_a_folder(s3, tiny_dataset):
+    from finetune.datasets import DataError, load_real_data
+
+    url = upload(s3, tiny_dataset, "finetune")
+    local, remote = load_real_data(tiny_dataset), load_real_data(url)
+    assert remote.fmt == "shards" and remote.seg_classes == local.seg_classes
+    assert [(i.id, i.label) for i in remote.items] == [(i.id, i.label) for i in local.items]
+    assert remote.items[3].source == f"{url}/synthvit-000000.tar#00000003"
+    with pytest.raises(DataError, match="a URL holds synthvit shards"):
+        load_real_data(url, fmt="canonical")
