@@ -277,3 +277,14 @@ def test_finetune_reads_shards_from_the_bucket_as_from_a_folder(s3, tiny_dataset
     assert remote.items[3].source == f"{url}/synthvit-000000.tar#00000003"
     with pytest.raises(DataError, match="a URL holds synthvit shards"):
         load_real_data(url, fmt="canonical")
+
+
+@pytest.mark.slow
+def test_two_ranks_generate_into_one_bucket_the_single_process_bytes(s3, tiny_dataset):
+    url = s3.url("ranks")
+    proc = accelerate_launch("generate", *tiny_overrides(url))
+    assert "rank 1: 16 new samples" in proc.stderr  # shards 1 and 3 of 5 belong to rank 1
+    got, want = objects(s3, "ranks"), dataset_bytes(tiny_dataset)
+    assert {k: got[k] for k in want} == want  # _info.json holds every shard's sha256, read back from the bucket
+    assert verify_dataset(url) == []
+    assert_no_secret(s3.secret_key, proc.stdout, proc.stderr)
