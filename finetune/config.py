@@ -48,7 +48,8 @@ class FinetuneOptimConfig:
 @dataclass(kw_only=True)
 class FinetuneConfig:
     data: str = field(default="", metadata={
-        "help": "real-data folder (canonical, imagefolder, labelme, coco, hf, or synthvit shards)"})
+        "help": "real-data folder (canonical, imagefolder, labelme, coco, hf, or synthvit shards, also at an "
+                "s3:// gs:// https:// URL)"})
     format: DataFormat = field(default="auto", metadata={"help": "layout of data (auto: detected)"})
     model: str = field(default="vit_tiny_patch16_224", metadata={
         "help": "a timm name (ViT, hybrid, resnet50, ...), deeplabv3plus_resnet50 or hrnet_w18_seg"})

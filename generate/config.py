@@ -210,7 +210,8 @@ class DiffusionConfig:
 @dataclass(kw_only=True)
 class GenerateConfig:
     backend: str = field(default="procedural", metadata={"help": "generator backend (see generate.backends)"})
-    out_dir: str = field(default="shards/synthetic", metadata={"help": "dataset folder (shards + _info.json)"})
+    out_dir: str = field(default="shards/synthetic", metadata={
+        "help": "dataset folder (shards + _info.json): a local folder, s3://bucket/prefix or gs://..."})
     name: str = field(default="synthvit", metadata={"help": "shard file prefix: <name>-000000.tar"})
     num_samples: int = 1024
     samples_per_shard: int = 256

@@ -55,7 +55,8 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class PretrainConfig:
     data: list[str] = field(default_factory=lambda: ["shards/demo"],
-                            metadata={"help": "dataset folder(s) of synthvit shards (with _info.json)"})
+                            metadata={"help": "dataset folder(s) of synthvit shards (with _info.json): local, "
+                                                      "s3://, gs:// or https://"})
     data_weights: list[float] = field(default_factory=list, metadata={"help": "sampling weight per folder"})
     model: str = field(default="vit_tiny_patch16_224", metadata={"help": "any timm model name"})
     weights: str = field(default="", metadata={"help": "local weights file to start from (safetensors)"})

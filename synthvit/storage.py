@@ -330,9 +330,8 @@ class Folder:
             self.write_bytes(probe, b"")
             self.remove(probe)
         except StorageError as e:
-            cause = e.__cause__
-            hint = (f"; create the bucket {urlsplit(self.location).netloc} first" if isinstance(cause, FileNotFoundError)
-                    else "")
+            missing = isinstance(e.__cause__, FileNotFoundError)
+            hint = f"; create the bucket {urlsplit(self.location).netloc} first" if missing else ""
             raise StorageError(f"out_dir {self} is not writable: {e}{hint}") from None
         except OSError as e:
             raise SynthvitError(f"out_dir {self} is not writable ({e.strerror}); choose a writable folder") from None
