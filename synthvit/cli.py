@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_stage_help(argv[0]))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    for chatty in ("accelerate", "botocore", "aiobotocore", "s3fs", "fsspec"):  # their INFO lines say nothing to fix
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if threading.current_thread() is threading.main_thread():
         # A parent that ignores SIGINT (some launchers, test runners) passes that on to us; Ctrl-C must still stop
         # a long stage cleanly, keeping finished work.
