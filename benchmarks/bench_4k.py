@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
-from compare.probe import TILE, gflops_per_tile
+from synthvit.compare.probe import TILE, gflops_per_tile
 from finetune.config import FinetuneConfig, TilingConfig
 from finetune.evaluate import Predictor
 from finetune.artifacts import build_model
-from models import SEG_BASELINES
+from synthvit.models import SEG_BASELINES
 
 ALL = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_small_r26_s32_224",
        "deeplabv3plus_resnet50", "hrnet_w18_seg", "resnet50:cls"]

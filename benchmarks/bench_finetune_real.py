@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from finetune.artifacts import read_metrics  # noqa: E402
 from generate.schema import INFO_FILE  # noqa: E402
-from models.export import EXPORT_CONFIG, EXPORT_DIR  # noqa: E402
+from synthvit.models.export import EXPORT_CONFIG, EXPORT_DIR  # noqa: E402
 
 
 def synthvit(*args: str) -> None:

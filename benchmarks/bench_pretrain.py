@@ -33,7 +33,7 @@ from timm.optim import create_optimizer_v2
 from generate.config import GenerateConfig
 from generate.run import run as generate
 from pretrain.data import StreamSpec, batches_per_epoch, load_sources, make_loader
-from models import create_backbone
+from synthvit.models import create_backbone
 
 
 def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_classes: int) -> float:

@@ -4,7 +4,7 @@
 <run>/config.yaml      the resolved FinetuneConfig
 <run>/split.csv        id,split for every image (train / test / unused: outside a train_limit)
 <run>/metrics.jsonl    training losses and LR per logged step
-<run>/export/          the export contract of :mod:`models.export` (model.safetensors + config.json ...)
+<run>/export/          the export contract of :mod:`synthvit.models.export` (model.safetensors + config.json ...)
 <run>/metrics.json     full-resolution test metrics, speed and memory; written last: a run is finished when it exists
 ```
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from finetune.config import FinetuneConfig
-from models import EXPORT_CONFIG, EXPORT_DIR, SynthvitModel, create_model, load_export
+from synthvit.models import EXPORT_CONFIG, EXPORT_DIR, SynthvitModel, create_model, load_export
 from synthvit.config import CONFIG_FILE, load_config
 from synthvit.io import SynthvitError
 from synthvit.training import METRICS_LOG

@@ -15,9 +15,9 @@ from PIL import Image
 from torchmetrics.classification import (BinaryAUROC, BinaryAveragePrecision, MulticlassAccuracy,
                                          MulticlassConfusionMatrix, MulticlassF1Score, MulticlassJaccardIndex)
 
-from finetune.datasets import GOOD_NAMES, Item, RealData, to_array
+from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from finetune.tiling import Tiler
-from models import meta_stats
+from synthvit.models import meta_stats
 from synthvit.training import peak_memory_mb
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from finetune.datasets import IMAGE_EXTS, image_files, to_array
+from synthvit.data import IMAGE_EXTS, image_files, to_array
 from synthvit.config import CONFIG_FILE
 from synthvit.io import SynthvitError, atomic_open, atomic_write_text
 from synthvit.overlay import overlay

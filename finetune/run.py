@@ -14,11 +14,12 @@ import torch
 
 from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, build_model, load_run, read_split
 from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
-from finetune.datasets import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
+import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from synthvit.data import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
 from finetune.evaluate import Predictor, evaluate
 from finetune.predict import check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.train import check_resumable, train
-from models import class_groups, read_export_config, stats_meta, write_export
+from synthvit.models import class_groups, read_export_config, stats_meta, write_export
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml

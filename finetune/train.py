@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from finetune.datasets import Item, RealData, has_defect, to_array
+from synthvit.data import Item, RealData, has_defect, to_array
 from synthvit.checkpoint import load_checkpoint, read_state, save_checkpoint
 from synthvit.config import config_diff, to_dict
 from synthvit.io import SynthvitError

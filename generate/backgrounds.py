@@ -23,7 +23,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
-from finetune.datasets import GOOD_NAMES, IMAGE_EXTS, has_defect, image_files, load_real_data, split_ids
+import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from synthvit.data import GOOD_NAMES, IMAGE_EXTS, has_defect, image_files, load_real_data, split_ids
 from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.generate")

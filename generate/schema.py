@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from synthvit.data import Item, RealData, bytes_image, bytes_mask, register_format, why
 from synthvit.io import SynthvitError
 from synthvit.storage import Folder, StorageError
 
@@ -234,3 +235,60 @@ def verify_dataset(data_dir: str | Path | Folder, deep: bool = True) -> list[str
         elif count is not None and count != n:
             problems.append(f"{fname}: holds {count} samples, the manifest says {n}")
     return problems
+
+
+# ------------------------------------------------------------------------------- shards as real data (format=shards)
+def read_real_data(root: Path | str, problems: list[str]) -> RealData:
+    """A shard set read as real data (``finetune data=``, ``procedural.backgrounds=``): a local folder or an
+    object-store URL; every sample an :class:`~synthvit.data.Item` holding its encoded bytes in memory."""
+    folder = Folder(root)
+    manifest = f"{folder}/{INFO_FILE}"
+    try:
+        info = read_info(folder)
+        names, split = info["class_names"], info["splits"][SPLIT]
+        filenames, lengths = split["filenames"], split["shard_lengths"]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise SynthvitError(f"{manifest}: class_names must be a list of names, got {str(names)[:60]}")
+        if not (isinstance(filenames, list) and all(isinstance(f, str) for f in filenames)
+                and isinstance(lengths, list) and len(lengths) == len(filenames)
+                and all(isinstance(n, int) for n in lengths)):
+            raise SynthvitError(f"{manifest}: splits.{SPLIT} must hold a list of shard filenames and one "
+                                f"shard_lengths count each, got {str(filenames)[:60]} and {str(lengths)[:60]}")
+    except SynthvitError as e:
+        problems.append(str(e))
+        return RealData(root, "shards", [])
+    except Exception as e:  # a JSON of the wrong shape: a list, a number, splits that are not a dict ...
+        problems.append(f"{manifest}: not a synthvit shards manifest ({why(e)})")
+        return RealData(root, "shards", [])
+    items = []
+    for filename, expected in zip(filenames, lengths):
+        try:
+            with folder.open(filename) as stream:
+                shard = list(iter_members(stream))
+        except Exception as e:  # missing, truncated or not a tar; a member name without an extension ...
+            problems.append(f"{filename}: unreadable shard ({why(e)})")
+            continue
+        items += [item for m in shard if (item := _real_item(folder, filename, m, names, problems))]
+        if len(shard) != expected:
+            problems.append(f"{filename}: holds {len(shard)} samples, {INFO_FILE} says {expected}")
+    return RealData(root, "shards", items, ["background", *names[1:]], list(names))
+
+
+def _real_item(folder: Folder, filename: str, m: dict, names: list[str], problems: list[str]) -> Item | None:
+    where = f"{filename}#{m['__key__']}"
+    image_key = next((k for k in IMAGE_KEYS if k in m), None)
+    if image_key is None or MASK_KEY not in m or CLS_KEY not in m:
+        problems.append(f"{where}: lacks jpg|png, {MASK_KEY} or {CLS_KEY}")
+        return None
+    try:
+        cls = int(m[CLS_KEY])
+    except ValueError:
+        cls = -1
+    if not 0 <= cls < len(names):
+        problems.append(f"{where}: cls {m[CLS_KEY][:20]!r} is not a class id 0..{len(names) - 1}")
+        return None
+    return Item(m["__key__"], f"{folder.url(filename)}#{m['__key__']}", bytes_image(m[image_key]), names[cls],
+                bytes_mask(m[MASK_KEY]))
+
+
+register_format("shards", read_real_data, detect=lambda root: (root / INFO_FILE).is_file())

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from models import save_tensors
+from synthvit.models import save_tensors
 from synthvit import checkpoint
 from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer

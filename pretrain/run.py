@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from models import EXPORT_DIR, create_model, stats_meta, write_export
+from synthvit.models import EXPORT_DIR, create_model, stats_meta, write_export
 from synthvit import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import check_shard_counts, load_sources

@@ -1,5 +1,5 @@
 """Training checkpoints: Accelerate state folders, written atomically (temporary name, renamed when every rank is
-done), rotated, and found again on resume. (The export read by ``finetune`` is :mod:`models.export`.)
+done), rotated, and found again on resume. (The export read by ``finetune`` is :mod:`synthvit.models.export`.)
 """
 from __future__ import annotations
 

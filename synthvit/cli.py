@@ -32,7 +32,7 @@ STAGES: dict[str, Stage] = {
     "predict": Stage("finetune.config:PredictConfig", "finetune.run:run_predict",
                      "predict masks, overlays and JSON with a finetune run for an image, a folder, a glob or a list "
                      "of frames (a re-run skips finished frames)"),
-    "compare": Stage("compare.config:CompareConfig", "compare.run:run",
+    "compare": Stage("synthvit.compare.config:CompareConfig", "synthvit.compare.run:run",
                      "run a matrix of models x real-data budgets (finetune + evaluate per cell) and write a report"),
 }
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import generate.schema  # noqa: F401  (registers format=shards with synthvit.data, as every stage does)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from compare.cka import MinibatchCKA, gram, hsic1, linear_cka
-from compare.saliency import attention_rollout, grad_cam
+from synthvit.compare.cka import MinibatchCKA, gram, hsic1, linear_cka
+from synthvit.compare.saliency import attention_rollout, grad_cam
 from conftest import accelerate_launch, assert_cli_error
 
 
@@ -93,7 +93,7 @@ def test_feature_blocks_of_resnet_are_its_residual_blocks():
 
 
 def test_cka_pairs_follow_raghu_and_pair_synthetic_with_scratch_vit():
-    from compare.analysis import Loaded, cka_pairs
+    from synthvit.compare.analysis import Loaded, cka_pairs
 
     vit, resnet = _model("vit_tiny_patch16_224"), _model("resnet18")
     models = [Loaded("scratch", {"model": "vit_tiny_patch16_224"}, vit, ""),
@@ -230,8 +230,8 @@ def test_compare_under_accelerate_launch_splits_cells_across_ranks(target, tmp_p
 def test_pick_crops_reuses_few_test_images_and_centres_defects():
     from PIL import Image
 
-    from compare.analysis import pick_crops
-    from finetune.datasets import Item
+    from synthvit.compare.analysis import pick_crops
+    from synthvit.data import Item
 
     def item(i, defect):
         mask = np.zeros((90, 120), np.uint8)
@@ -249,8 +249,8 @@ def test_pick_crops_reuses_few_test_images_and_centres_defects():
 def _matrix(tmp_path, seeds=(0, 1)):
     """A planned matrix (cell folders and cell.yaml, nothing run): scratch ViT, synthetic ViT, CNN; 2 budgets and
     zero-shot; 14 train images."""
-    from compare.config import CompareConfig, ModelSpec
-    from compare.matrix import plan_cells
+    from synthvit.compare.config import CompareConfig, ModelSpec
+    from synthvit.compare.matrix import plan_cells
 
     cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5, 0, "zero-shot"], seeds=list(seeds),
                         models=[ModelSpec(name="vit", model="vit_tiny_patch16_224"),
@@ -285,7 +285,7 @@ def _finish(cell, defect: float, auroc: float) -> None:
 
 
 def test_a_stale_cell_keeps_its_results_aside_and_a_new_default_key_is_no_change(tmp_path, capsys):
-    from compare.matrix import plan_cells
+    from synthvit.compare.matrix import plan_cells
 
     cells = _matrix(tmp_path, seeds=(0,))
     cell = next(c for c in cells if c.folder.relative_to(tmp_path).as_posix() == "cells/vit/n00005/s0")
@@ -298,7 +298,7 @@ def test_a_stale_cell_keeps_its_results_aside_and_a_new_default_key_is_no_change
     assert next(c for c in replanned if c.folder == cell.folder).job.done
     assert not list(cell.folder.glob("previous-*")) and "stale" not in capsys.readouterr().err
 
-    from compare.config import CompareConfig, ModelSpec
+    from synthvit.compare.config import CompareConfig, ModelSpec
     cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5, 0], seeds=[0],
                         models=[ModelSpec(name="vit", model="vit_tiny_patch16_224")])
     plan_cells(cfg, n_train=14, test_ids={"b", "c"})
@@ -321,10 +321,10 @@ def test_a_stale_cell_keeps_its_results_aside_and_a_new_default_key_is_no_change
 
 
 def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):
-    from compare.matrix import PROBE_FILE, reference_cells
-    from compare.report import Report
-    from compare.results import RESULTS_FILE, load_rows, write_results
-    from compare.tables import cells_table, difference_lines, series, tradeoff_table
+    from synthvit.compare.matrix import PROBE_FILE, reference_cells
+    from synthvit.compare.report import Report
+    from synthvit.compare.results import RESULTS_FILE, load_rows, write_results
+    from synthvit.compare.tables import cells_table, difference_lines, series, tradeoff_table
 
     cells = _matrix(tmp_path)
     noise = {0: 0.0, 1: 0.01}
@@ -367,8 +367,8 @@ def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):
 
 
 def test_mean_std_and_the_two_std_noise_rule():
-    from compare.report import fmt
-    from compare.stats import Difference, MeanStd, mean_std
+    from synthvit.compare.report import fmt
+    from synthvit.compare.stats import Difference, MeanStd, mean_std
 
     s = mean_std([0.5, 0.6, None, float("nan"), 0.7])
     assert (s.mean, s.n) == pytest.approx((0.6, 3)) and s.std == pytest.approx(0.1)
@@ -387,8 +387,8 @@ def test_mean_std_and_the_two_std_noise_rule():
 
 
 def test_saliency_agreement_of_hand_made_maps():
-    from compare.analysis import Crop, saliency_agreement
-    from compare.saliency import mass_share, pixel_auroc
+    from synthvit.compare.analysis import Crop, saliency_agreement
+    from synthvit.compare.saliency import mass_share, pixel_auroc
 
     mask = np.zeros((8, 8), np.uint8)
     mask[2:4, 3:6] = 1
@@ -404,7 +404,7 @@ def test_saliency_agreement_of_hand_made_maps():
 
 
 def test_cpu_jobs_at_once_share_the_cores_unless_the_user_set_threads(monkeypatch):
-    from compare.matrix import child_env
+    from synthvit.compare.matrix import child_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("RANK", "1")

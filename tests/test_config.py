@@ -112,7 +112,7 @@ def test_every_shipped_config_loads():
     from pretrain.config import PretrainConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    from compare.config import CompareConfig
+    from synthvit.compare.config import CompareConfig
 
     for stage, cls in (("generate", GenerateConfig), ("pretrain", PretrainConfig), ("finetune", FinetuneConfig),
                        ("compare", CompareConfig)):
@@ -323,7 +323,7 @@ def test_every_list_key_takes_a_single_value(stage, key, tp, field, tmp_path):
 
 
 def test_single_value_lists_through_the_cli(tmp_path):
-    from compare.config import CompareConfig
+    from synthvit.compare.config import CompareConfig
     from pretrain.config import PretrainConfig
     from synthvit.cli import _parse
 

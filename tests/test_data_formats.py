@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from finetune.config import FinetuneConfig
-from finetune.datasets import DataError, load_real_data, split_ids
+from synthvit.data import DataError, load_real_data, split_ids
 from synthvit.config import ConfigError, load_config
 from synthvit.io import SynthvitError
 from conftest import rle_counts, rle_string

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from finetune.datasets import (DataError, load_real_data, rle_decode, set_pixel_cap, shown_size, split_ids,
+from synthvit.data import (DataError, load_real_data, rle_decode, set_pixel_cap, shown_size, split_ids,
                                to_array)
 from generate.schema import make_info, write_info
 from conftest import rle_counts, rle_string

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from finetune.train import losses
-from models import TaskModel, class_groups, create_model, write_export
+from synthvit.models import TaskModel, class_groups, create_model, write_export
 from synthvit.io import SynthvitError
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.datasets import DataError, load_real_data, rle_decode, split_ids, to_array
+from synthvit.data import DataError, load_real_data, rle_decode, split_ids, to_array
 
 
 def write_image(path, size=(40, 30), mode="L", value=100):

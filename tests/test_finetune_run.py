@@ -123,7 +123,7 @@ def test_init_from_an_export_of_another_model_is_refused(real_data, pretrain_exp
 
 def test_zero_shot_evaluates_the_export_as_it_is(real_data, pretrain_export, tmp_path, cli):
     from finetune.artifacts import load_run
-    from models import create_model
+    from synthvit.models import create_model
 
     run = tmp_path / "zs"
     res = cli("finetune", f"data={real_data}", f"out_dir={run}", f"init={pretrain_export}", "steps=0",
@@ -259,7 +259,7 @@ def test_two_process_finetune_under_accelerate(real_data, tmp_path):
 
 @pytest.mark.parametrize("mode", ["crop", "resize"])
 def test_training_samples_keep_masks_aligned(real_data, mode):
-    from finetune.datasets import load_real_data
+    from synthvit.data import load_real_data
     from finetune.train import CropDataset
 
     data = load_real_data(real_data)
@@ -281,7 +281,7 @@ def test_training_samples_keep_masks_aligned(real_data, mode):
 def test_defect_crop_prob_is_the_share_of_defect_crops_however_few_frames_hold_defects(tmp_path):
     """defect_crop_prob counts crops, not frames: with 1 defective frame in 10 it still sets the share of crops that
     show a defect (drawing the frame first made 0.8 mean ~8 % here, and ViTs learnt "all background")."""
-    from finetune.datasets import load_real_data
+    from synthvit.data import load_real_data
     from finetune.train import CropDataset
 
     root = make_real_data(tmp_path / "few", 20, (64, 64), lambda rng: (slice(30, 34), slice(30, 34)))

@@ -268,7 +268,7 @@ def test_two_ranks_pretrain_from_the_bucket_see_the_batches_of_a_local_copy(s3, 
 
 
 def test_finetune_reads_shards_from_the_bucket_as_from_a_folder(s3, tiny_dataset):
-    from finetune.datasets import DataError, load_real_data
+    from synthvit.data import DataError, load_real_data
 
     url = upload(s3, tiny_dataset, "finetune")
     local, remote = load_real_data(tiny_dataset), load_real_data(url)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from models.backbones import create_backbone
-from models.base import SynthvitModel
-from models.baselines import SEG_BASELINES
-from models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, read_export_config, read_tensors
-from models.task import TaskModel
+from synthvit.models.backbones import create_backbone
+from synthvit.models.base import SynthvitModel
+from synthvit.models.baselines import SEG_BASELINES
+from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, read_export_config, read_tensors
+from synthvit.models.task import TaskModel
 from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.models")

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from compare.matrix import PROBE_FILE
+from synthvit.compare.matrix import PROBE_FILE
 from finetune.artifacts import load_run
 from synthvit.config import parse_size
 from synthvit.io import atomic_write_text

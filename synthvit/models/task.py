@@ -1,18 +1,17 @@
 """The task model: a timm backbone (ViT, conv-stem hybrid or CNN) with its classifier (``cls``) and/or a dense
-decoder (``seg``; :mod:`models.decoders`), sharing one feature pass. Pretrain trains it on shards, finetune on real
-images; the CNN segmentation baselines live in :mod:`models.baselines`."""
+decoder (``seg``; :mod:`synthvit.models.decoders`), sharing one feature pass. Pretrain trains it on shards, finetune on real
+images; the CNN segmentation baselines live in :mod:`synthvit.models.baselines`."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.backbones import backbone_stats, is_vit_backbone
-from models.base import SynthvitModel, freeze, is_resnet, resnet_block_features, resnet_stem_and_stages
-from models.decoders import block_indices, create_decoder
-from models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS
+from synthvit.models.backbones import backbone_stats, is_vit_backbone
+from synthvit.models.base import SynthvitModel, freeze, is_resnet, resnet_block_features, resnet_stem_and_stages
+from synthvit.models.decoders import block_indices, create_decoder
+from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS
 from synthvit.io import SynthvitError
 
 OBJECTIVES = ("cls", "seg", "cls+seg")

@@ -2,16 +2,16 @@
 (backbone + classifier and/or dense head), the CNN segmentation baselines and the export contract.
 
 Every model maps a normalised (B, C, H, W) batch to ``{"seg": (B, K, H, W)}`` and/or ``{"cls": (B, K)}`` and
-offers what training, export and analysis need as methods (:class:`models.base.SynthvitModel`).
+offers what training, export and analysis need as methods (:class:`synthvit.models.base.SynthvitModel`).
 """
-from models.backbones import create_backbone, is_vit_backbone, load_local_weights
-from models.base import SynthvitModel
-from models.baselines import SEG_BASELINES, DeepLabV3Plus, HRNetSeg
-from models.export import (EXPORT_CONFIG, EXPORT_DIR, EXPORT_SEG_HEAD, EXPORT_WEIGHTS, load_export, meta_stats,
+from synthvit.models.backbones import create_backbone, is_vit_backbone, load_local_weights
+from synthvit.models.base import SynthvitModel
+from synthvit.models.baselines import SEG_BASELINES, DeepLabV3Plus, HRNetSeg
+from synthvit.models.export import (EXPORT_CONFIG, EXPORT_DIR, EXPORT_SEG_HEAD, EXPORT_WEIGHTS, load_export, meta_stats,
                            read_export_config, save_tensors, stats_meta, write_export)
-from models.factory import class_groups, create_model
-from models.decoders import DECODERS, DPTHead, LinearHead, create_decoder
-from models.task import OBJECTIVES, TaskModel
+from synthvit.models.factory import class_groups, create_model
+from synthvit.models.decoders import DECODERS, DPTHead, LinearHead, create_decoder
+from synthvit.models.task import OBJECTIVES, TaskModel
 
 __all__ = ["create_backbone", "is_vit_backbone", "load_local_weights", "SynthvitModel", "SEG_BASELINES",
            "DeepLabV3Plus", "HRNetSeg", "EXPORT_CONFIG", "EXPORT_DIR", "EXPORT_SEG_HEAD", "EXPORT_WEIGHTS", "load_export",

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compare.cka import MinibatchCKA
-from compare.saliency import mass_share, pixel_auroc, saliency
-from finetune.datasets import Item, to_array
-from models import SynthvitModel, meta_stats
+from synthvit.compare.cka import MinibatchCKA
+from synthvit.compare.saliency import mass_share, pixel_auroc, saliency
+from synthvit.data import Item, to_array
+from synthvit.models import SynthvitModel, meta_stats
 
 
 @dataclass

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import SynthvitModel, freeze, resnet_block_features, resnet_stem_and_stages
-from models.export import EXPORT_WEIGHTS
+from synthvit.models.base import SynthvitModel, freeze, resnet_block_features, resnet_stem_and_stages
+from synthvit.models.export import EXPORT_WEIGHTS
 
 
 class _WholeStateExport(SynthvitModel):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from compare.config import ZERO_SHOT, CompareConfig, ModelSpec
+from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from finetune.artifacts import CONFIG_FILE, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
 from finetune.config import FinetuneConfig
 from synthvit.config import ConfigError, config_diff, dump_yaml, load_config, to_dict

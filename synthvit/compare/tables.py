@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compare.analysis import Agreement
-from compare.report import Table
-from compare.results import Row
-from compare.stats import Difference, MeanStd, mean_std
+from synthvit.compare.analysis import Agreement
+from synthvit.compare.report import Table
+from synthvit.compare.results import Row
+from synthvit.compare.stats import Difference, MeanStd, mean_std
 
 # (column, Row attribute): higher is better for every one
 METRICS = [("mIoU", "miou"), ("defect IoU", "defect_iou"), ("mDice", "mdice"), ("pixel AP", "pixel_ap"),

@@ -14,10 +14,10 @@ import timm
 import torch
 import yaml
 
-from compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
-from compare.report import read_json
+from synthvit.compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
+from synthvit.compare.report import read_json
 from finetune.artifacts import EXPORT_DIR, read_metrics
-from models import EXPORT_CONFIG, SEG_BASELINES, is_vit_backbone
+from synthvit.models import EXPORT_CONFIG, SEG_BASELINES, is_vit_backbone
 from synthvit.io import atomic_write_text
 
 RESULTS_FILE = "results.csv"

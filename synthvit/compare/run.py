@@ -14,10 +14,11 @@ from pathlib import Path
 import timm
 import torch
 
-from compare.config import CompareConfig
-from compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
-from finetune.datasets import load_real_data, split_ids
-from models import SEG_BASELINES, class_groups, read_export_config
+from synthvit.compare.config import CompareConfig
+from synthvit.compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
+import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from synthvit.data import load_real_data, split_ids
+from synthvit.models import SEG_BASELINES, class_groups, read_export_config
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_text
 
@@ -103,7 +104,7 @@ def run(cfg: CompareConfig) -> Path:
     run_jobs(probes[ranks.rank::ranks.world], slots, "probes")
     ranks.barrier()
     if ranks.rank == 0:
-        from compare.compose import compose
+        from synthvit.compare.compose import compose
 
         report = compose(cfg, cells, test_items, _data_note(cfg, data, n_train, len(test_items)))
         md, page = report.write(out)
@@ -116,6 +117,6 @@ def run(cfg: CompareConfig) -> Path:
 
 
 def _probe_job(cfg: CompareConfig, cell) -> Job:
-    argv = [sys.executable, "-m", "compare.probe", str(cell.folder), "--size", cfg.probe_size,
+    argv = [sys.executable, "-m", "synthvit.compare.probe", str(cell.folder), "--size", cfg.probe_size,
             "--repeats", str(cfg.probe_repeats)]
     return Job(f"{cell.spec.name} probe", cell.folder, argv, PROBE_FILE, PROBE_LOG)

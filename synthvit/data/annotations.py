@@ -1,7 +1,7 @@
 """labelme and COCO annotation files read the way their tools write them, and rasterised to class maps.
 
 Every malformed entry becomes a problem line naming the file, the entry and what is wrong (the caller reports them
-all in one :class:`finetune.datasets.DataError`); valid shapes become ``(class id, kind, geometry)`` tuples that
+all in one :class:`synthvit.data.DataError`); valid shapes become ``(class id, kind, geometry)`` tuples that
 :func:`shapes_mask` draws in file order, later shapes over earlier ones.
 
 - labelme: ``imagePath`` relative to the JSON, with either slash (``../images/a.jpg`` or ``..\\images\\a.jpg``),

@@ -10,7 +10,7 @@ import timm
 import torch
 from torch import nn
 
-from models.export import read_tensors
+from synthvit.models.export import read_tensors
 from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.models")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from compare import analysis, figures
-from compare.config import ZERO_SHOT, CompareConfig
-from compare.matrix import CELL_CONFIG, Cell, reference_cells, zero_shot_reason
-from compare.report import Report, Table, environment
-from compare.results import RESULTS_FILE, Row, load_rows, write_results
-from compare.stats import NO_SEEDS, NOISE_RULE
-from compare.tables import cells_table, difference_lines, groups, series, tradeoff_table
+from synthvit.compare import analysis, figures
+from synthvit.compare.config import ZERO_SHOT, CompareConfig
+from synthvit.compare.matrix import CELL_CONFIG, Cell, reference_cells, zero_shot_reason
+from synthvit.compare.report import Report, Table, environment
+from synthvit.compare.results import RESULTS_FILE, Row, load_rows, write_results
+from synthvit.compare.stats import NO_SEEDS, NOISE_RULE
+from synthvit.compare.tables import cells_table, difference_lines, groups, series, tradeoff_table
 from finetune.artifacts import load_run
 from synthvit.config import dump_yaml
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from compare.stats import MeanStd
+from synthvit.compare.stats import MeanStd
 from synthvit.io import atomic_write_text
 
 

@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from compare.config import ZERO_SHOT  # noqa: E402
+from synthvit.compare.config import ZERO_SHOT  # noqa: E402
 from synthvit.io import atomic_write_bytes  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 ``LayerGradCam``), and how well a map agrees with a ground-truth defect mask (:func:`pixel_auroc`,
 :func:`mass_share`).
 
-Every model here is a :class:`models.SynthvitModel` (the task model around a timm backbone, DeepLabV3+ or HRNet):
+Every model here is a :class:`synthvit.models.SynthvitModel` (the task model around a timm backbone, DeepLabV3+ or HRNet):
 it maps a normalised (B, C, H, W) batch to ``{"seg": ...}`` and/or ``{"cls": ...}`` and hands out its blocks'
 features, attention maps and Grad-CAM layer through methods.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import SynthvitModel
+from synthvit.models import SynthvitModel
 
 
 def attention_rollout(model: SynthvitModel, x: torch.Tensor) -> torch.Tensor:
