@@ -40,9 +40,9 @@ def cpu_rows(tiny_dirs: dict) -> list[dict]:
         dict(name="stylegan oriented + anomalies", size=128, batch=8,
              over=["stylegan.mode=oriented", "stylegan.anomaly_prob=0.3"]),
         dict(name="diffusion inpaint (tiny), 2 steps", size=64, batch=8, diffusion=tiny_dirs["inpaint"],
-             over=["diffusion.steps=2", "procedural.defect_free_prob=0"]),
+             over=["diffusion.steps=2", "defects.defect_free_prob=0"]),
         dict(name="diffusion inpaint (tiny), 10 steps", size=128, batch=8, diffusion=tiny_dirs["inpaint"],
-             over=["diffusion.steps=10", "procedural.defect_free_prob=0"]),
+             over=["diffusion.steps=10", "defects.defect_free_prob=0"]),
         dict(name="diffusion img2img (tiny), 2 steps", size=64, batch=8, diffusion=tiny_dirs["img2img"],
              over=["diffusion.mode=img2img", "diffusion.steps=2"]),
         dict(name="diffusion unconditional (tiny), 2 steps", size=64, batch=8, diffusion=tiny_dirs["unconditional"],
@@ -52,7 +52,7 @@ def cpu_rows(tiny_dirs: dict) -> list[dict]:
 
 def gpu_rows(args, ckpt_dir: Path) -> list[dict]:
     """The issue's figure first (eager diffusion), the compiled row last: its compilation is the slowest part."""
-    sd = ["diffusion.steps=30", "procedural.defect_free_prob=0"]
+    sd = ["diffusion.steps=30", "defects.defect_free_prob=0"]
     rows = [dict(name="diffusion inpaint SD-1.5 shapes, 30 steps", size=512, batch=16, sd15=True, over=sd)]
     for size in (256, 512):
         rows.append(dict(name="stylegan oriented (128 ch)", size=size, batch=32, over=["stylegan.mode=oriented"]))

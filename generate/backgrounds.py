@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from generate.backends import BaseBackend
 from synthvit.data import GOOD_NAMES, IMAGE_EXTS, has_defect, image_files, load_real_data, split_ids
 from synthvit.io import SynthvitError
 
@@ -183,6 +184,37 @@ class BackgroundPool:
         else:
             box = [round(v / scale, 1) if scale != 1.0 else v for v in (x0, y0, x0 + self.width, y0 + self.height)]
         return crop, {"id": self.sources[k].id, "box": box}
+
+
+def background_pool(cfg, check: bool = False) -> BackgroundPool | None:
+    """The pool of ``procedural.backgrounds`` (None without one); ``check``: decode every file first, warn about
+    small ones (``generate`` does this once, before any shard). ``pool.record`` goes into ``_info.json``."""
+    p = cfg.procedural
+    if not p.backgrounds:
+        return None
+    sources, record = find_backgrounds(p.backgrounds, p.backgrounds_format, tuple(x.lower() for x in
+                                       p.defect_free_labels), p.backgrounds_test_fraction, p.backgrounds_data_seed,
+                                       check)
+    pool = BackgroundPool(sources, *cfg.size, p.backgrounds_fit, warn=check)
+    pool.record = record
+    return pool
+
+
+class UsesBackgrounds(BaseBackend):
+    """A backend that draws into ``procedural.backgrounds`` (``self.backgrounds``, the pool or None, and
+    ``self.cfg``): :meth:`validate` and :attr:`info` of :class:`~generate.backends.Backend` for them."""
+    cfg: object
+    backgrounds: BackgroundPool | None
+
+    def validate(self) -> None:
+        """Every background decodes (one error listing those that do not); run once before any shard."""
+        if self.backgrounds is not None:
+            background_pool(self.cfg, check=True)
+
+    @property
+    def info(self) -> dict:
+        """What ``_info.json`` records beside the config: the backgrounds used (ids included)."""
+        return {"backgrounds": self.backgrounds.record} if self.backgrounds is not None else {}
 
 
 def _gray_palette(im: Image.Image) -> bool:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from synthvit.config import ConfigError, parse_size
 
 SURFACES = ("metal", "sintered", "concrete", "fabric", "painted")
 DEFECTS = ("crack", "scratch", "pit", "stain", "inclusion", "dent", "chip")
+# The keys of defects.* (formerly procedural.*, still accepted there: see GenerateConfig.RENAMED_KEYS)
+DEFECT_KEYS = ("classes", "defect_free_prob", "max_defects", "defect_scale", "scale_exponent")
 
 BACKGROUND_FORMATS = ("auto", "plain", "canonical", "imagefolder", "labelme", "coco", "hf", "shards")
 BackgroundFit = Literal["crop", "resize"]
@@ -19,6 +21,14 @@ MIN_SIDE, MAX_SIDE = 32, 16384
 def _check_prob(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{name}: {value} is not a probability; use a value in [0, 1]")
+
+
+def _check_names(name: str, values: list[str], accepted: tuple[str, ...]) -> None:
+    bad = [v for v in values if v not in accepted]
+    if bad or not values:
+        raise ConfigError(f"{name}: {bad or values!r} not accepted; choose from {', '.join(accepted)}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{name}: {values!r} lists a name twice")
 
 
 @dataclass(kw_only=True)
@@ -41,17 +51,32 @@ class CameraConfig:
 
 
 @dataclass(kw_only=True)
-class ProceduralConfig:
-    surfaces: list[str] = field(default_factory=lambda: list(SURFACES),
-                                metadata={"help": f"surface families to draw from: {', '.join(SURFACES)}"})
+class DefectsConfig:
+    """``defects.*``: the procedural defects (exact masks) every backend draws (``generate.defects``)."""
     classes: list[str] = field(default_factory=lambda: list(DEFECTS),
                                metadata={"help": f"defect classes (ids 1..K in this order): {', '.join(DEFECTS)}"})
     defect_free_prob: float = field(default=0.25, metadata={"help": "share of defect-free frames"})
     max_defects: int = field(default=3, metadata={"help": "defects per defective frame: 1..max_defects"})
-    gray_prob: float = field(default=0.5, metadata={"help": "share of grayscale frames (the rest are RGB)"})
     defect_scale: float = field(default=1.0, metadata={"help": "multiplies every defect's size"})
     scale_exponent: float = field(
         default=0.5, metadata={"help": "defect size grows as side**exponent above 256 px (0.5: small in 4K)"})
+
+    def __post_init__(self):
+        _check_names("classes", self.classes, DEFECTS)
+        _check_prob("defect_free_prob", self.defect_free_prob)
+        if not 1 <= self.max_defects <= 32:
+            raise ConfigError(f"max_defects: {self.max_defects} not accepted; use 1..32")
+        if self.defect_scale <= 0 or not 0 <= self.scale_exponent <= 1:
+            raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class ProceduralConfig:
+    """``procedural.*``: the frame the defects land on (the procedural surfaces and camera, or your backgrounds);
+    also read by the StyleGAN backend (``gray_prob``, ``backgrounds``) and diffusion's procedural backgrounds."""
+    surfaces: list[str] = field(default_factory=lambda: list(SURFACES),
+                                metadata={"help": f"surface families to draw from: {', '.join(SURFACES)}"})
+    gray_prob: float = field(default=0.5, metadata={"help": "share of grayscale frames (the rest are RGB)"})
     camera: CameraConfig = field(default_factory=CameraConfig)
     backgrounds: str = field(default="", metadata={
         "help": "a folder of your defect-free images, or a real-data folder (its defect-free train images): "
@@ -73,18 +98,8 @@ class ProceduralConfig:
                               f"{', '.join(BACKGROUND_FORMATS)}")
         if not 0 <= self.backgrounds_test_fraction < 1:
             raise ConfigError(f"backgrounds_test_fraction: {self.backgrounds_test_fraction} not accepted; use [0, 1)")
-        for name, accepted, values in (("surfaces", SURFACES, self.surfaces), ("classes", DEFECTS, self.classes)):
-            bad = [v for v in values if v not in accepted]
-            if bad or not values:
-                raise ConfigError(f"{name}: {bad or values!r} not accepted; choose from {', '.join(accepted)}")
-            if len(set(values)) != len(values):
-                raise ConfigError(f"{name}: {values!r} lists a name twice")
-        _check_prob("defect_free_prob", self.defect_free_prob)
+        _check_names("surfaces", self.surfaces, SURFACES)
         _check_prob("gray_prob", self.gray_prob)
-        if not 1 <= self.max_defects <= 32:
-            raise ConfigError(f"max_defects: {self.max_defects} not accepted; use 1..32")
-        if self.defect_scale <= 0 or not 0 <= self.scale_exponent <= 1:
-            raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
 
 
 ContourFill = Literal["texture", "flat"]
@@ -209,6 +224,8 @@ class DiffusionConfig:
 
 @dataclass(kw_only=True)
 class GenerateConfig:
+    # Keys that moved (old dotted key -> new one): still read from YAML files and the command line, with a warning.
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {f"procedural.{k}": f"defects.{k}" for k in DEFECT_KEYS}
     backend: str = field(default="procedural", metadata={"help": "generator backend (see generate.backends)"})
     out_dir: str = field(default="shards/synthetic", metadata={
         "help": "dataset folder (shards + _info.json): a local folder, s3://bucket/prefix or gs://..."})
@@ -222,6 +239,7 @@ class GenerateConfig:
     jpeg_quality: int = 95
     preview: int = field(default=16, metadata={"help": "samples on the preview contact sheet (0: none)"})
     verify: bool = field(default=False, metadata={"help": "only check the shards in out_dir against _info.json"})
+    defects: DefectsConfig = field(default_factory=DefectsConfig)
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     stylegan: StyleGANConfig = field(default_factory=StyleGANConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

@@ -13,7 +13,7 @@ from generate.backends import create_backend
 from generate.config import GenerateConfig
 from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
-from generate.writer import plan_shards, remove_stale_temporaries, write_shards
+from generate.writer import WrittenShard, plan_shards, remove_stale_temporaries, write_shards
 from synthvit.config import CONFIG_FILE, ConfigError, config_diff, dump_yaml, load_config, to_dict
 from synthvit.io import SynthvitError
 from synthvit.storage import Folder
@@ -24,7 +24,8 @@ PREVIEW_FILE = "preview.png"
 # Keys that change how a run goes, not what it writes: a resumed run may change them freely.
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
 RANK_WAIT_HOURS = 72  # how long ranks that finished wait in a barrier for the others
-# The backend groups that only their own backend reads (procedural.* is read by every backend: defects, surfaces).
+# The backend groups that only their own backend reads (defects.* is read by every backend, procedural.* by
+# several: surfaces, gray_prob, backgrounds).
 BACKEND_GROUPS = ("stylegan", "diffusion", "contours")
 
 
@@ -140,7 +141,7 @@ def run(cfg: GenerateConfig) -> Path | str:
         return verify(Folder(cfg.out_dir)) if rank == 0 else cfg.out_dir
     out = Folder(cfg.out_dir, write=True)
     backend = create_backend(cfg.backend, cfg)
-    getattr(backend, "validate", lambda: None)()  # its inputs (backgrounds) read whole, before any shard
+    backend.validate()  # its inputs (backgrounds) read whole, before any shard
     if rank == 0:
         _prepare(out, cfg)
     barrier()
@@ -160,10 +161,10 @@ def run(cfg: GenerateConfig) -> Path | str:
         shards = []
         for s in plan:  # shards of other ranks and of earlier runs are hashed from disk
             fname = shard_filename(cfg.name, s.index)
-            shards.append(results.get(s.index) or (fname, s.num_samples, out.sha256(fname)))
-        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg)) | getattr(backend, "info", {})
+            shards.append(results.get(s.index) or WrittenShard(fname, s.num_samples, out.sha256(fname)))
+        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg)) | backend.info
         write_info(out, info)  # last: its presence marks the dataset complete
-        preview = _preview(out, [f for f, _, _ in shards], cfg.preview, backend.class_names)
+        preview = _preview(out, [shard.filename for shard in shards], cfg.preview, backend.class_names)
         log.info("%s: %d samples in %d shards (%d new samples%s)%s", out, cfg.num_samples, len(plan), done, rate,
                  f"; preview: {preview}" if preview else "")
     else:

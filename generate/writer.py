@@ -14,10 +14,11 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import webdataset as wds
 
-from generate.backends import create_backend
+from generate.backends import Backend, create_backend
 from generate.schema import encode_sample, shard_filename
 from synthvit.io import TMP_SUFFIX, atomic_open, sha256_file
 from synthvit.storage import Folder
@@ -73,8 +74,15 @@ def index_batches(start: int, stop: int, size: int) -> list[list[int]]:
     return [list(range(a, b)) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def write_shard(backend, shard: ShardPlan, out: Folder | Path, cfg, progress=None) -> tuple[str, int, str]:
-    """Render and write one shard atomically; returns (filename, num_samples, sha256). Remote: the shard is
+class WrittenShard(NamedTuple):
+    """A shard on disk, as ``_info.json`` lists it."""
+    filename: str
+    num_samples: int
+    sha256: str
+
+
+def write_shard(backend: Backend, shard: ShardPlan, out: Folder | Path, cfg, progress=None) -> WrittenShard:
+    """Render and write one shard atomically; returns what ``_info.json`` lists of it. Remote: the shard is
     written to a local temporary folder, hashed, uploaded, and only then returned (counted)."""
     out = out if isinstance(out, Folder) else Folder(out)
     fname = shard_filename(cfg.name, shard.index)
@@ -84,17 +92,16 @@ def write_shard(backend, shard: ShardPlan, out: Folder | Path, cfg, progress=Non
         digest = sha256_file(path)
         if out.remote:
             out.upload(path, fname)
-    return fname, shard.num_samples, digest
+    return WrittenShard(fname, shard.num_samples, digest)
 
 
-def _write_tar(backend, shard: ShardPlan, path: Path, cfg, progress) -> None:
-    render_batch = getattr(backend, "render_batch", None)
-    size = getattr(backend, "batch_size", 1) if render_batch else 1
+def _write_tar(backend: Backend, shard: ShardPlan, path: Path, cfg, progress) -> None:
+    size = backend.batch_size
     with atomic_open(path) as f:
         # Fixed mtime/owner: the same samples give the same tar bytes on any machine, any day.
         writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="synthvit", group="synthvit")
         for batch in index_batches(shard.start, shard.stop, size):
-            samples = render_batch(batch) if render_batch else [backend.render(i) for i in batch]
+            samples = backend.render_batch(batch)
             for i, sample in zip(batch, samples):
                 writer.write(encode_sample(i, sample, cfg.image_format, cfg.jpeg_quality))
             if progress is not None:
@@ -123,7 +130,7 @@ def _report(n: int) -> None:
         _WORKER["pending"], _WORKER["last"] = 0, now
 
 
-def _work(shard: ShardPlan) -> tuple[int, tuple[str, int, str]]:
+def _work(shard: ShardPlan) -> tuple[int, WrittenShard]:
     result = write_shard(_WORKER["backend"], shard, _WORKER["out"], _WORKER["cfg"], progress=_report)
     if _WORKER["pending"]:
         _WORKER["queue"].put(_WORKER["pending"])
@@ -131,15 +138,16 @@ def _work(shard: ShardPlan) -> tuple[int, tuple[str, int, str]]:
     return shard.index, result
 
 
-def write_shards(cfg, shards: list[ShardPlan], out: Folder, desc: str = "generate", backend=None) -> dict[int, tuple]:
+def write_shards(cfg, shards: list[ShardPlan], out: Folder, desc: str = "generate",
+                 backend: Backend | None = None) -> dict[int, WrittenShard]:
     """Write ``shards`` with ``cfg.num_workers`` processes (0: in this process), showing a progress bar.
 
     ``backend``: an already created backend for the in-process path. Backends that set ``in_process`` (neural
     ones: one model per GPU, batched) always render in this process.
     """
-    results: dict[int, tuple] = {}
+    results: dict[int, WrittenShard] = {}
     total = sum(s.num_samples for s in shards)
-    in_process = getattr(backend, "in_process", False)
+    in_process = backend is not None and backend.in_process
     if in_process and cfg.num_workers > 1:
         log.warning("num_workers=%d has no effect with backend %s: it renders batches in this process (use "
                     "`accelerate launch` for several GPUs)", cfg.num_workers, cfg.backend)

@@ -220,18 +220,46 @@ def _merge(base: dict, diff: dict) -> dict:
     return out
 
 
-def _drop_dotted(tree: dict, dotted: str) -> bool:
+def _parent_of(tree: dict, dotted: str) -> tuple[dict | None, str]:
+    """The mapping that holds ``dotted``'s last part (None when a parent is missing) and that part."""
     *parents, last = dotted.split(".")
     for part in parents:
         tree = tree.get(part) if isinstance(tree, dict) else None
-    return isinstance(tree, dict) and tree.pop(last, None) is not None
+    return (tree if isinstance(tree, dict) else None), last
+
+
+def _drop_dotted(tree: dict, dotted: str) -> bool:
+    node, last = _parent_of(tree, dotted)
+    return node is not None and node.pop(last, None) is not None
+
+
+def _rename_keys(tree: dict, renamed: dict[str, str], where: str, level: int = logging.WARNING) -> dict:
+    """Move each ``old`` dotted key of ``tree`` to its ``new`` name, in place (a clear error when both are given
+    with different values); one log line names the moves."""
+    moved = []
+    for old, new in renamed.items():
+        node, last = _parent_of(tree, old)
+        if node is None or last not in node:
+            continue
+        value = node.pop(last)
+        target, new_last = _parent_of(tree, new)
+        if target is not None and new_last in target and target[new_last] != value:
+            raise ConfigError(f"{where}: {old} (now {new}) is {value!r} but {new} is {target[new_last]!r}; "
+                              f"give only {new}")
+        _set_dotted(tree, new, value)
+        moved.append(f"{old} -> {new}")
+    if moved:
+        log.log(level, "%s: deprecated key name(s), read as the new ones: %s", where, ", ".join(moved))
+    return tree
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 retired: tuple[str, ...] = (), text: str | None = None) -> Any:
     """Defaults of ``cls``, then the YAML diff at ``path`` (or in ``text``, read from elsewhere), then
     ``key=value`` overrides. ``retired`` dotted keys (written by an older synthvit into a run folder's config.yaml,
-    never read) are dropped from the file."""
+    never read) are dropped from the file. Keys renamed in ``cls.RENAMED_KEYS`` (a ``ClassVar`` mapping old dotted
+    key -> new) are read under their new name from the file and from the overrides, with a warning (a note only
+    for ``text``: a file an older synthvit wrote)."""
     tree: dict = {}
     if path is not None or text is not None:
         if text is None:
@@ -250,7 +278,9 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         dropped = [key for key in retired if _drop_dotted(tree, key)]
         if dropped:
             log.info("%s: ignoring retired key(s) %s", path, ", ".join(dropped))
-    override_tree = apply_overrides({}, overrides or [])
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    _rename_keys(tree, renamed, str(path), logging.INFO if text is not None else logging.WARNING)
+    override_tree = _rename_keys(apply_overrides({}, overrides or []), renamed, "command line")
     tree = _merge(tree, override_tree)
     try:
         return _build(cls, tree)

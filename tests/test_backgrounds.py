@@ -15,7 +15,7 @@ from synthvit.config import load_config
 
 def config(folder, *extra, size=48):
     return load_config(GenerateConfig, overrides=[f"procedural.backgrounds={folder}", f"image_size={size}",
-                                                  "procedural.defect_free_prob=0", *extra])
+                                                  "defects.defect_free_prob=0", *extra])
 
 
 def textured(rng, shape, level):

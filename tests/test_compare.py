@@ -116,7 +116,7 @@ def target(tmp_path_factory):
     out = tmp_path_factory.mktemp("target") / "tgt"
     run(load_config(GenerateConfig, overrides=[
         f"out_dir={out}", "num_samples=20", "samples_per_shard=10", "image_size=64", "num_workers=0", "preview=0",
-        "procedural.surfaces=[concrete]", "procedural.classes=[crack]"]))
+        "procedural.surfaces=[concrete]", "defects.classes=[crack]"]))
     return out
 
 

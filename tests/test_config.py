@@ -13,12 +13,12 @@ from synthvit.config import ConfigError, describe, dump_yaml, load_config, parse
 def test_defaults_yaml_diff_and_overrides(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("num_samples: 10\nprocedural:\n  gray_prob: 1.0\n  camera:\n    noise: 0\n")
-    cfg = load_config(GenerateConfig, cfg_file, ["image_size=3840x2160", "procedural.classes=[crack,pit]",
+    cfg = load_config(GenerateConfig, cfg_file, ["image_size=3840x2160", "defects.classes=[crack,pit]",
                                                  "procedural.camera.blur_prob=0.5", "seed=7"])
     assert cfg.num_samples == 10 and cfg.seed == 7
     assert cfg.size == (3840, 2160)
     assert cfg.procedural.gray_prob == 1.0 and cfg.procedural.camera.noise == 0.0
-    assert cfg.procedural.classes == ["crack", "pit"]
+    assert cfg.defects.classes == ["crack", "pit"]
     assert cfg.procedural.camera.blur_prob == 0.5
     # untouched keys keep their defaults
     assert cfg.samples_per_shard == GenerateConfig().samples_per_shard
@@ -26,6 +26,34 @@ def test_defaults_yaml_diff_and_overrides(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(dump_yaml(cfg))
     assert load_config(GenerateConfig, again) == cfg
+
+
+def test_renamed_defect_keys_still_read(tmp_path, caplog):
+    """procedural.<defect key> (before the defects.* group) is read as defects.<key>, from a file and from the
+    command line, with one warning line; both names with different values is an error naming both."""
+    old = tmp_path / "old.yaml"
+    old.write_text("procedural:\n  gray_prob: 1.0\n  classes: [crack, pit]\n  max_defects: 4\n")
+    with caplog.at_level("WARNING", logger="synthvit.config"):
+        cfg = load_config(GenerateConfig, old, ["procedural.defect_free_prob=0.5"])
+    assert cfg.defects.classes == ["crack", "pit"] and cfg.defects.max_defects == 4
+    assert cfg.defects.defect_free_prob == 0.5 and cfg.procedural.gray_prob == 1.0
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 2 and "procedural.classes -> defects.classes" in warned[0]
+    assert "command line" in warned[1] and "procedural.defect_free_prob -> defects.defect_free_prob" in warned[1]
+    assert cfg == load_config(GenerateConfig, overrides=[
+        "procedural.gray_prob=1.0", "defects.classes=[crack,pit]", "defects.max_defects=4",
+        "defects.defect_free_prob=0.5"])
+    # the same value under both names is accepted; the command line still overrides the file
+    assert load_config(GenerateConfig, overrides=["procedural.max_defects=2", "defects.max_defects=2"]
+                       ).defects.max_defects == 2
+    assert load_config(GenerateConfig, old, ["defects.max_defects=5"]).defects.max_defects == 5
+    with pytest.raises(ConfigError, match=r"command line: procedural.max_defects \(now defects.max_defects\) is 2 "
+                                          r"but defects.max_defects is 3; give only defects.max_defects"):
+        load_config(GenerateConfig, overrides=["procedural.max_defects=2", "defects.max_defects=3"])
+    both = tmp_path / "both.yaml"
+    both.write_text("procedural:\n  classes: [crack]\ndefects:\n  classes: [pit]\n")
+    with pytest.raises(ConfigError, match=f"{both}: procedural.classes \\(now defects.classes\\)"):
+        load_config(GenerateConfig, both)
 
 
 def test_comma_list_override():
@@ -42,8 +70,8 @@ def test_comma_list_override():
     (["image_size=4kx2k"], "image_size"),
     (["image_size=16"], "image_size: 16x16 is impossible"),
     (["backend=stylegan9"], "unknown backend 'stylegan9'; available: contours, diffusion, procedural, stylegan"),
-    (["procedural.classes=[crack,rust]"], "procedural.classes"),
-    (["procedural.defect_free_prob=1.5"], "defect_free_prob: 1.5 is not a probability"),
+    (["defects.classes=[crack,rust]"], "defects.classes"),
+    (["defects.defect_free_prob=1.5"], "defect_free_prob: 1.5 is not a probability"),
     (["image_format=webp"], "image_format: 'webp' is not accepted; choose one of 'jpg' | 'png'"),
     (["seed"], "is not of the form key=value"),
 ])
@@ -278,7 +306,7 @@ LIST_KEYS = [(stage, key, tp, field) for stage in STAGES for key, tp, field in _
 
 def test_list_keys_discovered():
     found = {(stage, key) for stage, key, _, _ in LIST_KEYS}
-    assert {("generate", "procedural.classes"), ("pretrain", "data"), ("pretrain", "data_weights"),
+    assert {("generate", "defects.classes"), ("pretrain", "data"), ("pretrain", "data_weights"),
             ("pretrain", "optim.betas"), ("finetune", "optim.betas"), ("compare", "models"),
             ("compare", "models[].overrides"), ("compare", "budgets"), ("compare", "seeds"),
             ("compare", "finetune.optim.betas")} <= found
@@ -361,7 +389,7 @@ def test_single_value_lists_through_the_cli(tmp_path):
         with pytest.raises(ConfigError) as e:
             load_config(CompareConfig, overrides=["data=d", override])
         assert str(e.value).startswith(message), str(e.value)
-    with pytest.raises(ConfigError, match=r"procedural.classes: \['rust'\] not accepted"):
-        load_config(GenerateConfig, overrides=["procedural.classes=rust"])
+    with pytest.raises(ConfigError, match=r"defects.classes: \['rust'\] not accepted"):
+        load_config(GenerateConfig, overrides=["defects.classes=rust"])
     # only list keys take a single value: a str key stays the string, with or without a comma
     assert load_config(PretrainConfig, overrides=["out_dir=runs/a,b"]).out_dir == "runs/a,b"

@@ -39,12 +39,12 @@ def df_config(weights, *extra, **kw):
 
 
 def procedural_surface(index, size=64):
-    cfg = load_config(GenerateConfig, overrides=[f"image_size={size}", "procedural.defect_free_prob=1.0"])
+    cfg = load_config(GenerateConfig, overrides=[f"image_size={size}", "defects.defect_free_prob=1.0"])
     return create_backend("procedural", cfg).render(index).image
 
 
 def test_inpaint_masks_are_the_inpainted_region_and_runs_repeat(pipelines):
-    cfg = df_config(pipelines["inpaint"], "procedural.classes=[stain,pit,chip]", "procedural.defect_free_prob=0.5")
+    cfg = df_config(pipelines["inpaint"], "defects.classes=[stain,pit,chip]", "defects.defect_free_prob=0.5")
     first = create_backend("diffusion", cfg).render_batch(list(range(6)))
     again = create_backend("diffusion", cfg).render_batch(list(range(6)))
     kinds = set()
@@ -64,7 +64,7 @@ def test_inpaint_masks_are_the_inpainted_region_and_runs_repeat(pipelines):
 
 
 def test_batched_and_single_renders_agree(pipelines):
-    backend = create_backend("diffusion", df_config(pipelines["inpaint"], "procedural.defect_free_prob=0"))
+    backend = create_backend("diffusion", df_config(pipelines["inpaint"], "defects.defect_free_prob=0"))
     batch = backend.render_batch([0, 1, 2, 3])
     for i, s in enumerate(batch):
         single = backend.render(i)
@@ -91,7 +91,7 @@ def test_folder_backgrounds(pipelines, tmp_path):
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).save(folder / "a.png")
     Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(folder / "b.png")  # smaller: resized
-    cfg = df_config(pipelines["inpaint"], f"diffusion.backgrounds={folder}", "procedural.defect_free_prob=0")
+    cfg = df_config(pipelines["inpaint"], f"diffusion.backgrounds={folder}", "defects.defect_free_prob=0")
     backend = create_backend("diffusion", cfg)
     backgrounds = FolderBackgrounds(folder, 64, 64)
     for i, s in enumerate(backend.render_batch([0, 1, 2, 3])):

@@ -183,6 +183,26 @@ def test_complete_dataset_rerun_is_a_noop(tiny_dataset):
     assert tree_bytes(tiny_dataset) == before
 
 
+def test_dataset_of_the_old_key_layout_resumes(tiny_dataset, tmp_path):
+    """A dataset whose config.yaml holds the defect keys under procedural (before the defects.* group) is the same
+    dataset: a rerun resumes it; a real change of a defect key is still refused."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_dataset, old)
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    cfg["procedural"].update(cfg.pop("defects"))
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    before = tree_bytes(old)
+    with pytest.raises(SynthvitError, match=r"different config \(defects.max_defects: 3 -> 2\)"):
+        generate(old, **{"defects.max_defects": 2})
+    generate(old)
+    assert tree_bytes(old) == before
+    assert "defects" in yaml.safe_load((old / "config.yaml").read_text())
+
+
 class _FullDisk:
     def __init__(self, f, budget):
         self.f, self.budget = f, budget

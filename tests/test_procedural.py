@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
 
+from generate import defects
 from generate.backends import create_backend, list_backends, register_backend
-from generate.backends.procedural import ProceduralBackend, defects, feature_scale
+from generate.backends.procedural import ProceduralBackend
 from generate.config import DEFECTS, SURFACES, GenerateConfig
+from generate.defects import feature_scale
 from generate.schema import encode_sample, main_class
 from synthvit.config import ConfigError, load_config
 
@@ -23,7 +25,7 @@ def test_same_seed_and_index_give_the_same_bytes():
 
 
 def test_labels_follow_the_mask():
-    b = backend(image_size=64, **{"procedural.defect_free_prob": 0.3})
+    b = backend(image_size=64, **{"defects.defect_free_prob": 0.3})
     seen_free = seen_defect = 0
     for i in range(60):
         s = b.render(i)
@@ -48,14 +50,14 @@ def test_labels_follow_the_mask():
 
 def test_mask_is_exactly_the_changed_pixels(monkeypatch):
     """Rendering the same samples with compositing disabled changes exactly the masked pixels."""
-    kw = {"image_size": 96, "procedural.defect_free_prob": 0.0, "procedural.camera.jpeg_artifact_prob": 0.0}
+    kw = {"image_size": 96, "defects.defect_free_prob": 0.0, "procedural.camera.jpeg_artifact_prob": 0.0}
     with_defects = [backend(**kw).render(i) for i in range(30)]
     real = defects.composite
 
     def dry_run(img, inst, mask, stamp, inst_id, class_id, light=None, adjust=None):
         return real(img.copy(), inst.copy(), mask.copy(), stamp, inst_id, class_id, light, adjust)
 
-    monkeypatch.setattr("generate.backends.procedural.composite", dry_run)
+    monkeypatch.setattr("generate.defects.composite", dry_run)
     without = [backend(**kw).render(i) for i in range(30)]
     for a, b in zip(with_defects, without):
         changed = a.image != b.image
@@ -67,7 +69,7 @@ def test_mask_is_exactly_the_changed_pixels(monkeypatch):
 
 
 def test_every_surface_class_and_colour_mode_appears():
-    b = backend(image_size=48, **{"procedural.max_defects": 3})
+    b = backend(image_size=48, **{"defects.max_defects": 3})
     surfaces, classes, channels = set(), set(), set()
     for i in range(150):
         s = b.render(i)
@@ -81,7 +83,7 @@ def test_every_surface_class_and_colour_mode_appears():
 
 
 def test_class_subset_renumbers_ids():
-    b = backend(image_size=48, **{"procedural.classes": "[pit,chip]", "procedural.defect_free_prob": 0.0})
+    b = backend(image_size=48, **{"defects.classes": "[pit,chip]", "defects.defect_free_prob": 0.0})
     assert b.class_names == ["good", "pit", "chip"]
     ids = set()
     for i in range(30):
@@ -104,7 +106,7 @@ def test_defects_are_small_in_4k():
     assert feature_scale(64, 64, 0.5) == 64
     assert feature_scale(3840, 2160, 0.5) / 2160 < 0.4 * feature_scale(256, 256, 0.5) / 256
     def share(size):
-        b = backend(image_size=size, **{"procedural.defect_free_prob": 0.0})
+        b = backend(image_size=size, **{"defects.defect_free_prob": 0.0})
         fr = [(s.mask > 0).mean() for s in (b.render(i) for i in range(4))]
         return float(np.mean(fr))
     assert share("3840x2160") < share(256) / 3

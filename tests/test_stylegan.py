@@ -36,7 +36,7 @@ def test_batches_equal_single_samples_and_masks_are_changed_pixels(mode, size):
     batch = backend.render_batch(list(range(6)))
     w, h = cfg.size
     clean = create_backend("stylegan", sg_config(f"stylegan.mode={mode}", "stylegan.anomaly_prob=0.4",
-                                                 "procedural.defect_free_prob=1.0", image_size=size))
+                                                 "defects.defect_free_prob=1.0", image_size=size))
     classes = set()
     for i, s in enumerate(batch):
         single = backend.render(i)

@@ -16,11 +16,13 @@ level (image == mask) to check exactly that.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
-from generate.backends.procedural import instance_records
-from generate.backends.procedural.noise import fractal
+from generate.backends import BaseBackend
+from generate.defects import Box, Instance, instance_records
+from generate.noise import fractal
 from generate.schema import BACKGROUND, Sample, main_class_of
 
 TABLE = 512  # samples of r(theta) over one turn; pixels read it with linear interpolation
@@ -69,7 +71,40 @@ def _lookup(table: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return lo + (table[(i0 + 1) % len(table)] - lo) * t
 
 
-class ContoursBackend:
+class InstanceLook(NamedTuple):
+    """One instance's fill: colour, linear shading gradient, texture contrast, inner outline (px, 0: none) and the
+    outline's shade."""
+    colour: np.ndarray
+    gx: float
+    gy: float
+    contrast: float
+    outline: float
+    rim: float
+
+    def fill(self, radius: float, dx: np.ndarray, dy: np.ndarray, rr: np.ndarray, edge: np.ndarray,
+             detail: np.ndarray, inside: np.ndarray) -> np.ndarray:
+        """The colours (n, C) of the pixels ``inside`` an instance's patch: ``dx``, ``dy``, ``rr`` their offsets and
+        distance from the centre (px), ``edge`` the contour's radius at their angle, ``detail`` the texture."""
+        shade = (1.0 + (self.gx / radius) * dx + (self.gy / radius) * dy)
+        shade += self.contrast * detail
+        if self.outline:
+            shade = np.where(rr > edge - self.outline, self.rim, shade)
+        return shade[inside][:, None] * self.colour
+
+
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    """(H, W, C) float in [0, 1] -> uint8 (rounded, clipped); ``img`` is scaled in place."""
+    image = np.empty(img.shape, np.uint8)
+    img *= 255.0
+    img += 0.5
+    np.clip(img, 0.0, 255.0, out=img)
+    image[...] = img
+    return image
+
+
+class ContoursBackend(BaseBackend):
+    """Radial-contour instances of ``contours.num_classes`` classes over a smooth noise background."""
+
     name = "contours"
 
     def __init__(self, cfg):
@@ -93,7 +128,7 @@ class ContoursBackend:
             img[...] = 0.0
         mask = np.zeros((H, W), np.uint8)
         inst = np.zeros((H, W), np.uint8)
-        instances: list[tuple[int, tuple]] = []
+        instances: list[Instance] = []
         shapes: list[dict] = []  # per landed instance: its placement (``defects`` holds class, bbox, visible area)
         short = min(H, W)
         lo, hi = math.log(p.min_scale * short), math.log(p.max_scale * short)
@@ -127,22 +162,13 @@ class ContoursBackend:
             if flat:
                 region[inside] = (k + 1) / 255.0
             else:
-                colour, gx, gy, contrast, outline, rim = look
-                shade = (1.0 + (gx / radius) * dx + (gy / radius) * dy)
-                shade += contrast * detail[ys:ye, xs:xe]
-                if outline:
-                    shade = np.where(rr > edge - outline, rim, shade)
-                region[inside] = shade[inside][:, None] * colour
+                region[inside] = look.fill(radius, dx, dy, rr, edge, detail[ys:ye, xs:xe], inside)
             mask[ys:ye, xs:xe][inside] = k + 1
             inst[ys:ye, xs:xe][inside] = len(instances) + 1
-            instances.append((k + 1, (ys, ye, xs, xe)))
+            instances.append(Instance(k + 1, Box(ys, ye, xs, xe)))
             shapes.append(dict(class_id=k + 1, centre=[round(cx, 3), round(cy, 3)], radius=round(radius, 3),
                                rotation_deg=round(rot * 360.0 / TABLE, 3)))
-        image = np.empty((H, W, C), np.uint8)
-        img *= 255.0
-        img += 0.5
-        np.clip(img, 0.0, 255.0, out=img)
-        image[...] = img
+        image = _to_uint8(img)
         defects = instance_records(inst, instances, self.class_names)
         meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[W, H], channels=C, fill=p.fill,
                     background=background, instances_drawn=drawn, instances=shapes, defects=defects)
@@ -158,11 +184,11 @@ class ContoursBackend:
         return a + (b - a) * t, dict(cells=round(cells, 4))
 
     @staticmethod
-    def _look(rng, C, outline_prob: float):
-        """One instance's fill: colour, linear shading gradient, texture contrast, inner outline (px, 0: none)."""
+    def _look(rng, C, outline_prob: float) -> InstanceLook:
+        """One instance's fill, drawn from ``rng``."""
         colour = rng.uniform(0.05, 1.0, C).astype(np.float32)
         gx, gy = (float(g) for g in rng.uniform(-0.35, 0.35, 2))
         contrast = float(rng.uniform(0.0, 0.3))
         outline = float(rng.uniform(1.0, 3.0)) if rng.random() < outline_prob else 0.0
         rim = float(rng.choice([0.35, 1.6]))
-        return colour, gx, gy, contrast, outline, rim
+        return InstanceLook(colour, gx, gy, contrast, outline, rim)

@@ -3,7 +3,7 @@
 Modes (``diffusion.mode``):
 
 - ``inpaint``: a background (a procedural surface, or a crop of your own defect-free images in
-  ``diffusion.backgrounds``) gets one defect class per frame: 1..``procedural.max_defects`` procedural defect
+  ``diffusion.backgrounds``) gets one defect class per frame: 1..``defects.max_defects`` procedural defect
   shapes of that class form the inpainting mask, the class's prompt (``diffusion.prompt``/``prompts``) says what to
   paint. The generated pixels are pasted inside the mask only, so every pixel outside it is exactly the
   background and the mask is the inpainted region;
@@ -20,16 +20,19 @@ when ``samples_per_shard`` is a multiple of ``diffusion.batch_size``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from generate.backends import BaseBackend
 from generate.backends.diffusion.backgrounds import make_backgrounds
 from generate.backends.diffusion.loading import load_pipeline
-from generate.backends.procedural import feature_scale, instance_records, sample_on_surface
-from generate.backends.procedural.defects import DEFECT_PAINTERS, composite
 from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
+from generate.defects import (DEFECT_PAINTERS, DrawnDefects, Instance, composite, feature_scale, instance_records,
+                              sample_on_surface)
 from generate.schema import BACKGROUND, Sample, main_class_of
 from synthvit.config import ConfigError
 from synthvit.io import SynthvitError
@@ -44,12 +47,35 @@ def as_gray(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).convert("L"))
 
 
-class DiffusionBackend:
+class InpaintPlan(NamedTuple):
+    """One sample of an inpaint batch before the pipeline runs: its background, defect shapes and prompt ("" for a
+    defect-free frame, which skips the pipeline)."""
+    index: int
+    seed: int
+    background: np.ndarray  # (H, W) or (H, W, 3) uint8
+    surface: dict
+    shapes: DrawnDefects
+    prompt: str
+
+
+class SurfacePlan(NamedTuple):
+    """One sample of an img2img batch before the pipeline runs."""
+    index: int
+    rng: np.random.Generator
+    seed: int
+    background: np.ndarray
+    surface: dict
+    prompt: str
+
+
+class DiffusionBackend(BaseBackend):
+    """Defects inpainted by a diffusers pipeline into backgrounds, or diffusion surfaces with ``defects.*``."""
+
     name = "diffusion"
     in_process = True  # one pipeline per process (GPU); batches instead of worker processes
 
     def __init__(self, cfg):
-        self.cfg, self.d, self.p = cfg, cfg.diffusion, cfg.procedural
+        self.cfg, self.d, self.p, self.defects = cfg, cfg.diffusion, cfg.procedural, cfg.defects
         self.width, self.height = cfg.size
         if self.d.mode != "unconditional" and (self.width % 8 or self.height % 8):
             raise ConfigError(f"image_size: {self.width}x{self.height} not accepted by the diffusion backend; "
@@ -57,8 +83,8 @@ class DiffusionBackend:
         self.device = resolve_device(self.d.device)
         self.dtype = resolve_dtype(self.d.dtype, self.device)
         self.batch_size = self.d.batch_size
-        self.class_names = [BACKGROUND, *self.p.classes]
-        self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
+        self.class_names = [BACKGROUND, *self.defects.classes]
+        self.scale = feature_scale(self.width, self.height, self.defects.scale_exponent, self.defects.defect_scale)
         self.backgrounds = make_backgrounds(cfg) if self.d.mode != "unconditional" else None
         self.pipe = load_pipeline(self.d.weights, self.d.mode, self.device, self.dtype, self.d.compile)
         if self.d.mode != "unconditional" and (getattr(self.pipe, "text_encoder", None) is None
@@ -99,46 +125,45 @@ class DiffusionBackend:
                         guidance_scale=self.d.guidance_scale, output_type="np", **kw)
         return np.asarray(out.images, dtype=np.float32)
 
-    def _shapes(self, rng, channels: int):
-        """One class per frame and 1..max_defects procedural shapes of it: (class id, inst map, mask, instances)."""
-        H, W = self.height, self.width
-        inst, mask, instances = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8), []
-        if rng.random() < self.p.defect_free_prob:
-            return 0, inst, mask, instances
-        k = int(rng.integers(len(self.p.classes))) + 1
+    def _shapes(self, rng, channels: int) -> tuple[int, DrawnDefects]:
+        """One class per frame (0: none) and 1..max_defects procedural shapes of it: the inpainting mask."""
+        H, W, d = self.height, self.width, self.defects
+        drawn = DrawnDefects(np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8), [])
+        if rng.random() < d.defect_free_prob:
+            return 0, drawn
+        k = int(rng.integers(len(d.classes))) + 1
         scratch = np.zeros((channels, H, W), np.float32)  # composite() rasterises coverage; the look is diffusion's
-        for _ in range(int(rng.integers(1, self.p.max_defects + 1))):
+        for _ in range(int(rng.integers(1, d.max_defects + 1))):
             stamp = DEFECT_PAINTERS[self.class_names[k]](rng, H, W, channels, self.scale)
-            landed = composite(scratch, inst, mask, stamp, len(instances) + 1, k)
+            landed = composite(scratch, drawn.inst, drawn.mask, stamp, len(drawn.instances) + 1, k)
             if landed:
-                instances.append((k, landed[1]))
-        return (k if instances else 0), inst, mask, instances
+                drawn.instances.append(Instance(k, landed.box))
+        return (k if drawn.instances else 0), drawn
 
     def _inpaint(self, indices: list[int]) -> list[Sample]:
         plans = []
         for index in indices:
             rng, seed = sample_rng(self.cfg.seed, index)
             bg, surface = self.backgrounds(index, rng)
-            k, inst, mask, instances = self._shapes(rng, 1 if bg.ndim == 2 else 3)
+            k, shapes = self._shapes(rng, 1 if bg.ndim == 2 else 3)
             prompt = self.d.prompt_for(self.class_names[k], surface["family"]) if k else ""
-            plans.append((index, seed, bg, surface, inst, mask, instances, prompt))
-        todo = [pl for pl in plans if pl[-1]]
+            plans.append(InpaintPlan(index, seed, bg, surface, shapes, prompt))
+        todo = [pl for pl in plans if pl.prompt]
         if todo:
-            W, H = self.width, self.height
-            rgb = [Image.fromarray(pl[2]).convert("RGB") for pl in todo]
-            masks = [Image.fromarray((pl[5] > 0).astype(np.uint8) * 255) for pl in todo]
-            gen = self._call([pl[-1] for pl in todo], [pl[1] for pl in todo], image=rgb, mask_image=masks,
-                             height=H, width=W, strength=self.d.strength)
-            painted = {pl[0]: to_uint8(g) for pl, g in zip(todo, gen)}
+            rgb = [Image.fromarray(pl.background).convert("RGB") for pl in todo]
+            masks = [Image.fromarray((pl.shapes.mask > 0).astype(np.uint8) * 255) for pl in todo]
+            gen = self._call([pl.prompt for pl in todo], [pl.seed for pl in todo], image=rgb, mask_image=masks,
+                             height=self.height, width=self.width, strength=self.d.strength)
+            painted = {pl.index: to_uint8(g) for pl, g in zip(todo, gen)}
         out = []
-        for index, _, bg, surface, inst, mask, instances, prompt in plans:
-            image = bg.copy()
-            if prompt:
-                new = painted[index] if bg.ndim == 3 else as_gray(painted[index])
+        for pl in plans:
+            image, mask = pl.background.copy(), pl.shapes.mask
+            if pl.prompt:
+                new = painted[pl.index] if image.ndim == 3 else as_gray(painted[pl.index])
                 inside = mask > 0
                 image[inside] = new[inside]  # outside the mask: exactly the background
-            defects = instance_records(inst, instances, self.class_names)
-            meta = self._meta(index, 1 if bg.ndim == 2 else 3, surface, prompt=prompt, steps=self.d.steps)
+            defects = instance_records(pl.shapes.inst, pl.shapes.instances, self.class_names)
+            meta = self._meta(pl.index, 1 if image.ndim == 2 else 3, pl.surface, prompt=pl.prompt, steps=self.d.steps)
             out.append(Sample(image, mask, main_class_of(defects, len(self.class_names)), dict(meta, defects=defects)))
         return out
 
@@ -147,18 +172,20 @@ class DiffusionBackend:
         img = surface_rgb.transpose(2, 0, 1)
         img = np.ascontiguousarray(img.mean(0, keepdims=True) if gray else img, dtype=np.float32)
         meta = self._meta(index, img.shape[0], surface, **extra)
-        return sample_on_surface(rng, img, self.p, self.scale, self.class_names, meta)
+        return sample_on_surface(rng, img, self.defects, self.scale, self.class_names, meta)
 
     def _img2img(self, indices: list[int]) -> list[Sample]:
         plans = []
         for index in indices:
             rng, seed = sample_rng(self.cfg.seed, index)
             bg, surface = self.backgrounds(index, rng)
-            plans.append((index, rng, seed, bg, surface, self.d.surface_prompt.format(surface=surface["family"])))
-        gen = self._call([pl[5] for pl in plans], [pl[2] for pl in plans],
-                         image=[Image.fromarray(pl[3]).convert("RGB") for pl in plans], strength=self.d.strength)
-        return [self._finish(index, rng, g, bg.ndim == 2, surface, prompt=prompt, steps=self.d.steps)
-                for (index, rng, _, bg, surface, prompt), g in zip(plans, gen)]
+            prompt = self.d.surface_prompt.format(surface=surface["family"])
+            plans.append(SurfacePlan(index, rng, seed, bg, surface, prompt))
+        gen = self._call([pl.prompt for pl in plans], [pl.seed for pl in plans],
+                         image=[Image.fromarray(pl.background).convert("RGB") for pl in plans],
+                         strength=self.d.strength)
+        return [self._finish(pl.index, pl.rng, g, pl.background.ndim == 2, pl.surface, prompt=pl.prompt,
+                             steps=self.d.steps) for pl, g in zip(plans, gen)]
 
     def _unconditional(self, indices: list[int]) -> list[Sample]:
         rngs, seeds = zip(*(sample_rng(self.cfg.seed, i) for i in indices))

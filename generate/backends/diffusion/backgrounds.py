@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from generate.backends.procedural import ProceduralBackend
+from generate.backends import create_backend
 from generate.backgrounds import BackgroundPool, find_backgrounds
 
 
@@ -14,8 +14,8 @@ class ProceduralBackgrounds:
     """The procedural renderer with defects turned off: sample ``index``'s surface, camera effects included."""
 
     def __init__(self, cfg):
-        clean = dataclasses.replace(cfg.procedural, defect_free_prob=1.0)
-        self.renderer = ProceduralBackend(dataclasses.replace(cfg, procedural=clean))
+        clean = dataclasses.replace(cfg.defects, defect_free_prob=1.0)
+        self.renderer = create_backend("procedural", dataclasses.replace(cfg, defects=clean))
 
     def __call__(self, index: int, rng) -> tuple[np.ndarray, dict]:
         s = self.renderer.render(index)

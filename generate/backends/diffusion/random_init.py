@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=tuple(UNET), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    print(f"wrote {build_pipeline(args.out, args.kind, args.size, args.seed)}")
+    try:
+        folder = build_pipeline(args.out, args.kind, args.size, args.seed)
+    except ModuleNotFoundError as e:
+        if e.name not in ("diffusers", "transformers"):
+            raise
+        raise SystemExit(f"a diffusion pipeline needs {e.name}: pip install 'synthvit[diffusion]'") from None
+    print(f"wrote {folder}")
     return 0
 
 

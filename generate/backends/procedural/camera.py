@@ -12,7 +12,8 @@ import math
 import numpy as np
 from PIL import Image
 
-from generate.backends.procedural.noise import add_grain, row_strips
+from generate.defects import Light
+from generate.noise import add_grain, row_strips
 
 
 def _perspective_coeffs(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
@@ -68,7 +69,7 @@ def _warp_rows(lum: np.ndarray, coeffs: np.ndarray, y0: int, y1: int) -> np.ndar
     return top
 
 
-def lighting(rng, lum: np.ndarray, strength: float) -> tuple[tuple[np.ndarray, np.ndarray], dict]:
+def lighting(rng, lum: np.ndarray, strength: float) -> tuple[Light, dict]:
     """Multiply (H, W) by a linear illumination gradient and a radial vignette, in place.
 
     The field is separable, ``column (H, 1) + row (1, W)``; both are returned so a defect patch can be lit
@@ -84,27 +85,12 @@ def lighting(rng, lum: np.ndarray, strength: float) -> tuple[tuple[np.ndarray, n
     row = g * math.cos(a) * xs - v * (xs - cx) ** 2
     for sl in row_strips(H, W):
         lum[sl] *= column[sl] + row
-    return (column, row), dict(gradient=g, vignette=v)
+    return Light(column, row), dict(gradient=g, vignette=v)
 
 
 def sensor_noise(rng, lum: np.ndarray, std: float) -> None:
     """Add Gaussian luminance noise of ``std`` 8-bit grey levels to (H, W) in place."""
     add_grain(rng, lum, std / 255.0)
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Planar (C, H, W) float in [0, 1] -> (H, W) or interleaved (H, W, 3) uint8 (rounded, clipped)."""
-    C, H, W = img.shape
-    planes = np.empty((C, H, W), np.uint8)
-    for sl in row_strips(H, W, pixels=(1 << 16) // C):
-        block = img[:, sl]
-        block *= 255.0
-        block += 0.5
-        np.clip(block, 0.0, 255.0, out=block)
-        planes[:, sl] = block
-    if C == 1:
-        return planes[0]
-    return np.asarray(Image.merge("RGB", [Image.fromarray(p) for p in planes]))
 
 
 def jpeg_artifacts(image: np.ndarray, quality: int) -> np.ndarray:

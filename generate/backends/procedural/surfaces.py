@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from generate.backends.procedural.noise import LowRes, add_grain, fractal, line_noise, row_strips
+from generate.noise import LowRes, add_grain, fractal, line_noise, row_strips
 
 
 def _projected(ys: np.ndarray, xs: np.ndarray, angle: float, step: float) -> np.ndarray:

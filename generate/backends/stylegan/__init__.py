@@ -23,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generate.backends.procedural import (UsesBackgrounds, background_pool, feature_scale, on_background,
-                                          sample_on_surface)
-from generate.backends.procedural.defects import Stamp
 from generate.backends.stylegan.network import Generator, sample_synthesis_weights
 from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
+from generate.backgrounds import UsesBackgrounds, background_pool
+from generate.defects import Stamp, Substitute, feature_scale, on_background, sample_on_surface
 from generate.schema import BACKGROUND, Sample
 from synthvit.config import ConfigError
 from synthvit.io import SynthvitError
@@ -73,17 +72,19 @@ def network_resolution(width: int, height: int, requested: int) -> int:
 
 
 class StyleGANBackend(UsesBackgrounds):
+    """StyleGAN2 textures (random weights, oriented filters or a checkpoint) with the defects of ``defects.*``."""
+
     name = "stylegan"
     in_process = True  # one model per process (GPU); batches instead of worker processes
 
     def __init__(self, cfg):
-        self.cfg, self.s, self.p = cfg, cfg.stylegan, cfg.procedural
+        self.cfg, self.s, self.p, self.d = cfg, cfg.stylegan, cfg.procedural, cfg.defects
         self.width, self.height = cfg.size
         self.device = resolve_device(self.s.device)
         self.dtype = resolve_dtype(self.s.dtype, self.device)
         self.batch_size = self.s.batch_size
-        self.class_names = [BACKGROUND, *self.p.classes] + ([ANOMALY] if self.s.anomaly_prob > 0 else [])
-        self.scale = feature_scale(self.width, self.height, self.p.scale_exponent, self.p.defect_scale)
+        self.class_names = [BACKGROUND, *self.d.classes] + ([ANOMALY] if self.s.anomaly_prob > 0 else [])
+        self.scale = feature_scale(self.width, self.height, self.d.scale_exponent, self.d.defect_scale)
         if self.s.mode == "checkpoint":
             G = load_checkpoint(self.s.checkpoint)
         else:
@@ -152,15 +153,14 @@ class StyleGANBackend(UsesBackgrounds):
         for b, (index, rng) in enumerate(zip(indices, rngs)):
             gray = bool(rng.random() < self.p.gray_prob)
             img = self._to_frame(rng, tex[b], gray)
-            extra = None
+            anomaly = None
             if anomalies:
                 source = self._to_frame(rng, tex[len(indices) + b], gray)
-                extra = (self.s.anomaly_prob, len(self.class_names) - 1, _blend_painter(source))
+                anomaly = Substitute(self.s.anomaly_prob, len(self.class_names) - 1, _blend_painter(source))
             meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[self.width, self.height],
                         channels=img.shape[0], surface=dict(family=f"stylegan-{self.s.mode}"))
-            out.append(sample_on_surface(rng, img, self.p, self.scale, self.class_names, meta, extra))
+            out.append(sample_on_surface(rng, img, self.d, self.scale, self.class_names, meta, anomaly))
         return out
-
 
     def _on_backgrounds(self, indices, rngs, seeds) -> list[Sample]:
         """DRAEM on the user's frames: procedural defects and anomalies (this network's texture blended into a
@@ -172,8 +172,9 @@ class StyleGANBackend(UsesBackgrounds):
             source = self._to_frame(rng, tex[b], gray)
             meta = dict(backend=self.name, seed=self.cfg.seed, index=index, size=[self.width, self.height],
                         surface=dict(family="background"))
-            extra = (self.s.anomaly_prob, len(self.class_names) - 1, _blend_painter(source, match_channels=True))
-            out.append(on_background(rng, self.backgrounds, self.p, self.scale, self.class_names, meta, extra))
+            anomaly = Substitute(self.s.anomaly_prob, len(self.class_names) - 1,
+                                 _blend_painter(source, match_channels=True))
+            out.append(on_background(rng, self.backgrounds, self.d, self.scale, self.class_names, meta, anomaly))
         return out
 
 

@@ -11,16 +11,37 @@ the set of pixels it changed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from generate.backends.procedural.noise import blur, fractal
+from generate.noise import blur, fractal
 
 MIN_ALPHA = 0.1
 SUPERSAMPLE = 4
+
+
+class Box(NamedTuple):
+    """A clipped patch of the frame: rows ``ys:ye``, columns ``xs:xe``."""
+    ys: int
+    ye: int
+    xs: int
+    xe: int
+
+
+class Landed(NamedTuple):
+    """What :func:`composite` drew: the pixels a defect covers and its clipped patch."""
+    pixels: int
+    box: Box
+
+
+class Light(NamedTuple):
+    """A frame's separable illumination, ``column (H, 1) + row (1, W)`` (see the procedural camera's lighting)."""
+    column: np.ndarray
+    row: np.ndarray
 
 
 @dataclass
@@ -52,15 +73,15 @@ def blur_stamp(stamp: Stamp, sigma: float) -> Stamp:
 
 
 def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp, inst_id: int, class_id: int,
-              light: tuple[np.ndarray, np.ndarray] | None = None, adjust=None) -> tuple[int, tuple] | None:
+              light: Light | None = None, adjust=None) -> Landed | None:
     """Blend ``stamp`` into ``img`` (C, H, W) in place; label its pixels in ``inst`` and ``mask``.
 
-    ``light`` ((H, 1) column, (1, W) row; their sum is the illumination the frame was multiplied by): offsets
+    ``light`` (:class:`Light`: the illumination the frame was multiplied by): offsets
     (light a defect reflects, such as a bright scratch) are lit the same way, so drawing defects after lighting
     equals lighting the defective frame.
     ``adjust(region, change, covered) -> change``: rescales the defect's change of the frame before blending (see
     :class:`LocalContrast`); the mask is still exactly the covered pixels.
-    Returns (pixels covered, (ys, ye, xs, xe) of the clipped patch), or None when nothing landed.
+    Returns the pixels covered and the clipped patch (:class:`Landed`), or None when nothing landed.
     """
     H, W = inst.shape
     h, w = stamp.alpha.shape
@@ -77,7 +98,7 @@ def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp,
     region = img[:, ys:ye, xs:xe]
     offset = _crop(stamp.offset, (h, w), sl)
     if light is not None and not (np.isscalar(offset) and offset == 0):
-        offset = offset * (light[0][ys:ye] + light[1][:, xs:xe])
+        offset = offset * (light.column[ys:ye] + light.row[:, xs:xe])
     new = region * _crop(stamp.gain, (h, w), sl) + offset
     new -= region
     if adjust is not None:
@@ -86,7 +107,7 @@ def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp,
     region += new
     inst[ys:ye, xs:xe][covered] = inst_id
     mask[ys:ye, xs:xe][covered] = class_id
-    return count, (ys, ye, xs, xe)
+    return Landed(count, Box(ys, ye, xs, xe))
 
 
 class LocalContrast:
