@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` (install + main job) and `make test` (install + tests);
 # `make test-fast` skips the end-to-end runs marked slow (subprocess training runs, accelerate launches, ...).
+# Both run `ruff check .` (pyflakes + import order, configured in pyproject.toml) before pytest.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -25,9 +26,11 @@ demo: install
 	@echo "report: runs/demo-compare/report.html (and report.md)"
 
 test: install
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: install
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 bench: install

@@ -161,7 +161,8 @@ class StyleGANConfig:
     mode: StyleGANMode = field(default="random", metadata={
         "help": "random: random weights (Baradad et al. 2021); oriented: random oriented filters; checkpoint: "
                 "stylegan.checkpoint"})
-    checkpoint: str = field(default="", metadata={"help": "a .safetensors file (mode=checkpoint); see README"})
+    checkpoint: str = field(default="", metadata={
+        "help": "a .safetensors file (mode=checkpoint); see docs/generate.md"})
     resolution: int = field(default=0, metadata={"help": "network output side (0: the image size rounded up to 2^k)"})
     channel_max: int = field(default=128, metadata={"help": "channels per layer in random modes (checkpoint: read)"})
     truncation: float = field(default=1.0, metadata={"help": "truncation psi for mode=checkpoint"})

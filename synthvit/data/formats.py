@@ -196,7 +196,11 @@ def _coco(root: Path, problems: list[str]) -> RealData:
 
 
 def _hf(root: Path, problems: list[str]) -> RealData:
-    import datasets
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise DataError(f"{root} is a Hugging Face datasets folder (format=hf), which needs the datasets package: "
+                        f"pip install 'synthvit[hf]'") from None
 
     try:
         ds = datasets.load_from_disk(str(root))

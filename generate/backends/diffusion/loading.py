@@ -41,7 +41,7 @@ def check_pipeline_folder(path: str | Path) -> dict:
     root = Path(path)
     index = root / "model_index.json"
     hint = ("diffusion.weights must be a local diffusers pipeline folder (model_index.json, unet/, vae/, "
-            "scheduler/, and text_encoder/ + tokenizer/ for prompts); see README 'Diffusion backend'")
+            "scheduler/, and text_encoder/ + tokenizer/ for prompts); see docs/generate.md, 'The diffusion backend'")
     if not root.is_dir():
         raise SynthvitError(f"diffusion.weights: {root} does not exist; {hint}")
     if not index.is_file():
