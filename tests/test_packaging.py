@@ -11,7 +11,7 @@ from functools import cache
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-import tomllib  # stdlib from 3.11; ruff sorts it as third-party for requires-python >=3.10
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"synthvit", "generate", "pretrain", "finetune"}
