@@ -25,6 +25,7 @@ from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
 from synthvit.progress import progress_bar
+from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator, peak_memory_mb, resolve_device
 
 log = logging.getLogger("synthvit.finetune")
@@ -69,8 +70,9 @@ def run(cfg: FinetuneConfig) -> Path:
     model = _build(cfg, data)
     frozen = model.freeze_early(cfg.freeze_blocks)
     acc = make_accelerator(cfg.precision)
+    ranks = Ranks.of(acc)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if acc.is_main_process:
+    if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
         _write_split(run_dir, split, {i.id for i in train_items})
         for line in describe_split(data, split):
@@ -88,7 +90,7 @@ def run(cfg: FinetuneConfig) -> Path:
         summary = _zero_shot_summary(model, acc.device)
     model = summary.pop("model")
     meta = _meta(cfg, data, stats_meta(mean, std))
-    if acc.is_main_process:
+    if ranks.is_main:
         write_export(model, run_dir / EXPORT_DIR, meta)
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the export is the product; checkpoints were a means
         if cfg.evaluate and test_items:

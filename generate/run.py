@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -16,6 +14,7 @@ from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_f
 from generate.writer import WrittenShard, plan_shards, remove_stale_temporaries, write_shards
 from synthvit.config import CONFIG_FILE, ConfigError, config_diff, dump_yaml, load_config, to_dict
 from synthvit.io import SynthvitError
+from synthvit.ranks import join
 from synthvit.storage import Folder
 
 log = logging.getLogger("synthvit.generate")
@@ -23,7 +22,6 @@ log = logging.getLogger("synthvit.generate")
 PREVIEW_FILE = "preview.png"
 # Keys that change how a run goes, not what it writes: a resumed run may change them freely.
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
-RANK_WAIT_HOURS = 72  # how long ranks that finished wait in a barrier for the others
 # The backend groups that only their own backend reads (defects.* is read by every backend, procedural.* by
 # several: surfaces, gray_prob, backgrounds).
 BACKEND_GROUPS = ("stylegan", "diffusion", "contours")
@@ -102,25 +100,8 @@ def _preview(out: Folder, filenames: list[str], count: int, class_names: list[st
         if len(samples) == count:
             break
     with out.staging() as folder:
-        path = write_preview(folder / PREVIEW_FILE, samples, class_names)
-        if out.remote:
-            out.upload(path, PREVIEW_FILE)
+        out.upload(write_preview(folder / PREVIEW_FILE, samples, class_names), PREVIEW_FILE)
     return out.url(PREVIEW_FILE)
-
-
-def _ranks():
-    """(rank, world size, barrier, finish). Under ``accelerate launch``/torchrun (WORLD_SIZE > 1) through accelerate's
-    ``PartialState`` (NCCL on GPUs, gloo on CPUs); a plain process imports neither torch nor accelerate."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, lambda: None, lambda: None
-    import torch
-    from accelerate import PartialState
-
-    # Ranks that finish early wait in the last barrier for the others (a resumed run may leave one rank most of the
-    # work): far longer than torch's 30-minute default. A rank that fails still ends the job (torchrun stops all).
-    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=RANK_WAIT_HOURS))
-    done = getattr(state, "destroy_process_group", lambda: None)
-    return state.process_index, state.num_processes, state.wait_for_everyone, done
 
 
 def _prepare(out: Folder, cfg: GenerateConfig) -> None:
@@ -136,7 +117,8 @@ def _prepare(out: Folder, cfg: GenerateConfig) -> None:
 def run(cfg: GenerateConfig) -> Path | str:
     """Render the shards this rank owns (shard k belongs to rank k % world size); rank 0 then writes _info.json.
     ``out_dir`` is a local folder or an object-store URL (s3://, gs://); returns it (a Path when local)."""
-    rank, world, barrier, finish = _ranks()
+    ranks = join()
+    rank, world, barrier = ranks.rank, ranks.world, ranks.barrier
     if cfg.verify:
         return verify(Folder(cfg.out_dir)) if rank == 0 else cfg.out_dir
     out = Folder(cfg.out_dir, write=True)
@@ -170,5 +152,5 @@ def run(cfg: GenerateConfig) -> Path | str:
     else:
         log.info("rank %d: %d new samples%s", rank, done, rate)
     barrier()
-    finish()
+    ranks.finish()
     return out.location if out.remote else Path(out.location)

@@ -90,8 +90,7 @@ def write_shard(backend: Backend, shard: ShardPlan, out: Folder | Path, cfg, pro
         path = folder / fname
         _write_tar(backend, shard, path, cfg, progress)
         digest = sha256_file(path)
-        if out.remote:
-            out.upload(path, fname)
+        out.upload(path, fname)  # local: already in place
     return WrittenShard(fname, shard.num_samples, digest)
 
 

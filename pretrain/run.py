@@ -16,6 +16,7 @@ from pretrain.loop import Trainer
 from synthvit import __version__
 from synthvit.config import CONFIG_FILE, dump_yaml, to_dict
 from synthvit.io import atomic_write_text
+from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator
 
 log = logging.getLogger("synthvit.pretrain")
@@ -53,8 +54,9 @@ def run(cfg: PretrainConfig) -> Path:
                          decoder=cfg.decoder, decoder_width=cfg.decoder_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = _accelerator(cfg, run_dir)
-    check_shard_counts(sources, acc.num_processes, max(1, cfg.num_workers), cfg.resample)
-    if acc.is_main_process:
+    ranks = Ranks.of(acc)
+    check_shard_counts(sources, ranks.world, max(1, cfg.num_workers), cfg.resample)
+    if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
         _warn_no_effect(cfg)
     trainer = Trainer(cfg, acc, model, sources, class_names, run_dir)
@@ -62,7 +64,7 @@ def run(cfg: PretrainConfig) -> Path:
         trainer.resume(ckpt)
     end_step = cfg.stop_at or cfg.steps
     summary = trainer.train(end_step)
-    if acc.is_main_process:
+    if ranks.is_main:
         if trainer.step >= cfg.steps:
             final = trainer.ema.module if trainer.ema is not None else acc.unwrap_model(trainer.model)
             summary["export"] = str(write_export(final, run_dir / EXPORT_DIR, _export_meta(cfg, class_names,
@@ -72,8 +74,8 @@ def run(cfg: PretrainConfig) -> Path:
                  summary["steps"], summary["images_seen"], summary["wall_time_s"], summary["images_per_s"],
                  summary["skipped_samples"], f", export: {summary['export']}" if "export" in summary else
                  f" (stopped at step {end_step} of {cfg.steps}; run again with resume=auto to continue)")
-    acc.wait_for_everyone()
-    acc.end_training()
+    ranks.barrier()
+    ranks.finish()
     return run_dir
 
 

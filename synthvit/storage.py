@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 from urllib.parse import urlsplit
 
-from synthvit.io import SynthvitError, atomic_write_bytes, sha256_file
+from synthvit.io import SynthvitError, atomic_write_bytes
 
 __all__ = ["StorageError", "Folder", "is_url", "redact", "open_stream", "register_webdataset_schemes"]
 
@@ -148,19 +148,20 @@ def with_retries(what: str, url: str, fn: Callable, *args, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def _filesystem(scheme: str, pid: int):
-    """One fsspec filesystem per scheme and process (forked DataLoader workers make their own)."""
-    package = SCHEMES[scheme]
+    """One fsspec filesystem per scheme (``file``: local) and process (forked DataLoader workers make their own)."""
+    package = SCHEMES.get(scheme, "fsspec")
     try:
         import fsspec
 
         return fsspec.filesystem(scheme, skip_instance_cache=True)
     except ImportError as e:
         raise StorageError(f"{scheme}:// needs the {package} package ({e}); install it with "
-                           f"pip install 'synthvit[{EXTRA[package]}]'") from None
+                           f"pip install 'synthvit[{EXTRA.get(package, 's3')}]'") from None
 
 
 def filesystem(url: str):
-    return _filesystem(urlsplit(url).scheme, os.getpid())
+    """The fsspec filesystem for ``url``: its scheme's, or the local one for a path."""
+    return _filesystem(urlsplit(url).scheme if is_url(url) else "file", os.getpid())
 
 
 class RetryingReader(io.RawIOBase):
@@ -210,13 +211,16 @@ def open_stream(location: str, buffer: int = 1 << 20) -> BinaryIO:
 
 
 def _fs_path(url: str) -> str:
+    """The path ``url`` has in its fsspec filesystem (an absolute path for a local one)."""
+    if not is_url(url):
+        return os.path.abspath(url)
     p = urlsplit(url)
     return url if p.scheme in READ_ONLY else f"{p.netloc}{p.path}".rstrip("/")
 
 
 class Folder:
-    """A dataset folder: a local directory or an object-store prefix, with the few operations synthvit needs.
-
+    """A dataset folder: a local directory or an object-store prefix, with the few operations synthvit needs, all
+    through one fsspec filesystem (``file`` for a local folder). Local and remote differ only in the last section.
     ``str(folder)`` is safe to print. Picklable (worker processes rebuild their own filesystem client).
     """
 
@@ -252,48 +256,32 @@ class Folder:
         return f"{base}/{name}" if name else base
 
     # ------------------------------------------------------------------------------------------ reading
-    def is_dir(self) -> bool:
-        if not self.remote:
-            return Path(self.location).is_dir()
-        return True  # a prefix exists as soon as anything is under it: what is missing is reported when read
-
     def names(self) -> set[str] | None:
         """Names of the files directly in the folder (None for an https:// folder: HTTP cannot list)."""
-        if not self.remote:
-            folder = Path(self.location)
-            return {p.name for p in folder.iterdir() if p.is_file()} if folder.is_dir() else set()
         if not self.listable:
             return None
-
         base = self._path()
 
         def ls():
             self.fs.invalidate_cache(base)
             try:
                 entries = self.fs.ls(base, detail=True)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return set()
             # "folder/" marker objects (left by some stores and consoles) are not files of the folder
             return {e["name"].rsplit("/", 1)[-1] for e in entries
                     if e.get("type") == "file" and not e["name"].endswith("/") and e["name"] != base}
-        return with_retries("list", self.location, ls)
+        return self._call("list", self.location, ls)
 
     def exists(self, name: str) -> bool:
-        if not self.remote:
-            return (Path(self.location) / name).is_file()
         if self.listable:
             return name in self.names()
-
-        def exists():
-            return self.fs.exists(self._path(name))
-        return with_retries("check", self.url(name), exists)
+        return self._call("check", self.url(name), self.fs.exists, self._path(name))
 
     def read_bytes(self, name: str) -> bytes:
         """The whole member; FileNotFoundError (local or remote) when it is not there."""
-        if not self.remote:
-            return (Path(self.location) / name).read_bytes()
         try:
-            return with_retries("read", self.url(name), self.fs.cat_file, self._path(name))
+            return self._call("read", self.url(name), self.fs.cat_file, self._path(name))
         except StorageError as e:
             if isinstance(e.__cause__, FileNotFoundError):
                 raise FileNotFoundError(str(e)) from None
@@ -306,8 +294,6 @@ class Folder:
         return open_stream(self.url(name))
 
     def sha256(self, name: str) -> str:
-        if not self.remote:
-            return sha256_file(Path(self.location) / name)
         h = hashlib.sha256()
         with self.open(name) as f:
             while block := f.read(1 << 20):
@@ -317,14 +303,7 @@ class Folder:
     # ------------------------------------------------------------------------------------------ writing
     def check_writable(self) -> None:
         """Create a local folder / reach the bucket, and prove a write works, before any work is done."""
-        if not self.remote:
-            folder = Path(self.location)
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise SynthvitError(f"cannot create out_dir {folder}: {e.strerror}; choose a writable folder") from None
-            if not folder.is_dir():
-                raise SynthvitError(f"out_dir {folder} exists and is not a folder")
+        self._create()
         probe = ".write-probe.tmp"
         try:
             self.write_bytes(probe, b"")
@@ -337,29 +316,39 @@ class Folder:
             raise SynthvitError(f"out_dir {self} is not writable ({e.strerror}); choose a writable folder") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """Atomic: a reader sees the old member or the whole new one."""
-        if not self.remote:
-            atomic_write_bytes(Path(self.location) / name, data)
-            return
-        with_retries("write", self.url(name), self.fs.pipe_file, self._path(name), data)
+        """Atomic: a reader sees the old member or the whole new one (staged under a temporary name, then
+        published whole)."""
+        with self.staging() as folder:
+            atomic_write_bytes(folder / name, data)
+            self._publish(folder / name, name, "write")
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode("utf-8"))
 
     def upload(self, local: Path, name: str) -> None:
-        """Move a finished local file to member ``name`` (remote: one upload, visible only once complete)."""
+        """Publish a finished file from :meth:`staging` as member ``name``, visible only once whole."""
+        self._publish(local, name, "upload to")
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._call("remove", self.url(name), self.fs.rm_file, self._path(name))
+
+    # ------------------------------------------------------------------------ where local and remote differ
+    def _call(self, what: str, url: str, fn: Callable, *args):
+        """``fn(*args)``. Local: an error is raised as it is (a full disk does not heal by waiting). Remote: transient
+        errors are retried with backoff, then a StorageError names the URL (see :func:`with_retries`)."""
+        if not self.remote:
+            return fn(*args)
+        return with_retries(what, url, fn, *args)
+
+    def _publish(self, local: Path, name: str, what: str) -> None:
+        """Make a finished staged file member ``name``: locally an atomic rename within the folder (a no-op when it
+        was staged under that name); remotely one upload (visible only once complete), then the staged copy goes."""
         if not self.remote:
             os.replace(local, Path(self.location) / name)
             return
-        with_retries("upload to", self.url(name), self.fs.put_file, str(local), self._path(name))
+        self._call(what, self.url(name), self.fs.put_file, str(local), self._path(name))
         local.unlink()
-
-    def remove(self, name: str) -> None:
-        if not self.remote:
-            (Path(self.location) / name).unlink(missing_ok=True)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            with_retries("remove", self.url(name), self.fs.rm_file, self._path(name))
 
     @contextlib.contextmanager
     def staging(self) -> Iterator[Path]:
@@ -373,6 +362,22 @@ class Folder:
             yield tmp
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def is_dir(self) -> bool:
+        """Local: the folder exists. Remote: always (a prefix exists as soon as anything is under it: what is
+        missing is reported when read)."""
+        return self.remote or self.fs.isdir(self._path())
+
+    def _create(self) -> None:
+        """Create a local folder (remote: nothing; a bucket is never created here, the write probe names it)."""
+        if self.remote:
+            return
+        try:
+            self.fs.makedirs(self._path(), exist_ok=True)
+        except OSError as e:
+            raise SynthvitError(f"cannot create out_dir {self}: {e.strerror}; choose a writable folder") from None
+        if not self.is_dir():
+            raise SynthvitError(f"out_dir {self} exists and is not a folder")
 
     def __getstate__(self):
         return {"remote": self.remote, "location": self.location}

@@ -1,14 +1,13 @@
 """``synthvit compare``: run the matrix (skipping finished cells), probe each model's cost, write the report.
 
 Under ``accelerate launch`` (or any launcher that sets RANK / WORLD_SIZE / LOCAL_RANK) each rank runs every
-``world``-th cell on its local GPU; ranks meet at a gloo barrier with a long timeout, and rank 0 writes the report.
+``world``-th cell on its local GPU; ranks meet at the barrier of :mod:`synthvit.ranks` (long timeout), and rank 0
+writes the report.
 """
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import timm
@@ -21,32 +20,20 @@ from synthvit.data import load_real_data, split_ids
 from synthvit.models import SEG_BASELINES, class_groups, read_export_config
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.ranks import Ranks, join
 
 log = logging.getLogger("synthvit.compare")
 
 
-class Ranks:
-    """This process's place in a launched job, and a barrier that outlasts long cells."""
-
-    def __init__(self):
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        self.local = int(os.environ.get("LOCAL_RANK", 0))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def slots(self, parallel: int) -> list[int | None]:
-        """GPU per concurrent job: the local GPU under a launcher, else the first ``parallel`` GPUs (default all),
-        or ``parallel`` CPU jobs (default 1)."""
-        gpus = torch.cuda.device_count()
-        if self.world > 1:
-            return [self.local % gpus] if gpus else [None]
-        if gpus:
-            return [i % gpus for i in range(parallel or gpus)]
-        return [None] * max(parallel, 1)
+def _slots(ranks: Ranks, parallel: int) -> list[int | None]:
+    """GPU per concurrent job: the local GPU under a launcher, else the first ``parallel`` GPUs (default all),
+    or ``parallel`` CPU jobs (default 1)."""
+    gpus = torch.cuda.device_count()
+    if ranks.world > 1:
+        return [ranks.local % gpus] if gpus else [None]
+    if gpus:
+        return [i % gpus for i in range(parallel or gpus)]
+    return [None] * max(parallel, 1)
 
 
 def _check_models(cfg: CompareConfig, data) -> None:
@@ -84,7 +71,7 @@ def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int) -> str:
 def run(cfg: CompareConfig) -> Path:
     if not cfg.data:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
-    ranks = Ranks()
+    ranks = join()
     out = Path(cfg.out_dir)
     data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels,
                           split_missing=cfg.finetune.split_missing)
@@ -97,7 +84,7 @@ def run(cfg: CompareConfig) -> Path:
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
     cells = plan_cells(cfg, n_train, write=ranks.rank == 0, test_ids={i.id for i in test_items})
     ranks.barrier()
-    slots = ranks.slots(cfg.parallel)
+    slots = _slots(ranks, cfg.parallel)
     run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")
     ranks.barrier()
     probes = [_probe_job(cfg, c) for c in reference_cells(cells).values()]
@@ -109,6 +96,7 @@ def run(cfg: CompareConfig) -> Path:
         report = compose(cfg, cells, test_items, _data_note(cfg, data, n_train, len(test_items)))
         md, page = report.write(out)
         print(f"synthvit compare: report -> {page} (and {md.name})", file=sys.stderr)
+    ranks.finish()
     unfinished = [c.job for c in cells if not c.job.done] + [p for p in probes if not p.done]
     if unfinished:
         raise SynthvitError(f"{len(unfinished)} job(s) did not finish: " + "; ".join(
