@@ -81,9 +81,7 @@ def verify(out: Folder) -> Path | str:
                             f"re-run the generate command (with verify=false) to rewrite missing shards; "
                             f"delete corrupt ones first")
     info = read_info(out)
-    split = info["splits"]["train"]
-    log.info("verified %s: %d shards, %d samples match %s", out, len(split["filenames"]), split["num_samples"],
-             INFO_FILE)
+    log.info("verified %s: %d shards, %d samples match %s", out, len(info.shards), info.num_samples, INFO_FILE)
     return out.location if out.remote else Path(out.location)
 
 
@@ -144,7 +142,7 @@ def run(cfg: GenerateConfig) -> Path | str:
         for s in plan:  # shards of other ranks and of earlier runs are hashed from disk
             fname = shard_filename(cfg.name, s.index)
             shards.append(results.get(s.index) or WrittenShard(fname, s.num_samples, out.sha256(fname)))
-        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg)) | backend.info
+        info = make_info(cfg.name, shards, backend.class_names, dataset_config(cfg), extra=backend.info)
         write_info(out, info)  # last: its presence marks the dataset complete
         preview = _preview(out, [shard.filename for shard in shards], cfg.preview, backend.class_names)
         log.info("%s: %d samples in %d shards (%d new samples%s)%s", out, cfg.num_samples, len(plan), done, rate,

@@ -19,7 +19,7 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -130,33 +130,93 @@ def iter_shard(path):
         yield decode_sample(members)
 
 
-def make_info(name: str, shards: list[tuple[str, int, str]], class_names: list[str], generator: dict) -> dict:
-    """``shards``: (filename, num_samples, sha256) per shard, in shard order."""
-    return {
-        "name": name,
-        "schema": SCHEMA,
-        "class_names": list(class_names),
-        "num_classes": len(class_names),
-        "generator": generator,
-        "splits": {SPLIT: {
-            "name": SPLIT,
-            "num_samples": int(sum(n for _, n, _ in shards)),
-            "filenames": [f for f, _, _ in shards],
-            "shard_lengths": [int(n) for _, n, _ in shards],
-            "sha256": [h for _, _, h in shards],
-        }},
-    }
+class ShardEntry(NamedTuple):
+    """One shard of the manifest: its file name, sample count and sha256 (None in manifests without hashes)."""
+    filename: str
+    num_samples: int
+    sha256: str | None = None
 
 
-def write_info(out_dir: str | Path | Folder, info: dict) -> str:
+@dataclass(kw_only=True)
+class DatasetInfo:
+    """``_info.json``: the shard set's name, classes (0 = defect-free), resolved generator config and shards.
+    ``extra``: the backend's own top-level records (e.g. ``backgrounds``), written after ``splits``."""
+    name: str
+    class_names: list[str]
+    generator: dict = field(default_factory=dict)
+    shards: list[ShardEntry] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(s.num_samples for s in self.shards))
+
+    @property
+    def filenames(self) -> list[str]:
+        return [s.filename for s in self.shards]
+
+    def to_json(self) -> dict:
+        """The manifest as written: timm's ``name``/``splits`` schema with our keys (the same keys as ever)."""
+        split = {"name": SPLIT, "num_samples": self.num_samples, "filenames": self.filenames,
+                 "shard_lengths": [int(s.num_samples) for s in self.shards]}
+        if all(s.sha256 is not None for s in self.shards):
+            split["sha256"] = [s.sha256 for s in self.shards]
+        return {"name": self.name, "schema": self.schema, "class_names": list(self.class_names),
+                "num_classes": self.num_classes, "generator": self.generator, "splits": {SPLIT: split},
+                **self.extra}
+
+    @classmethod
+    def from_json(cls, doc, where: str) -> DatasetInfo:
+        """A manifest read back (any version this project wrote); errors name ``where`` and the key at fault."""
+        if not isinstance(doc, dict):
+            raise SynthvitError(f"{where}: not a synthvit shards manifest (a JSON object with name, class_names, "
+                                f"splits), got {type(doc).__name__}")
+        for key in ("name", "class_names", "splits"):
+            if key not in doc:
+                raise SynthvitError(f"{where} lacks the key {key!r}; expected {SCHEMA} (keys name, class_names, "
+                                    f"splits)")
+        names, split = doc["class_names"], doc["splits"].get(SPLIT) if isinstance(doc["splits"], dict) else None
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise SynthvitError(f"{where}: class_names must be a list of names, got {str(names)[:60]}")
+        if not isinstance(split, dict) or not all(k in split for k in ("filenames", "shard_lengths", "num_samples")):
+            raise SynthvitError(f"{where}: splits.{SPLIT} must hold filenames, shard_lengths and num_samples")
+        filenames, lengths, hashes = split["filenames"], split["shard_lengths"], split.get("sha256")
+        if isinstance(filenames, list) and hashes is None:
+            hashes = [None] * len(filenames)  # manifests written before shards were hashed
+        if not (isinstance(filenames, list) and all(isinstance(f, str) for f in filenames)
+                and isinstance(lengths, list) and isinstance(hashes, list)
+                and len(lengths) == len(filenames) == len(hashes)
+                and all(isinstance(n, int) and not isinstance(n, bool) for n in lengths)):
+            raise SynthvitError(f"{where}: splits.{SPLIT} must hold a list of shard filenames and one "
+                                f"shard_lengths count (and sha256) each, got {str(filenames)[:60]} and "
+                                f"{str(lengths)[:60]}")
+        known = {"name", "schema", "class_names", "num_classes", "generator", "splits"}
+        return cls(name=str(doc["name"]), class_names=list(names), generator=doc.get("generator") or {},
+                   shards=[ShardEntry(*s) for s in zip(filenames, lengths, hashes)], schema=doc.get("schema", SCHEMA),
+                   extra={k: v for k, v in doc.items() if k not in known})
+
+
+def make_info(name: str, shards: list[tuple[str, int, str]], class_names: list[str], generator: dict,
+              extra: dict | None = None) -> DatasetInfo:
+    """``shards``: (filename, num_samples, sha256) per shard, in shard order; ``extra``: the backend's records."""
+    return DatasetInfo(name=name, class_names=list(class_names), generator=generator,
+                       shards=[ShardEntry(f, int(n), h) for f, n, h in shards], extra=dict(extra or {}))
+
+
+def write_info(out_dir: str | Path | Folder, info: DatasetInfo) -> str:
     """Write the manifest (atomically: a reader sees none or all of it); returns where."""
     folder = out_dir if isinstance(out_dir, Folder) else Folder(out_dir)
-    folder.write_text(INFO_FILE, json.dumps(info, indent=2) + "\n")
+    folder.write_text(INFO_FILE, json.dumps(info.to_json(), indent=2) + "\n")
     return folder.url(INFO_FILE)
 
 
-def read_info(data_dir: str | Path | Folder) -> dict:
-    """Load and check ``_info.json`` (local or remote); errors name the folder and the missing key."""
+def read_info(data_dir: str | Path | Folder) -> DatasetInfo:
+    """Load and check ``_info.json`` (local or remote); errors name the file and the key at fault."""
     folder = data_dir if isinstance(data_dir, Folder) else Folder(data_dir)
     path = f"{folder}/{INFO_FILE}" if folder.remote else Path(folder.location) / INFO_FILE
     if not folder.is_dir():
@@ -167,16 +227,10 @@ def read_info(data_dir: str | Path | Folder) -> dict:
         raise SynthvitError(f"{path} is missing: {folder} is not a finished synthvit dataset (re-run "
                             f"`synthvit generate out_dir={folder}` to complete it)") from None
     try:
-        info = json.loads(text)
+        doc = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SynthvitError(f"{path} is not valid JSON: {e}") from None
-    for key in ("name", "class_names", "splits"):
-        if key not in info:
-            raise SynthvitError(f"{path} lacks the key {key!r}; expected {SCHEMA} (keys name, class_names, splits)")
-    split = info["splits"].get(SPLIT)
-    if split is None or not all(k in split for k in ("filenames", "shard_lengths", "num_samples")):
-        raise SynthvitError(f"{path}: splits.{SPLIT} must hold filenames, shard_lengths and num_samples")
-    return info
+    return DatasetInfo.from_json(doc, str(path))
 
 
 class _Hashing(io.RawIOBase):
@@ -208,12 +262,9 @@ def verify_dataset(data_dir: str | Path | Folder, deep: bool = True) -> list[str
     into the recorded number of samples. Each shard is read once, local or remote.
     """
     folder = data_dir if isinstance(data_dir, Folder) else Folder(data_dir)
-    info = read_info(folder)
-    split = info["splits"][SPLIT]
-    hashes = split.get("sha256") or [None] * len(split["filenames"])
     present = folder.names()
     problems = []
-    for fname, n, digest in zip(split["filenames"], split["shard_lengths"], hashes):
+    for fname, n, digest in read_info(folder).shards:
         if not (fname in present if present is not None else folder.exists(fname)):
             problems.append(f"{fname}: missing")
             continue
@@ -245,23 +296,14 @@ def read_real_data(root: Path | str, problems: list[str]) -> RealData:
     manifest = f"{folder}/{INFO_FILE}"
     try:
         info = read_info(folder)
-        names, split = info["class_names"], info["splits"][SPLIT]
-        filenames, lengths = split["filenames"], split["shard_lengths"]
-        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-            raise SynthvitError(f"{manifest}: class_names must be a list of names, got {str(names)[:60]}")
-        if not (isinstance(filenames, list) and all(isinstance(f, str) for f in filenames)
-                and isinstance(lengths, list) and len(lengths) == len(filenames)
-                and all(isinstance(n, int) for n in lengths)):
-            raise SynthvitError(f"{manifest}: splits.{SPLIT} must hold a list of shard filenames and one "
-                                f"shard_lengths count each, got {str(filenames)[:60]} and {str(lengths)[:60]}")
     except SynthvitError as e:
         problems.append(str(e))
         return RealData(root, "shards", [])
     except Exception as e:  # a JSON of the wrong shape: a list, a number, splits that are not a dict ...
         problems.append(f"{manifest}: not a synthvit shards manifest ({why(e)})")
         return RealData(root, "shards", [])
-    items = []
-    for filename, expected in zip(filenames, lengths):
+    items, names = [], info.class_names
+    for filename, expected, _ in info.shards:
         try:
             with folder.open(filename) as stream:
                 shard = list(iter_members(stream))

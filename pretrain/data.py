@@ -54,8 +54,7 @@ def load_sources(folders: list[str], weights: list[float], expected_classes: lis
     for i, location in enumerate(folders):
         folder = Folder(location)
         info = read_info(folder)
-        split = info["splits"]["train"]
-        names = list(info["class_names"])
+        names = list(info.class_names)
         if not class_names:
             class_names = list(names)
         elif names[:1] != class_names[:1]:
@@ -66,13 +65,13 @@ def load_sources(folders: list[str], weights: list[float], expected_classes: lis
             raise SynthvitError(f"the datasets {', '.join(folders)} have {len(class_names)} classes together; "
                                 f"masks hold at most {MAX_CLASSES}")
         class_map = tuple(class_names.index(n) for n in names)
-        urls = [folder.url(f) for f in split["filenames"]]
+        urls = [folder.url(f) for f in info.filenames]
         present = folder.names()  # one listing (None over https: missing shards are then skipped and counted)
-        missing = [folder.url(f) for f in split["filenames"] if present is not None and f not in present]
+        missing = [folder.url(f) for f in info.filenames if present is not None and f not in present]
         if missing:
             raise SynthvitError(f"{len(missing)} shard(s) listed in {folder}/_info.json are missing, e.g. "
                                 f"{redact(missing[0])}; run `synthvit generate out_dir={folder} verify=true`")
-        sources.append(Source(str(folder), urls, weights[i] if weights else 1.0, int(split["num_samples"]),
+        sources.append(Source(str(folder), urls, weights[i] if weights else 1.0, info.num_samples,
                               () if class_map == tuple(range(len(names))) else class_map))
     if expected_classes and expected_classes != class_names:
         raise SynthvitError(f"class_names in the config {expected_classes} differ from the data's {class_names} "

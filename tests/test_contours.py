@@ -97,9 +97,9 @@ def test_generate_cli_end_to_end(tmp_path, cli):
                                           image_format="png", **{"contours.num_classes": 5}))
     assert res.returncode == 0, res.stderr[-2000:]
     info = read_info(out)
-    assert info["class_names"] == ["good", *(f"contour_0{k}" for k in range(1, 6))]
-    assert info["splits"]["train"]["num_samples"] == 12 and len(info["splits"]["train"]["filenames"]) == 3
-    assert "contours" in info["generator"] and "stylegan" not in info["generator"]
+    assert info.class_names == ["good", *(f"contour_0{k}" for k in range(1, 6))]
+    assert info.num_samples == 12 and len(info.filenames) == 3
+    assert "contours" in info.generator and "stylegan" not in info.generator
     assert verify_dataset(out) == []
     samples = [s for f in sorted(out.glob("*.tar")) for s in iter_shard(f)]
     direct = create_backend("contours", load_config(GenerateConfig, overrides=[
@@ -112,7 +112,7 @@ def test_generate_cli_end_to_end(tmp_path, cli):
 
 
 def test_procedural_datasets_do_not_record_the_contours_group(tiny_dataset):
-    assert "contours" not in read_info(tiny_dataset)["generator"]
+    assert "contours" not in read_info(tiny_dataset).generator
 
 
 @pytest.mark.parametrize("key,value,message", [

@@ -37,7 +37,7 @@ from PIL import Image
 
 from synthvit.data import (DataError, load_real_data, rle_decode, set_pixel_cap, shown_size, split_ids,
                                to_array)
-from generate.schema import make_info, write_info
+from generate.schema import make_info
 from conftest import rle_counts, rle_string
 
 # Pillow warns about the corrupt files it is fed here (bad EXIF, tags past the end, bomb-sized headers)
@@ -658,7 +658,7 @@ def test_shards(data, corrupt):
                 case.sizes[key], case.masks[key], case.labels[key] = img.shown, truth, class_names[cls]
                 case.clean.add(key)
             shards.append((f"fz-{s:06d}.tar", samples))
-        info = make_info("fz", [(f, len(ss), "0" * 64) for f, ss in shards], class_names, {"backend": "test"})
+        info = make_info("fz", [(f, len(ss), "0" * 64) for f, ss in shards], class_names, {"backend": "test"}).to_json()
         corruptions = d(st.lists(st.sampled_from(SHARD_CORRUPTIONS), min_size=1, max_size=2)) if corrupt else []
         after = []
         for kind in corruptions:
@@ -727,7 +727,7 @@ def test_shards(data, corrupt):
         if any(kind == "info_garbage" for kind, _ in after):
             write(root / "_info.json", d(st.sampled_from(['{"name": ', "[]", "3", "null", '"x"'])))
         else:
-            write_info(root, info)
+            write(root / "_info.json", json.dumps(info))
         check(case)
 
 

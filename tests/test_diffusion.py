@@ -81,8 +81,8 @@ def test_shards_from_diffusion(pipelines, tmp_path):
     assert [s.meta["index"] for s in samples] == list(range(8))
     assert all(s.meta["backend"] == "diffusion" and s.mask.shape == (64, 64) for s in samples)
     info = read_info(out)
-    assert info["class_names"][0] == "good" and info["generator"]["diffusion"]["steps"] == 2
-    assert "stylegan" not in info["generator"]
+    assert info.class_names[0] == "good" and info.generator["diffusion"]["steps"] == 2
+    assert "stylegan" not in info.generator
 
 
 def test_folder_backgrounds(pipelines, tmp_path):

@@ -113,7 +113,7 @@ def test_datasets_with_other_classes_mix_over_their_union(tiny_dataset, tmp_path
     contours = tmp_path / "contours"
     run(load_config(GenerateConfig, overrides=tiny_overrides(contours, backend="contours",
                                                              **{"contours.num_classes": 3})))
-    ours, theirs = read_info(tiny_dataset)["class_names"], read_info(contours)["class_names"]
+    ours, theirs = read_info(tiny_dataset).class_names, read_info(contours).class_names
     sources, names = load_sources([str(tiny_dataset), str(contours)], [1, 1], [])
     assert names == ours + theirs[1:] and sources[0].class_map == ()
     assert sources[1].class_map == (0, len(ours), len(ours) + 1, len(ours) + 2)

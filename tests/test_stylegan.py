@@ -64,8 +64,8 @@ def test_generate_shards_any_shard_and_batch_size(tmp_path):
                 for f in sorted(folder.glob("*.tar")) for s in iter_shard(f)}
     assert samples(a) == samples(b) and len(samples(a)) == 12
     info = read_info(a)
-    assert info["generator"]["backend"] == "stylegan" and "stylegan" in info["generator"]
-    assert "diffusion" not in info["generator"]
+    assert info.generator["backend"] == "stylegan" and "stylegan" in info.generator
+    assert "diffusion" not in info.generator
 
 
 def tiny_generator(seed=0):
