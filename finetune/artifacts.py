@@ -13,28 +13,30 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from finetune.config import FinetuneConfig
-from synthvit.models import EXPORT_CONFIG, EXPORT_DIR, SynthvitModel, create_model, load_export
+from synthvit.models import (EXPORT_CONFIG, EXPORT_DIR, Heads, SynthvitModel, create_model, load_export,
+                             read_export_meta)
 from synthvit.config import CONFIG_FILE, load_config
-from synthvit.io import SynthvitError
+from synthvit.io import SynthvitError, atomic_write_bytes
 from synthvit.training import METRICS_LOG
 
 SPLIT_FILE = "split.csv"
 METRICS_FILE = "metrics.json"
 # Keys that run folders of synthvit <= 0.1.0 hold in config.yaml although finetune never read them
 RETIRED_KEYS = ("optim.accum_steps", "optim.lr_base_batch", "optim.lr_scale")
-__all__ = ["CONFIG_FILE", "SPLIT_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE", "FinetuneRun", "build_model",
-           "load_run", "objective_of", "read_metrics", "read_split"]
+__all__ = ["CONFIG_FILE", "SPLIT_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE", "FinetuneRun", "RunMetrics",
+           "MetricsFileError", "build_model", "load_run", "objective_of", "read_metrics", "read_split", "write_metrics"]
 
 
 def objective_of(task: str) -> str:
     """A finetune ``task`` as the model objective: seg -> seg, cls -> cls, both -> cls+seg."""
-    return {"seg": "seg", "cls": "cls", "both": "cls+seg"}[task]
+    return Heads.parse(task).objective
 
 
 def build_model(cfg: FinetuneConfig, seg_classes: int, cls_classes: int,
@@ -54,10 +56,85 @@ def class_counts(meta: dict) -> tuple[int, int]:
     return max(len(meta["seg_classes"]), 1), max(len(meta["cls_classes"]), 1)
 
 
-def read_metrics(run_dir: str | Path) -> dict | None:
+class MetricsFileError(SynthvitError):
+    """A run's ``metrics.json`` that is not JSON, or lacks a key or has one of the wrong type."""
+
+
+# keys left out of metrics.json when None (a run without that head, or not resumed); the others are written as null
+_OPTIONAL = ("pixel", "image", "classification", "resumed_at")
+
+
+@dataclass(kw_only=True)
+class RunMetrics:
+    """A finetune run's ``metrics.json``: test metrics (full-resolution, tiled), training cost and provenance.
+    The sections keep evaluate's nested trees; compare reads them through the properties."""
+    images: int  # test images evaluated
+    pixel: dict | None = None  # iou and dice per class, miou, mdice, defect_ap (runs with a dense head)
+    image: dict | None = None  # auroc, ap, defective, good (image-level defect score; dense head)
+    classification: dict | None = None  # accuracy, classes, confusion_matrix (runs with a classifier)
+    speed: dict = field(default_factory=dict)  # seconds_per_image, peak_rss_mb[, peak_cuda_mb]
+    steps: int
+    resumed_at: int | None = None
+    train_images: int | None = None
+    train_wall_s: float | None = None
+    train_peak_mb: float | None = None
+    train_peak_kind: str | None = None  # rss or cuda
+    train_images_per_s: float | None = None
+    zero_shot: bool = False
+    model_name: str
+    init: str | None = None
+    task: str  # finetune's spelling of the heads: seg, cls or both
+    parameters: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of other versions, kept as written
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str | Path) -> RunMetrics:
+        """The metrics of a parsed ``metrics.json``; a missing or mistyped key is an error naming ``source``."""
+        if not isinstance(doc, dict):
+            raise MetricsFileError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        for key, kind in (("images", int), ("steps", int), ("model_name", str), ("task", str)):
+            if key not in doc:
+                raise MetricsFileError(f"{source}: missing key {key!r}; run the finetune again")
+            if not isinstance(doc[key], kind) or isinstance(doc[key], bool):
+                raise MetricsFileError(f"{source}: key {key!r} is {doc[key]!r}, expected {kind.__name__}")
+        for key in ("pixel", "image", "classification", "speed"):
+            if doc.get(key) is not None and not isinstance(doc[key], dict):
+                raise MetricsFileError(f"{source}: key {key!r} is {doc[key]!r}, expected an object")
+        return cls(**{k: v for k, v in doc.items() if k in names},
+                   extra={k: v for k, v in doc.items() if k not in names})
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``metrics.json`` document (the keys and order finetune has always written)."""
+        doc = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {k: v for k, v in doc.items() if not (k in _OPTIONAL and v is None)} | self.extra
+
+    @property
+    def heads(self) -> Heads:
+        return Heads.parse(self.task)
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.classification or {}).get("accuracy")
+
+
+def write_metrics(run_dir: str | Path, metrics: RunMetrics) -> Path:
+    """``metrics.json`` of a run folder, written atomically (last: it marks the run finished)."""
+    path = Path(run_dir) / METRICS_FILE
+    atomic_write_bytes(path, json.dumps(metrics.to_json(), indent=2).encode())
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> RunMetrics | None:
     """``metrics.json`` of a run folder, or None while the run is unfinished."""
     path = Path(run_dir) / METRICS_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MetricsFileError(f"{path} is not valid JSON ({e}); run the finetune again") from None
+    return RunMetrics.from_json(doc, path)
 
 
 def read_split(run_dir: str | Path) -> dict[str, str] | None:
@@ -95,19 +172,20 @@ def load_run(run_dir: str | Path) -> FinetuneRun:
     if not (run_dir / CONFIG_FILE).is_file() or not (export / EXPORT_CONFIG).is_file():
         raise SynthvitError(f"checkpoint: {run_dir} is not a finished finetune run ({CONFIG_FILE} and "
                             f"{EXPORT_DIR}/{EXPORT_CONFIG})")
-    meta = json.loads((export / EXPORT_CONFIG).read_text())
-    cfg = load_config(FinetuneConfig, run_dir / CONFIG_FILE, _rebuild_overrides(run_dir / CONFIG_FILE, meta),
+    meta, typed = json.loads((export / EXPORT_CONFIG).read_text()), read_export_meta(export)
+    cfg = load_config(FinetuneConfig, run_dir / CONFIG_FILE, _rebuild_overrides(run_dir / CONFIG_FILE),
                       retired=RETIRED_KEYS)
-    model = build_model(cfg, *class_counts(meta), class_groups=meta.get("class_groups"))
+    # the exported architecture: the export's decoder, as typed fields (no "decoder=..." override parsed back)
+    cfg = dataclasses.replace(cfg, decoder=typed.decoder or "auto", decoder_width=typed.decoder_width)
+    model = build_model(cfg, *class_counts(meta), class_groups=typed.class_groups)
     return FinetuneRun(run_dir, cfg, meta, load_export(model, export).eval())
 
 
-def _rebuild_overrides(config: Path, meta: dict) -> list[str]:
-    """Rebuild the exported architecture alone: no init or weights file, the export's decoder; a run written
-    before ``data_seed`` existed drew its split with ``seed``, one before ``split_missing`` put images splits.csv did
-    not list in train."""
-    overrides = ["init=", "weights=", f"decoder={meta.get('decoder') or 'auto'}",
-                 f"decoder_width={meta.get('decoder_width') or 0}"]
+def _rebuild_overrides(config: Path) -> list[str]:
+    """Rebuild the exported architecture alone: no init or weights file; a run written before ``data_seed``
+    existed drew its split with ``seed``, one before ``split_missing`` put images splits.csv did not list in
+    train."""
+    overrides = ["init=", "weights="]
     tree = yaml.safe_load(config.read_text()) or {}
     if "data_seed" not in tree:
         overrides.append(f"data_seed={tree.get('seed', 0)}")

@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, build_model, load_run, read_split
+from finetune.artifacts import (CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, RunMetrics, build_model, load_run,
+                                read_split, write_metrics)
 from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from synthvit.data import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
 from finetune.evaluate import Predictor, evaluate
 from finetune.predict import check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.train import check_resumable, train
-from synthvit.models import class_groups, read_export_config, stats_meta, write_export
+from synthvit.models import Heads, class_groups, read_export_meta, stats_meta, write_export
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
@@ -43,11 +44,12 @@ def _select(data: RealData, cfg: FinetuneConfig, split: dict[str, str]):
 
 
 def _meta(cfg: FinetuneConfig, data: RealData, stats: dict) -> dict:
+    heads = Heads.parse(cfg.task)
     return {"model": cfg.model, "architecture": cfg.model, "img_size": cfg.crop_size, "crop_size": cfg.crop_size,
             "in_chans": cfg.in_chans, "task": cfg.task, "input": cfg.input,
-            "num_classes": len(data.cls_classes) if cfg.task != "seg" else len(data.seg_classes),
-            "seg_classes": data.seg_classes if cfg.task != "cls" else [], "class_names": data.cls_classes,
-            "cls_classes": data.cls_classes if cfg.task != "seg" else [], **stats,
+            "num_classes": len(data.cls_classes) if heads.has_cls else len(data.seg_classes),
+            "seg_classes": data.seg_classes if heads.has_seg else [], "class_names": data.cls_classes,
+            "cls_classes": data.cls_classes if heads.has_cls else [], **stats,
             "init": cfg.init, "synthvit_version": __version__}
 
 
@@ -106,11 +108,11 @@ def _build(cfg: FinetuneConfig, data: RealData):
     if not cfg.init or cfg.task != "seg":
         raise ConfigError("steps=0 (zero-shot) evaluates a pretrain export's dense head as it is: give "
                           "init=EXPORT_FOLDER and task=seg")
-    meta = read_export_config(cfg.init)
-    if "seg" not in meta.get("objective", ""):
-        raise SynthvitError(f"init: {cfg.init} was pretrained with objective={meta.get('objective')}: it has no "
+    meta = read_export_meta(cfg.init)
+    if not meta.heads.has_seg:
+        raise SynthvitError(f"init: {cfg.init} was pretrained with objective={meta.heads.objective}: it has no "
                             f"dense head to evaluate zero-shot; pretrain with objective=seg or cls+seg")
-    return build_model(cfg, seg_k, cls_k, class_groups=class_groups(meta["class_names"], data.seg_classes))
+    return build_model(cfg, seg_k, cls_k, class_groups=class_groups(meta.class_names, data.seg_classes))
 
 
 def _zero_shot_summary(model, device) -> dict:
@@ -133,7 +135,7 @@ def _evaluate_run(cfg, model, meta, device, data, test_items, summary: dict, run
     bar.close()
     metrics.update(summary, model_name=cfg.model, init=cfg.init or None, task=cfg.task,
                    parameters=sum(p.numel() for p in model.parameters()))
-    atomic_write_bytes(run_dir / METRICS_FILE, json.dumps(metrics, indent=2).encode())
+    write_metrics(run_dir, RunMetrics.from_json(metrics, run_dir / METRICS_FILE))
     log.info("test: %s", _headline(metrics))
 
 

@@ -17,6 +17,7 @@ from synthvit.data import Item, RealData, has_defect, to_array
 from synthvit.checkpoint import load_checkpoint, read_state, save_checkpoint
 from synthvit.config import config_diff, to_dict
 from synthvit.io import SynthvitError
+from synthvit.models import Heads
 from synthvit.progress import progress_bar
 from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, peak_memory_mb, seed_step, set_lr
 
@@ -28,7 +29,7 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __init__(self, data: RealData, items: list[Item], cfg, total: int):
         self.data, self.items, self.cfg, self.total = data, items, cfg, total
-        self.with_mask = data.has_masks and cfg.task in ("seg", "both")
+        self.with_mask = data.has_masks and Heads.parse(cfg.task).has_seg
         # the frames that hold a defect pixel: a defect-centred crop is drawn from one of them. Small inspection
         # sets are mostly defect-free frames (71 % of the magnetic tiles); drawing the frame uniformly first made
         # "defect_crop_prob=0.8" mean ~23 % defect crops there, and every ViT settled on "all background".

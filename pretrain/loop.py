@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from synthvit.models import save_tensors
+from synthvit.models import Heads, save_tensors
 from synthvit import checkpoint
 from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer
@@ -130,7 +130,7 @@ class Trainer:
         workers = max(1, cfg.num_workers)
         total = sum(s.num_samples for s in self.sources)
         spec = StreamSpec(self.sources, cfg.batch_size, cfg.image_size, cfg.in_chans, tuple(cfg.scale), cfg.jitter,
-                          "seg" in cfg.objective, cfg.seed, acc.process_index, acc.num_processes, workers,
+                          Heads.parse(cfg.objective).has_seg, cfg.seed, acc.process_index, acc.num_processes, workers,
                           cfg.resample, cfg.shuffle_buffer,
                           batches_per_epoch(total, cfg.batch_size, acc.num_processes, workers),
                           start_batch=self.step * cfg.optim.accum_steps)

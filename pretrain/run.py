@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from synthvit.models import EXPORT_DIR, create_model, stats_meta, write_export
+from synthvit.models import EXPORT_DIR, Heads, create_model, stats_meta, write_export
 from synthvit import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import check_shard_counts, load_sources
@@ -81,6 +81,6 @@ def run(cfg: PretrainConfig) -> Path:
 
 def _export_meta(cfg: PretrainConfig, class_names: list[str], trainer: Trainer) -> dict:
     return {"model": cfg.model, "architecture": cfg.model, "img_size": cfg.image_size, "in_chans": cfg.in_chans,
-            "num_classes": len(class_names) if "cls" in cfg.objective else 0, "class_names": class_names,
+            "num_classes": len(class_names) if Heads.parse(cfg.objective).has_cls else 0, "class_names": class_names,
             "objective": cfg.objective, **stats_meta(trainer.mean, trainer.std), "steps": trainer.step,
             "images_seen": trainer.images_seen, "data": list(cfg.data), "synthvit_version": __version__}

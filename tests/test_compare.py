@@ -200,7 +200,9 @@ def test_compare_config_errors_name_the_key(tmp_path, target, cli):
     export = tmp_path / "export"  # a classification-only pretrain export: no dense head to run zero-shot
     export.mkdir()
     (export / "model.safetensors").write_bytes(b"")
-    (export / "config.json").write_text(json.dumps({"objective": "cls", "class_names": ["good", "crack"]}))
+    (export / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32,
+                                                    "objective": "cls", "class_names": ["good", "crack"],
+                                                    "mean": [0.5] * 3, "std": [0.5] * 3}))
     res = cli("compare", f"data={target}", f"out_dir={tmp_path / 'f'}", "budgets=[5,zero-shot]",
               f"models=[{{name: a, model: vit_tiny_patch16_224, init: {export}}}]")
     assert_cli_error(res, 1, "models.a.init", "objective=cls", "remove zero-shot from budgets")
@@ -274,14 +276,16 @@ def test_cells_repeat_per_seed_with_one_data_seed_and_zero_shot_only_with_init(t
 def _finish(cell, defect: float, auroc: float) -> None:
     """Fake a finished cell: metrics.json and the export's config.json."""
     iou = {"background": 0.9, "crack": defect, "pit": defect / 2}
-    metrics = {"task": "seg", "steps": 0 if cell.zero_shot else 500, "train_images": cell.budget,
+    metrics = {"images": 4, "model_name": cell.spec.model, "task": "seg", "steps": 0 if cell.zero_shot else 500, "train_images": cell.budget,
                "train_wall_s": 0.0 if cell.zero_shot else 10.0 + cell.seed, "parameters": 5_000_000,
                "pixel": {"iou": iou, "miou": sum(iou.values()) / 3, "mdice": 0.5, "defect_ap": 0.4},
                "image": {"auroc": auroc, "ap": 0.7}}
     (cell.folder / "metrics.json").write_text(json.dumps(metrics))
     (cell.folder / "export").mkdir()
     decoder = None if cell.spec.name == "cnn" else "linear"
-    (cell.folder / "export/config.json").write_text(json.dumps({"decoder": decoder}))
+    (cell.folder / "export/config.json").write_text(json.dumps({
+        "model": cell.spec.model, "in_chans": 3, "img_size": 32, "task": "seg", "class_names": [], "mean": [0.5] * 3,
+        "std": [0.5] * 3, "decoder": decoder}))
 
 
 def test_a_stale_cell_keeps_its_results_aside_and_a_new_default_key_is_no_change(tmp_path, capsys):

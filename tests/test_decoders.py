@@ -33,7 +33,7 @@ def test_init_loads_backbone_and_decoder_with_a_new_last_conv(tmp_path, caplog):
     torch.manual_seed(0)
     pre = create_model("vit_tiny_patch16_224", "seg", seg_classes=8, img_size=32, decoder="dpt-skip",
                        decoder_width=16)
-    write_export(pre, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "objective": "seg",
+    write_export(pre, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
                                  "class_names": [f"c{i}" for i in range(8)], "mean": [0.5] * 3, "std": [0.5] * 3})
     torch.manual_seed(1)
     caplog.set_level(logging.INFO, logger="synthvit.models")
@@ -110,7 +110,7 @@ def test_the_skip_decoder_sees_thin_lines_the_linear_head_cannot(one_torch_threa
 
 def test_a_corrupt_export_is_named_in_a_clear_error(tmp_path):
     model = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, decoder="dpt", decoder_width=16)
-    write_export(model, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "objective": "seg",
+    write_export(model, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
                                    "class_names": ["good", "crack"], "mean": [0.5] * 3, "std": [0.5] * 3})
     (tmp_path / "seg_head.safetensors").write_bytes(b"garbage")
     with pytest.raises(SynthvitError, match="seg_head.safetensors is not a readable safetensors file"):

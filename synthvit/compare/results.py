@@ -17,7 +17,7 @@ import yaml
 from synthvit.compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
 from synthvit.compare.report import read_json
 from finetune.artifacts import EXPORT_DIR, read_metrics
-from synthvit.models import EXPORT_CONFIG, SEG_BASELINES, is_vit_backbone
+from synthvit.models import EXPORT_CONFIG, SEG_BASELINES, ExportMeta, is_vit_backbone
 from synthvit.io import atomic_write_text
 
 RESULTS_FILE = "results.csv"
@@ -82,19 +82,20 @@ def defect_iou(iou: dict | None) -> float | None:
 
 
 def cell_row(cell: Cell, probe: dict) -> Row:
-    m = read_metrics(cell.folder) or {}
+    m = read_metrics(cell.folder)
     planned = yaml.safe_load((cell.folder / CELL_CONFIG).read_text()) if (cell.folder / CELL_CONFIG).is_file() else {}
-    export = read_json(cell.folder / EXPORT_DIR / EXPORT_CONFIG) or {}
-    pixel, image = m.get("pixel") or {}, m.get("image") or {}
-    params = probe.get("parameters", m.get("parameters"))
+    export_path = cell.folder / EXPORT_DIR / EXPORT_CONFIG
+    export = ExportMeta.from_json(read_json(export_path), export_path) if export_path.is_file() else None
+    pixel, image = (m and m.pixel) or {}, (m and m.image) or {}
+    params = probe.get("parameters", m and m.parameters)
     return Row(name=cell.spec.name, model=cell.spec.model, family=model_family(cell.spec.model),
-               init=cell.spec.init, decoder=export.get("decoder"), task=m.get("task") or planned.get("task", ""),
+               init=cell.spec.init, decoder=export and export.decoder, task=m.task if m else planned.get("task", ""),
                budget=cell.label, seed=cell.seed, status="done" if m else "failed",
-               steps=m.get("steps", planned.get("steps")),
-               train_images=m.get("train_images"), miou=pixel.get("miou"), defect_iou=defect_iou(pixel.get("iou")),
+               steps=m.steps if m else planned.get("steps"),
+               train_images=m and m.train_images, miou=pixel.get("miou"), defect_iou=defect_iou(pixel.get("iou")),
                mdice=pixel.get("mdice"), pixel_ap=pixel.get("defect_ap"), image_auroc=image.get("auroc"),
-               image_ap=image.get("ap"), accuracy=(m.get("classification") or {}).get("accuracy"),
-               train_s=m.get("train_wall_s"), train_peak_mb=m.get("train_peak_mb"),
+               image_ap=image.get("ap"), accuracy=m and m.accuracy,
+               train_s=m and m.train_wall_s, train_peak_mb=m and m.train_peak_mb,
                s_per_4k_frame=probe.get("seconds_per_frame"), frames_per_s=probe.get("frames_per_s"),
                inference_peak_mb=probe.get("inference_peak_cuda_mb", probe.get("inference_peak_rss_mb")),
                params_m=round(params / 1e6, 2) if params else None,

@@ -17,7 +17,7 @@ from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from synthvit.data import load_real_data, split_ids
-from synthvit.models import SEG_BASELINES, class_groups, read_export_config
+from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.ranks import Ranks, join
@@ -48,17 +48,17 @@ def _check_models(cfg: CompareConfig, data) -> None:
             raise SynthvitError(f"models.{spec.name}.init: {spec.init} is not a folder; give a synthvit pretrain "
                                 f"export (holding model.safetensors and config.json)")
         if cfg.zero_shot and spec.init and not zero_shot_reason(cfg, spec):
-            _check_zero_shot(spec, read_export_config(spec.init), data.seg_classes)
+            _check_zero_shot(spec, read_export_meta(spec.init), data.seg_classes)
 
 
-def _check_zero_shot(spec, meta: dict, seg_classes: list[str]) -> None:
+def _check_zero_shot(spec, meta: ExportMeta, seg_classes: list[str]) -> None:
     """The zero-shot cell of ``spec`` can run: its export has a dense head whose classes map onto the data's."""
     where = f"models.{spec.name}.init: {spec.init}"
-    if "seg" not in meta.get("objective", ""):
-        raise SynthvitError(f"{where} was pretrained with objective={meta.get('objective')}: no dense head for its "
+    if not meta.heads.has_seg:
+        raise SynthvitError(f"{where} was pretrained with objective={meta.heads.objective}: no dense head for its "
                             f"zero-shot cell; pretrain with objective=seg or cls+seg, or remove zero-shot from budgets")
     try:
-        class_groups(meta["class_names"], seg_classes)
+        class_groups(meta.class_names, seg_classes)
     except SynthvitError as e:
         raise SynthvitError(f"{where}: {e}; or remove zero-shot from budgets") from None
 

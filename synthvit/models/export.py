@@ -11,12 +11,15 @@ Everything is safetensors and JSON: nothing is unpickled.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.models.heads import Heads
 
 EXPORT_DIR = "export"  # a pretrain or finetune run folder's export: <run>/export
 EXPORT_WEIGHTS = "model.safetensors"
@@ -39,6 +42,7 @@ def write_export(model, out_dir: Path, meta: dict) -> Path:
         save_tensors(state, out_dir / name)
     meta = dict(meta, **model.export_meta(), weights=EXPORT_WEIGHTS,
                 seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
+    ExportMeta.from_json(meta, out_dir / EXPORT_CONFIG)  # what is written reads back (a missing key fails here)
     atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -61,7 +65,81 @@ def read_export_config(folder: str | Path) -> dict:
     try:
         return json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise SynthvitError(f"{cfg_path} is not valid JSON ({e}); re-export the folder") from None
+        raise ExportConfigError(f"{cfg_path} is not valid JSON ({e}); re-export the folder") from None
+
+
+class ExportConfigError(SynthvitError):
+    """An export's ``config.json`` that is not JSON, or lacks a key or has one of the wrong type."""
+
+
+@dataclass(kw_only=True)
+class ExportMeta:
+    """What an export is: the typed ``config.json``. Pretrain and finetune exports have one shape; files of
+    earlier versions (``objective`` or ``task``, ``crop_size``, no ``decoder``) read into it too."""
+    model: str  # timm model name or segmentation baseline
+    in_chans: int
+    img_size: int  # the input side the weights were trained at (finetune: the crop)
+    heads: Heads  # the cls/seg/both choice (pretrain wrote it as objective, finetune as task)
+    class_names: list[str]  # pretrain: the shard classes; finetune: the image-label classes
+    mean: list[float]  # per channel, 0..1 units (timm's)
+    std: list[float]
+    num_classes: int = 0  # the classifier's outputs (timm's num_classes)
+    seg_classes: list[str] = field(default_factory=list)  # finetune: the dense head's classes
+    cls_classes: list[str] = field(default_factory=list)  # finetune: the classifier's classes
+    decoder: str | None = None  # the dense decoder's name (None: no dense head; old exports: linear)
+    decoder_width: int = 0
+    class_groups: list[int] | None = None  # zero-shot: decoder class -> target class
+    input: str | None = None  # finetune: crop or resize
+    init: str | None = None  # finetune: the export it started from
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance kept as written (steps, data, version, ...)
+
+    @classmethod
+    def from_json(cls, doc: Any, source: str | Path) -> ExportMeta:
+        """The meta of a parsed ``config.json``; a missing or mistyped key is an error naming ``source``."""
+        if not isinstance(doc, dict):
+            raise ExportConfigError(f"{source}: expected a JSON object, got {type(doc).__name__}")
+        doc = dict(doc)
+        heads = doc.pop("objective", None) or doc.pop("task", None)
+        if heads is None:
+            raise ExportConfigError(f"{source}: missing key 'objective' (cls, seg, cls+seg); re-export the folder")
+        try:
+            heads = Heads.parse(heads)
+        except SynthvitError as e:
+            raise ExportConfigError(f"{source}: key 'objective': {e}") from None
+        size = doc.pop("img_size", None) or doc.get("crop_size")
+        has_cls_classes = "cls_classes" in doc  # finetune exports; a pretrain export's classifier has class_names
+        meta = cls(model=_key(doc, "model", str, source), in_chans=_key(doc, "in_chans", int, source),
+                   img_size=_need(size, "img_size", int, source), heads=heads,
+                   class_names=_key(doc, "class_names", list, source), mean=_key(doc, "mean", list, source),
+                   std=_key(doc, "std", list, source))
+        for name in ("num_classes", "seg_classes", "cls_classes", "decoder", "decoder_width", "class_groups",
+                     "input", "init"):
+            if doc.get(name) is not None:
+                setattr(meta, name, doc.pop(name))
+            doc.pop(name, None)
+        if not has_cls_classes and heads.has_cls:
+            meta.cls_classes = list(meta.class_names)
+        for dup in ("architecture", "crop_size"):  # written twice by earlier versions
+            doc.pop(dup, None)
+        meta.extra = doc
+        return meta
+
+
+def _key(doc: dict, name: str, kind: type, source) -> Any:
+    return _need(doc.pop(name, None), name, kind, source)
+
+
+def _need(value: Any, name: str, kind: type, source) -> Any:
+    if value is None:
+        raise ExportConfigError(f"{source}: missing key {name!r}; re-export the folder")
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ExportConfigError(f"{source}: key {name!r} is {value!r}, expected {kind.__name__}")
+    return value
+
+
+def read_export_meta(folder: str | Path) -> ExportMeta:
+    """The typed ``config.json`` of an export folder (after checking that its weights are there)."""
+    return ExportMeta.from_json(read_export_config(folder), Path(folder) / EXPORT_CONFIG)
 
 
 def read_export_tensors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -7,7 +7,8 @@ from pathlib import Path
 from synthvit.models.backbones import create_backbone
 from synthvit.models.base import SynthvitModel
 from synthvit.models.baselines import SEG_BASELINES
-from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, read_export_config, read_tensors
+from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, ExportMeta, read_export_meta, read_tensors
+from synthvit.models.heads import Heads
 from synthvit.models.task import TaskModel
 from synthvit.io import SynthvitError
 
@@ -28,10 +29,10 @@ def create_model(name: str, objective: str, *, seg_classes: int = 1, cls_classes
         if init:
             raise SynthvitError(f"init: synthvit exports hold timm models; {name} cannot load one")
         return SEG_BASELINES[name](seg_classes, in_chans)
-    meta = _check_init(init, name, in_chans) if init else {}
+    meta = _check_init(init, name, in_chans) if init else None
     decoder, decoder_width = _resolve_decoder(meta, decoder, decoder_width)
     weights = str(Path(init) / EXPORT_WEIGHTS) if init else weights
-    head = cls_classes if "cls" in objective else 0
+    head = cls_classes if Heads.parse(objective).has_cls else 0
     model = TaskModel(create_backbone(name, head, img_size, in_chans, drop_path, weights), objective,
                       max(seg_classes, 1), decoder, decoder_width, in_chans)
     if init and model.seg_head is not None:
@@ -39,28 +40,28 @@ def create_model(name: str, objective: str, *, seg_classes: int = 1, cls_classes
     return model
 
 
-def _check_init(init: str, name: str, in_chans: int) -> dict:
-    meta = read_export_config(init)
-    if meta["model"] != name:
-        raise SynthvitError(f"init: {init} holds {meta['model']}, but model={name}")
-    if meta["in_chans"] != in_chans:
-        raise SynthvitError(f"init: {init} was trained with in_chans={meta['in_chans']}; set in_chans to it")
+def _check_init(init: str, name: str, in_chans: int) -> ExportMeta:
+    meta = read_export_meta(init)
+    if meta.model != name:
+        raise SynthvitError(f"init: {init} holds {meta.model}, but model={name}")
+    if meta.in_chans != in_chans:
+        raise SynthvitError(f"init: {init} was trained with in_chans={meta.in_chans}; set in_chans to it")
     return meta
 
 
-def _resolve_decoder(meta: dict, decoder: str, width: int) -> tuple[str, int]:
+def _resolve_decoder(meta: ExportMeta | None, decoder: str, width: int) -> tuple[str, int]:
     """``auto`` -> the export's decoder (exports before decoders existed: linear); width 0 -> the export's width
     when the decoder is the export's, else the decoder's default."""
-    exported = meta.get("decoder") or "linear"
+    exported = (meta.decoder if meta else None) or "linear"
     decoder = exported if decoder == "auto" else decoder
-    if not width and decoder == exported:
-        width = meta.get("decoder_width") or 0
+    if not width and decoder == exported and meta:
+        width = meta.decoder_width or 0
     return decoder, width
 
 
-def _load_decoder(model: TaskModel, init: Path, meta: dict) -> None:
+def _load_decoder(model: TaskModel, init: Path, meta: ExportMeta) -> None:
     path = init / EXPORT_SEG_HEAD
-    exported = meta.get("decoder") or "linear"
+    exported = meta.decoder or "linear"
     if not path.is_file() or exported != model.decoder:
         why = f"the export's is {exported}" if path.is_file() else f"{init} has no {EXPORT_SEG_HEAD}"
         log.info("init: decoder %s is new (%s); backbone from %s", model.decoder, why, init)

@@ -12,9 +12,9 @@ from synthvit.models.backbones import backbone_stats, is_vit_backbone
 from synthvit.models.base import SynthvitModel, freeze, is_resnet, resnet_block_features, resnet_stem_and_stages
 from synthvit.models.decoders import block_indices, create_decoder
 from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS
+from synthvit.models.heads import OBJECTIVES, Heads
 from synthvit.io import SynthvitError
 
-OBJECTIVES = ("cls", "seg", "cls+seg")
 
 
 def feature_map(backbone: nn.Module, feats: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
@@ -43,9 +43,10 @@ class TaskModel(SynthvitModel):
             raise ValueError(f"objective {objective!r}: use one of {OBJECTIVES}")
         self.backbone = backbone
         self.objective = objective
-        self.decoder = decoder if "seg" in objective else None
+        self.heads = Heads.parse(objective)
+        self.decoder = decoder if self.heads.has_seg else None
         self.seg_head = create_decoder(decoder, backbone, seg_classes, in_chans, decoder_width) \
-            if "seg" in objective else None
+            if self.heads.has_seg else None
         self.block_ids = block_indices(len(backbone.blocks)) if getattr(self.seg_head, "needs_intermediates",
                                                                         False) else None
         self.class_groups: list[int] | None = None
@@ -61,7 +62,7 @@ class TaskModel(SynthvitModel):
                 out["seg"] = self.seg_head(feature_map(self.backbone, feats, x.shape[-2:]), x.shape[-2:])
         if "seg" in out and self.class_groups is not None:
             out["seg"] = self._collapse(out["seg"])
-        if "cls" in self.objective:
+        if self.heads.has_cls:
             out = {"cls": self.backbone.forward_head(feats), **out}
         return out
 
