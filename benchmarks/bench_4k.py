@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
-from synthvit.compare.probe import TILE, gflops_per_tile
+from finetune.artifacts import build_model
 from finetune.config import FinetuneConfig, TilingConfig
 from finetune.evaluate import Predictor
-from finetune.artifacts import build_model
-from synthvit.models import SEG_BASELINES
+from synthvit.compare.probe import TILE, gflops_per_tile
+from synthvit.models import SEG_BASELINES, ExportMeta, Heads
 
 ALL = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_small_r26_s32_224",
        "deeplabv3plus_resnet50", "hrnet_w18_seg", "resnet50:cls"]
@@ -39,9 +39,10 @@ def measure(name: str, device: torch.device, args, compiled: bool) -> dict:
         for m in model.modules():
             if hasattr(m, "fused_attn"):
                 m.fused_attn = False
-    meta = {"task": cfg.task, "seg_classes": [f"c{i}" for i in range(8)] if cfg.task == "seg" else [],
-            "cls_classes": [f"c{i}" for i in range(8)] if cfg.task == "cls" else [], "crop_size": TILE,
-            "mean": [0.5] * 3, "std": [0.5] * 3}
+    names = [f"c{i}" for i in range(8)]
+    meta = ExportMeta(model=cfg.model, in_chans=3, img_size=TILE, heads=Heads.parse(cfg.task), class_names=names,
+                      seg_classes=names if cfg.task == "seg" else [], cls_classes=names if cfg.task == "cls" else [],
+                      mean=[0.5] * 3, std=[0.5] * 3)
     predictor = Predictor(torch.compile(model) if compiled else model, meta, device,
                           TilingConfig(tile=TILE, overlap=0.1, batch_size=args.batch))
     w, h = (int(v) for v in args.size.split("x"))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import FinetuneConfig
 from finetune.artifacts import build_model
+from finetune.config import FinetuneConfig
 from finetune.tiling import Tiler
 
 

@@ -20,10 +20,18 @@ from typing import Any
 import yaml
 
 from finetune.config import FinetuneConfig
-from synthvit.models import (EXPORT_CONFIG, EXPORT_DIR, Heads, SynthvitModel, create_model, load_export,
-                             read_export_meta)
 from synthvit.config import CONFIG_FILE, load_config
 from synthvit.io import SynthvitError, atomic_write_bytes
+from synthvit.models import (
+    EXPORT_CONFIG,
+    EXPORT_DIR,
+    ExportMeta,
+    Heads,
+    SynthvitModel,
+    create_model,
+    load_export,
+    read_export_meta,
+)
 from synthvit.training import METRICS_LOG
 
 SPLIT_FILE = "split.csv"
@@ -51,9 +59,9 @@ def build_model(cfg: FinetuneConfig, seg_classes: int, cls_classes: int,
     return model
 
 
-def class_counts(meta: dict) -> tuple[int, int]:
+def class_counts(meta: ExportMeta) -> tuple[int, int]:
     """(segmentation, classification) output sizes of an exported finetune model (1 where the task has none)."""
-    return max(len(meta["seg_classes"]), 1), max(len(meta["cls_classes"]), 1)
+    return max(len(meta.seg_classes), 1), max(len(meta.cls_classes), 1)
 
 
 class MetricsFileError(SynthvitError):
@@ -151,7 +159,7 @@ class FinetuneRun:
     """A finished finetune run: its folder, config, export meta and model (eval mode, CPU, exported weights)."""
     folder: Path
     cfg: FinetuneConfig
-    meta: dict
+    meta: ExportMeta
     model: SynthvitModel
 
     def predictor(self, device):
@@ -172,12 +180,12 @@ def load_run(run_dir: str | Path) -> FinetuneRun:
     if not (run_dir / CONFIG_FILE).is_file() or not (export / EXPORT_CONFIG).is_file():
         raise SynthvitError(f"checkpoint: {run_dir} is not a finished finetune run ({CONFIG_FILE} and "
                             f"{EXPORT_DIR}/{EXPORT_CONFIG})")
-    meta, typed = json.loads((export / EXPORT_CONFIG).read_text()), read_export_meta(export)
+    meta = read_export_meta(export)
     cfg = load_config(FinetuneConfig, run_dir / CONFIG_FILE, _rebuild_overrides(run_dir / CONFIG_FILE),
                       retired=RETIRED_KEYS)
     # the exported architecture: the export's decoder, as typed fields (no "decoder=..." override parsed back)
-    cfg = dataclasses.replace(cfg, decoder=typed.decoder or "auto", decoder_width=typed.decoder_width)
-    model = build_model(cfg, *class_counts(meta), class_groups=typed.class_groups)
+    cfg = dataclasses.replace(cfg, decoder=meta.decoder or "auto", decoder_width=meta.decoder_width)
+    model = build_model(cfg, *class_counts(meta), class_groups=meta.class_groups)
     return FinetuneRun(run_dir, cfg, meta, load_export(model, export).eval())
 
 

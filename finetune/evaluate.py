@@ -12,12 +12,18 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.classification import (BinaryAUROC, BinaryAveragePrecision, MulticlassAccuracy,
-                                         MulticlassConfusionMatrix, MulticlassF1Score, MulticlassJaccardIndex)
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassJaccardIndex,
+)
 
-from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from finetune.tiling import Tiler
-from synthvit.models import meta_stats
+from synthvit.data import GOOD_NAMES, Item, RealData, to_array
+from synthvit.models import ExportMeta, meta_stats
 from synthvit.training import peak_memory_mb
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
@@ -26,10 +32,10 @@ PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame sti
 class Predictor:
     """Full-resolution inference of one model on uint8 frames: tiled segmentation, whole-image classification."""
 
-    def __init__(self, model, meta: dict, device, tiling):
+    def __init__(self, model, meta: ExportMeta, device, tiling):
         self.model, self.meta, self.device = model.eval(), meta, device
         self.mean, self.std = meta_stats(meta, device)
-        self.tiler = Tiler(tiling.tile or meta["crop_size"], tiling.overlap, tiling.batch_size)
+        self.tiler = Tiler(tiling.tile or meta.img_size, tiling.overlap, tiling.batch_size)
         self.autocast = torch.bfloat16 if device.type == "cuda" else None
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,13 +46,13 @@ class Predictor:
         frame = torch.from_numpy(np.array(image[..., None] if image.ndim == 2 else image)).permute(
             2, 0, 1).to(self.device)
         out = {}
-        if self.meta["task"] in ("seg", "both"):
-            k = len(self.meta["seg_classes"])
+        if self.meta.heads.has_seg:
+            k = len(self.meta.seg_classes)
             out["probs"] = self.tiler(frame, lambda t: self.model(t)["seg"].float().softmax(1), k,
                                       transform=self.normalise, autocast_dtype=self.autocast)
             out["score"] = float(1 - out["probs"][0].min())
-        if self.meta["task"] in ("cls", "both"):
-            s = self.meta["crop_size"]
+        if self.meta.heads.has_cls:
+            s = self.meta.img_size
             small = torch.from_numpy(np.array(Image.fromarray(image).resize((s, s), Image.BILINEAR)))
             small = (small[..., None] if small.ndim == 2 else small).permute(2, 0, 1)[None].float().to(self.device)
             out["cls_probs"] = self.model(self.normalise(small))["cls"].float().softmax(1)[0]
@@ -55,7 +61,7 @@ class Predictor:
         return out
 
     def _has_good(self) -> bool:
-        names = self.meta["cls_classes"]
+        names = self.meta.cls_classes
         return bool(names) and names[0].lower() in GOOD_NAMES
 
 
@@ -67,14 +73,14 @@ def defective(data: RealData, item: Item, mask: np.ndarray | None) -> int:
 
 def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: int, progress=None) -> dict:
     meta, dev = predictor.meta, torch.device("cpu")
-    seg_k, cls_k = len(meta["seg_classes"]), len(meta["cls_classes"])
+    seg_k, cls_k = len(meta.seg_classes), len(meta.cls_classes)
     local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
     pix = dict(iou=MulticlassJaccardIndex(seg_k, average="none", **local),
                dice=MulticlassF1Score(seg_k, average="none", **local),
                ap=BinaryAveragePrecision(thresholds=200, **local)) if seg_k else {}
     img = dict(auroc=BinaryAUROC(**local), ap=BinaryAveragePrecision(**local))
     cls = dict(acc=MulticlassAccuracy(cls_k, average="micro", **local), cm=MulticlassConfusionMatrix(cls_k, **local)) \
-        if cls_k and meta["task"] in ("cls", "both") else {}
+        if cls_k and meta.heads.has_cls else {}
     scores, labels, seconds = [], [], []
     for item in items:
         with item.load() as im:
@@ -106,8 +112,8 @@ def _summarise(pix, img, cls, scores, labels, seconds, meta, n) -> dict:
     result: dict = {"images": n}
     if pix and pix["iou"].update_count:
         iou, dice = pix["iou"].compute(), pix["dice"].compute()
-        result["pixel"] = {"iou": dict(zip(meta["seg_classes"], iou.tolist())),
-                           "miou": float(iou.mean()), "dice": dict(zip(meta["seg_classes"], dice.tolist())),
+        result["pixel"] = {"iou": dict(zip(meta.seg_classes, iou.tolist())),
+                           "miou": float(iou.mean()), "dice": dict(zip(meta.seg_classes, dice.tolist())),
                            "mdice": float(dice.mean()), "defect_ap": float(pix["ap"].compute())}
     s, y = torch.tensor(scores, dtype=torch.float32), torch.tensor(labels)
     if len(set(labels)) == 2:
@@ -116,7 +122,7 @@ def _summarise(pix, img, cls, scores, labels, seconds, meta, n) -> dict:
     else:
         result["image"] = {"auroc": None, "ap": None, "note": "needs both defective and good test images"}
     if cls and cls["acc"].update_count:
-        result["classification"] = {"accuracy": float(cls["acc"].compute()), "classes": meta["cls_classes"],
+        result["classification"] = {"accuracy": float(cls["acc"].compute()), "classes": meta.cls_classes,
                                     "confusion_matrix": cls["cm"].compute().tolist()}
     result["speed"] = {"seconds_per_image": round(float(np.mean(seconds)), 4) if seconds else None,
                        "peak_rss_mb": peak_memory_mb(torch.device("cpu"))[0]}

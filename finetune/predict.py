@@ -22,9 +22,10 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from synthvit.data import IMAGE_EXTS, image_files, to_array
 from synthvit.config import CONFIG_FILE
+from synthvit.data import IMAGE_EXTS, image_files, to_array
 from synthvit.io import SynthvitError, atomic_open, atomic_write_text
+from synthvit.models import ExportMeta
 from synthvit.overlay import overlay
 from synthvit.progress import progress_bar
 
@@ -139,7 +140,7 @@ def _save_image(out_dir: Path, key: Path, suffix: str, image: Image.Image, fmt: 
     return path.relative_to(out_dir).as_posix()
 
 
-def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict, meta: dict, threshold: float,
+def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict, meta: ExportMeta, threshold: float,
                      key: Path | None = None) -> dict:
     """Write a frame's outputs as ``<out_dir>/<key>...`` (key: the stem by default), each atomically and the JSON
     last, so that the JSON exists only beside complete outputs; its record."""
@@ -151,7 +152,7 @@ def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict,
         probs = result["probs"]
         class_map = probs.argmax(0).numpy().astype(np.uint8)
         class_map[(1 - probs[0]).numpy() < threshold] = 0
-        names = meta["seg_classes"]
+        names = meta.seg_classes
         record["defects"] = regions(class_map, names)
         record["areas"] = {n: int((class_map == k).sum()) for k, n in enumerate(names) if k}
         record["mask"] = _save_image(out_dir, key, "_mask.png", Image.fromarray(class_map), "PNG")
@@ -159,13 +160,13 @@ def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict,
                                         Image.fromarray(overlay(image, class_map, len(names))), "JPEG", quality=90)
     if "cls_probs" in result:
         p = result["cls_probs"].tolist()
-        record["classes"] = {n: round(v, 6) for n, v in zip(meta["cls_classes"], p)}
-        record["predicted_class"] = meta["cls_classes"][int(np.argmax(p))]
+        record["classes"] = {n: round(v, 6) for n, v in zip(meta.cls_classes, p)}
+        record["predicted_class"] = meta.cls_classes[int(np.argmax(p))]
     atomic_write_text(output_path(out_dir, key, ".json"), json.dumps(record, indent=2) + "\n")
     return record
 
 
-def predict_files(predictor, files: list[Path], out_dir: Path, meta: dict, threshold: float,
+def predict_files(predictor, files: list[Path], out_dir: Path, meta: ExportMeta, threshold: float,
                   keys: list[Path] | None = None, overwrite: bool = False) -> dict:
     """Predict every frame whose JSON is not in ``out_dir`` yet (``overwrite``: every frame), appending each record
     to predictions.jsonl as it finishes (a done frame's read back from its JSON), then build predictions.json from
@@ -212,10 +213,10 @@ def _read_back(out_dir: Path, key: Path, path: Path) -> dict | None:
     return record
 
 
-def _predict_frame(predictor, path: Path, out_dir: Path, key: Path, meta: dict, threshold: float,
+def _predict_frame(predictor, path: Path, out_dir: Path, key: Path, meta: ExportMeta, threshold: float,
                    failed: list[dict]) -> dict | None:
     try:
-        image = read_frame(path, meta["in_chans"])
+        image = read_frame(path, meta.in_chans)
     except FRAME_ERRORS as e:
         reason = str(e) or type(e).__name__
         log.warning("cannot read %s (%s): skipped, going on with the other frames", path, reason)

@@ -12,19 +12,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from finetune.artifacts import (CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, RunMetrics, build_model, load_run,
-                                read_split, write_metrics)
-from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
-from synthvit.data import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
+from finetune.artifacts import (
+    CONFIG_FILE,
+    EXPORT_DIR,
+    METRICS_FILE,
+    SPLIT_FILE,
+    RunMetrics,
+    build_model,
+    load_run,
+    read_split,
+    write_metrics,
+)
+from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
 from finetune.evaluate import Predictor, evaluate
 from finetune.predict import check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.train import check_resumable, train
-from synthvit.models import Heads, class_groups, read_export_meta, stats_meta, write_export
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
+from synthvit.data import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
+from synthvit.models import ExportMeta, Heads, class_groups, read_export_meta, stats_meta, write_export
 from synthvit.progress import progress_bar
 from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator, peak_memory_mb, resolve_device
@@ -43,14 +52,13 @@ def _select(data: RealData, cfg: FinetuneConfig, split: dict[str, str]):
     return train_items, test_items
 
 
-def _meta(cfg: FinetuneConfig, data: RealData, stats: dict) -> dict:
+def _meta(cfg: FinetuneConfig, data: RealData, stats: dict) -> ExportMeta:
     heads = Heads.parse(cfg.task)
-    return {"model": cfg.model, "architecture": cfg.model, "img_size": cfg.crop_size, "crop_size": cfg.crop_size,
-            "in_chans": cfg.in_chans, "task": cfg.task, "input": cfg.input,
-            "num_classes": len(data.cls_classes) if heads.has_cls else len(data.seg_classes),
-            "seg_classes": data.seg_classes if heads.has_seg else [], "class_names": data.cls_classes,
-            "cls_classes": data.cls_classes if heads.has_cls else [], **stats,
-            "init": cfg.init, "synthvit_version": __version__}
+    return ExportMeta(model=cfg.model, img_size=cfg.crop_size, in_chans=cfg.in_chans, heads=heads, input=cfg.input,
+                      num_classes=len(data.cls_classes) if heads.has_cls else len(data.seg_classes),
+                      class_names=data.cls_classes, seg_classes=data.seg_classes if heads.has_seg else [],
+                      cls_classes=data.cls_classes if heads.has_cls else [], **stats, init=cfg.init,
+                      extra={"synthvit_version": __version__})
 
 
 def run(cfg: FinetuneConfig) -> Path:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from synthvit.data import Item, RealData, has_defect, to_array
 from synthvit.checkpoint import load_checkpoint, read_state, save_checkpoint
 from synthvit.config import config_diff, to_dict
+from synthvit.data import Item, RealData, has_defect, to_array
 from synthvit.io import SynthvitError
 from synthvit.models import Heads
 from synthvit.progress import progress_bar

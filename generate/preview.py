@@ -12,6 +12,7 @@ from generate.schema import Sample
 from synthvit.io import atomic_write_bytes
 from synthvit.overlay import class_colours, overlay
 
+
 def _tile(sample: Sample, class_names: list[str], tile: int) -> Image.Image:
     h, w = sample.mask.shape
     k = tile / max(h, w)

@@ -21,8 +21,8 @@ import webdataset as wds
 from generate.backends import Backend, create_backend
 from generate.schema import encode_sample, shard_filename
 from synthvit.io import TMP_SUFFIX, atomic_open, sha256_file
-from synthvit.storage import Folder
 from synthvit.progress import progress_bar
+from synthvit.storage import Folder
 
 log = logging.getLogger("synthvit.generate")
 

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from synthvit.models import Heads, save_tensors
-from synthvit import checkpoint
 from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer
+from synthvit import checkpoint
 from synthvit.io import SynthvitError
+from synthvit.models import Heads, save_tensors
 from synthvit.progress import progress_bar
 from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, seed_step, set_lr
 

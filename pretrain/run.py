@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
-from synthvit.models import EXPORT_DIR, Heads, create_model, stats_meta, write_export
-from synthvit import checkpoint
 from pretrain.config import PretrainConfig
 from pretrain.data import check_shard_counts, load_sources
 from pretrain.loop import Trainer
-from synthvit import __version__
+from synthvit import __version__, checkpoint
 from synthvit.config import CONFIG_FILE, dump_yaml, to_dict
 from synthvit.io import atomic_write_text
+from synthvit.models import EXPORT_DIR, ExportMeta, Heads, create_model, stats_meta, write_export
 from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator
 
@@ -79,8 +78,11 @@ def run(cfg: PretrainConfig) -> Path:
     return run_dir
 
 
-def _export_meta(cfg: PretrainConfig, class_names: list[str], trainer: Trainer) -> dict:
-    return {"model": cfg.model, "architecture": cfg.model, "img_size": cfg.image_size, "in_chans": cfg.in_chans,
-            "num_classes": len(class_names) if Heads.parse(cfg.objective).has_cls else 0, "class_names": class_names,
-            "objective": cfg.objective, **stats_meta(trainer.mean, trainer.std), "steps": trainer.step,
-            "images_seen": trainer.images_seen, "data": list(cfg.data), "synthvit_version": __version__}
+def _export_meta(cfg: PretrainConfig, class_names: list[str], trainer: Trainer) -> ExportMeta:
+    heads = Heads.parse(cfg.objective)
+    return ExportMeta(model=cfg.model, img_size=cfg.image_size, in_chans=cfg.in_chans, heads=heads,
+                      num_classes=len(class_names) if heads.has_cls else 0, class_names=class_names,
+                      seg_classes=class_names if heads.has_seg else [], cls_classes=class_names if heads.has_cls else [],
+                      **stats_meta(trainer.mean, trainer.std),
+                      extra={"steps": trainer.step, "images_seen": trainer.images_seen, "data": list(cfg.data),
+                             "synthvit_version": __version__})

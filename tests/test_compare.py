@@ -7,9 +7,10 @@ import pytest
 import torch
 import yaml
 
+from conftest import accelerate_launch, assert_cli_error
 from synthvit.compare.cka import MinibatchCKA, gram, hsic1, linear_cka
 from synthvit.compare.saliency import attention_rollout, grad_cam
-from conftest import accelerate_launch, assert_cli_error
+from synthvit.models import ExportMeta, Heads
 
 
 def _biased_cka(x, y):
@@ -96,9 +97,12 @@ def test_cka_pairs_follow_raghu_and_pair_synthetic_with_scratch_vit():
     from synthvit.compare.analysis import Loaded, cka_pairs
 
     vit, resnet = _model("vit_tiny_patch16_224"), _model("resnet18")
-    models = [Loaded("scratch", {"model": "vit_tiny_patch16_224"}, vit, ""),
-              Loaded("synthetic", {"model": "vit_tiny_patch16_224"}, vit, "runs/pretrain/export"),
-              Loaded("cnn", {"model": "resnet18"}, resnet, "")]
+    def meta(model):
+        return ExportMeta(model=model, in_chans=3, img_size=32, heads=Heads.parse("seg"), class_names=[],
+                          mean=[0.5] * 3, std=[0.5] * 3)
+    models = [Loaded("scratch", meta("vit_tiny_patch16_224"), vit, ""),
+              Loaded("synthetic", meta("vit_tiny_patch16_224"), vit, "runs/pretrain/export"),
+              Loaded("cnn", meta("resnet18"), resnet, "")]
     pairs = [(a.name, b.name, title) for a, b, title in cka_pairs(models)]
     assert pairs == [("scratch", "scratch", "ViT vs ViT"), ("synthetic", "synthetic", "ViT vs ViT"),
                      ("cnn", "cnn", "CNN vs CNN"), ("scratch", "cnn", "ViT vs CNN"),

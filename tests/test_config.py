@@ -351,9 +351,9 @@ def test_every_list_key_takes_a_single_value(stage, key, tp, field, tmp_path):
 
 
 def test_single_value_lists_through_the_cli(tmp_path):
-    from synthvit.compare.config import CompareConfig
     from pretrain.config import PretrainConfig
     from synthvit.cli import _parse
+    from synthvit.compare.config import CompareConfig
 
     for argv in (["pretrain", "data=shards/demo"], ["pretrain", "--data", "shards/demo"]):
         path, overrides = _parse(argv)

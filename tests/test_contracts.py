@@ -59,13 +59,31 @@ def test_malformed_export_config_names_file_and_key(drop, key):
 
 def test_written_export_reads_back(tmp_path):
     model = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, decoder="linear")
-    write_export(model, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
-                                   "class_names": ["good", "crack"], "mean": [0.5] * 3, "std": [0.5] * 3})
+    doc = {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
+           "class_names": ["good", "crack"], "mean": [0.5] * 3, "std": [0.5] * 3}
+    write_export(model, tmp_path, ExportMeta.from_json(doc, "test"))
     meta = read_export_meta(tmp_path)
     assert meta.heads.objective == "seg" and meta.decoder == "linear" and meta.class_names == ["good", "crack"]
+    assert meta.seg_classes == ["good", "crack"] and meta.seg_head == "seg_head.safetensors"
     with pytest.raises(ExportConfigError, match="missing key 'mean'"):
-        write_export(model, tmp_path / "bad", {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32,
-                                               "objective": "seg", "class_names": ["good"], "std": [0.5] * 3})
+        ExportMeta.from_json({k: v for k, v in doc.items() if k != "mean"}, "test")
+
+
+ONE_SHAPE = ["model", "img_size", "in_chans", "objective", "num_classes", "class_names", "seg_classes",
+             "cls_classes", "mean", "std", "decoder", "decoder_width", "class_groups", "input", "init", "weights",
+             "seg_head"]
+
+
+@pytest.mark.parametrize("name", ["pretrain_export_config.json", "finetune_export_config.json",
+                                  "finetune_cnn_export_config.json"])
+def test_every_export_is_written_in_one_shape(name):
+    """Pretrain and finetune exports (here: the earlier versions' files, read and written anew) have the same keys,
+    the choice of heads under one name, and no key written twice (architecture, crop_size, task are gone)."""
+    doc = ExportMeta.from_json(_legacy(name), name).to_json()
+    assert list(doc)[:len(ONE_SHAPE)] == ONE_SHAPE
+    assert not {"architecture", "crop_size", "task"} & set(doc)
+    again = ExportMeta.from_json(doc, name)
+    assert again == ExportMeta.from_json(_legacy(name), name) and again.to_json() == doc
 
 
 @pytest.mark.parametrize("name, task, pixel, accuracy", [("finetune_metrics.json", "both", 0.5230749249458313, 0.5),

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.config import FinetuneConfig
-from synthvit.data import DataError, load_real_data, split_ids
-from synthvit.config import ConfigError, load_config
-from synthvit.io import SynthvitError
 from conftest import rle_counts, rle_string
+from finetune.config import FinetuneConfig
+from synthvit.config import ConfigError, load_config
+from synthvit.data import DataError, load_real_data, split_ids
+from synthvit.io import SynthvitError
 
 W, H = 40, 30
 

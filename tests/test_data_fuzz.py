@@ -35,10 +35,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from synthvit.data import (DataError, load_real_data, rle_decode, set_pixel_cap, shown_size, split_ids,
-                               to_array)
-from generate.schema import make_info
 from conftest import rle_counts, rle_string
+from generate.schema import make_info
+from synthvit.data import DataError, load_real_data, rle_decode, set_pixel_cap, shown_size, split_ids, to_array
 
 # Pillow warns about the corrupt files it is fed here (bad EXIF, tags past the end, bomb-sized headers)
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]

@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from finetune.train import losses
-from synthvit.models import TaskModel, class_groups, create_model, write_export
 from synthvit.io import SynthvitError
+from synthvit.models import ExportMeta, TaskModel, class_groups, create_model, write_export
 
 
 @pytest.mark.parametrize("decoder", ["linear", "dpt", "dpt-skip"])
@@ -33,8 +33,9 @@ def test_init_loads_backbone_and_decoder_with_a_new_last_conv(tmp_path, caplog):
     torch.manual_seed(0)
     pre = create_model("vit_tiny_patch16_224", "seg", seg_classes=8, img_size=32, decoder="dpt-skip",
                        decoder_width=16)
-    write_export(pre, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
-                                 "class_names": [f"c{i}" for i in range(8)], "mean": [0.5] * 3, "std": [0.5] * 3})
+    write_export(pre, tmp_path, ExportMeta.from_json({
+        "model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
+        "class_names": [f"c{i}" for i in range(8)], "mean": [0.5] * 3, "std": [0.5] * 3}, "test"))
     torch.manual_seed(1)
     caplog.set_level(logging.INFO, logger="synthvit.models")
     ft = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=64, init=str(tmp_path), decoder="auto")
@@ -110,8 +111,9 @@ def test_the_skip_decoder_sees_thin_lines_the_linear_head_cannot(one_torch_threa
 
 def test_a_corrupt_export_is_named_in_a_clear_error(tmp_path):
     model = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, decoder="dpt", decoder_width=16)
-    write_export(model, tmp_path, {"model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
-                                   "class_names": ["good", "crack"], "mean": [0.5] * 3, "std": [0.5] * 3})
+    write_export(model, tmp_path, ExportMeta.from_json({
+        "model": "vit_tiny_patch16_224", "in_chans": 3, "img_size": 32, "objective": "seg",
+        "class_names": ["good", "crack"], "mean": [0.5] * 3, "std": [0.5] * 3}, "test"))
     (tmp_path / "seg_head.safetensors").write_bytes(b"garbage")
     with pytest.raises(SynthvitError, match="seg_head.safetensors is not a readable safetensors file"):
         create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, init=str(tmp_path), decoder="auto")

@@ -21,7 +21,6 @@ from generate.schema import iter_shard, main_class, read_info, verify_dataset  #
 from synthvit.config import ConfigError, load_config  # noqa: E402
 from synthvit.io import SynthvitError  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

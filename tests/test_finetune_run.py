@@ -12,6 +12,7 @@ from conftest import accelerate_launch, assert_cli_error, make_real_data, run_cl
 from finetune.artifacts import build_model, class_counts
 from finetune.config import FinetuneConfig
 from synthvit.config import load_config
+from synthvit.models import read_export_meta
 
 FT = ["crop_size=32", "steps=6", "batch_size=4", "num_workers=0", "log_every=3", "tiling.batch_size=4"]
 
@@ -35,7 +36,7 @@ def export_tensors(folder):
 def initial_model(run):
     """The model a finetune run started from, rebuilt as ``finetune.run.run`` builds it (same seed, same config)."""
     cfg = load_config(FinetuneConfig, run / "config.yaml")
-    meta = json.loads((run / "export" / "config.json").read_text())
+    meta = read_export_meta(run / "export")
     torch.manual_seed(cfg.seed)
     return build_model(cfg, *class_counts(meta))
 
@@ -259,8 +260,8 @@ def test_two_process_finetune_under_accelerate(real_data, tmp_path):
 
 @pytest.mark.parametrize("mode", ["crop", "resize"])
 def test_training_samples_keep_masks_aligned(real_data, mode):
-    from synthvit.data import load_real_data
     from finetune.train import CropDataset
+    from synthvit.data import load_real_data
 
     data = load_real_data(real_data)
     cfg = FinetuneConfig(data=str(real_data), crop_size=32, input=mode, defect_crop_prob=1.0, task="seg")
@@ -281,8 +282,8 @@ def test_training_samples_keep_masks_aligned(real_data, mode):
 def test_defect_crop_prob_is_the_share_of_defect_crops_however_few_frames_hold_defects(tmp_path):
     """defect_crop_prob counts crops, not frames: with 1 defective frame in 10 it still sets the share of crops that
     show a defect (drawing the frame first made 0.8 mean ~8 % here, and ViTs learnt "all background")."""
-    from synthvit.data import load_real_data
     from finetune.train import CropDataset
+    from synthvit.data import load_real_data
 
     root = make_real_data(tmp_path / "few", 20, (64, 64), lambda rng: (slice(30, 34), slice(30, 34)))
     for i in range(5, 20, 2):  # im01 and im03 keep their defect; the other odd frames become defect-free

@@ -7,11 +7,10 @@ from __future__ import annotations
 import ast
 import re
 import sys
+import tomllib
 from functools import cache
 from importlib.metadata import packages_distributions
 from pathlib import Path
-
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = {"synthvit", "generate", "pretrain", "finetune"}

@@ -103,12 +103,11 @@ def test_augment_keeps_mask_aligned(fmt):
 def test_datasets_with_other_classes_mix_over_their_union(tiny_dataset, tmp_path):
     """Procedural (7 defect classes) + formula-driven contours (3 others): one class list, contour masks and labels
     mapped past the procedural ids, each batch's pixels still agreeing with its labels."""
+    from conftest import tiny_overrides
     from generate.config import GenerateConfig
     from generate.run import run
     from generate.schema import read_info
     from synthvit.config import load_config
-
-    from conftest import tiny_overrides
 
     contours = tmp_path / "contours"
     run(load_config(GenerateConfig, overrides=tiny_overrides(contours, backend="contours",

@@ -3,8 +3,16 @@ import json
 import numpy as np
 import pytest
 
-from generate.schema import (INFO_FILE, Sample, decode_sample, encode_sample, iter_shard, main_class, read_info,
-                             verify_dataset)
+from generate.schema import (
+    INFO_FILE,
+    Sample,
+    decode_sample,
+    encode_sample,
+    iter_shard,
+    main_class,
+    read_info,
+    verify_dataset,
+)
 from synthvit.io import SynthvitError
 
 

@@ -19,7 +19,6 @@ from generate.schema import iter_shard, main_class, read_info, verify_dataset
 from synthvit.config import ConfigError, load_config
 from synthvit.io import SynthvitError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -10,7 +10,7 @@ import torch
 from synthvit.compare.cka import MinibatchCKA
 from synthvit.compare.saliency import mass_share, pixel_auroc, saliency
 from synthvit.data import Item, to_array
-from synthvit.models import SynthvitModel, meta_stats
+from synthvit.models import ExportMeta, SynthvitModel, meta_stats
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Crop:
 class Loaded:
     """A finished model: its report name, export meta, the model (eval mode, CPU) and whether it is a ViT."""
     name: str
-    meta: dict
+    meta: ExportMeta
     model: SynthvitModel
     init: str
 
@@ -90,7 +90,7 @@ def predict_crops(model: Loaded, crops: list[Crop]) -> list[np.ndarray | tuple[s
     if "seg" in out:
         return list(out["seg"].argmax(1).numpy().astype(np.uint8))
     probs = out["cls"].float().softmax(1)
-    names = model.meta["cls_classes"]
+    names = model.meta.cls_classes
     return [(names[int(p.argmax())], float(p.max())) for p in probs]
 
 
@@ -128,7 +128,7 @@ def cka_pairs(models: list[Loaded]) -> list[tuple[Loaded, Loaded, str]]:
     if vits and cnns:
         pairs.append((vits[0], cnns[0], "ViT vs CNN"))
     for synth in (m for m in vits if m.init):
-        scratch = next((m for m in vits if not m.init and m.meta["model"] == synth.meta["model"]), None)
+        scratch = next((m for m in vits if not m.init and m.meta.model == synth.meta.model), None)
         if scratch is not None:
             pairs.append((synth, scratch, "synthetic-pretrained vs scratch ViT"))
     return pairs

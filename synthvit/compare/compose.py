@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from finetune.artifacts import load_run
 from synthvit.compare import analysis, figures
 from synthvit.compare.config import ZERO_SHOT, CompareConfig
 from synthvit.compare.matrix import CELL_CONFIG, Cell, reference_cells, zero_shot_reason
@@ -12,7 +13,6 @@ from synthvit.compare.report import Report, Table, environment
 from synthvit.compare.results import RESULTS_FILE, Row, load_rows, write_results
 from synthvit.compare.stats import NO_SEEDS, NOISE_RULE
 from synthvit.compare.tables import cells_table, difference_lines, groups, series, tradeoff_table
-from finetune.artifacts import load_run
 from synthvit.config import dump_yaml
 
 log = logging.getLogger("synthvit.compare")
@@ -67,7 +67,7 @@ def _analysis(cfg: CompareConfig, references: dict[str, Cell], test_items, out: 
     if not loaded:
         return {}
     size = cfg.analysis_size or cfg.finetune.crop_size
-    k = max(len(m.meta["seg_classes"]) for m in loaded)
+    k = max(len(m.meta.seg_classes) for m in loaded)
     crops = analysis.pick_crops(test_items, cfg.finetune.in_chans, size, cfg.report_images, cfg.finetune.data_seed)
     agreement = {}
     if crops:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from finetune.artifacts import CONFIG_FILE, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
 from finetune.config import FinetuneConfig
+from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from synthvit.config import ConfigError, config_diff, dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text
 from synthvit.progress import progress_bar

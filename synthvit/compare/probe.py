@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from synthvit.compare.matrix import PROBE_FILE
 from finetune.artifacts import load_run
+from synthvit.compare.matrix import PROBE_FILE
 from synthvit.config import parse_size
 from synthvit.io import atomic_write_text
 from synthvit.training import peak_memory_mb, resolve_device

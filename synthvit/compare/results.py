@@ -14,11 +14,11 @@ import timm
 import torch
 import yaml
 
+from finetune.artifacts import EXPORT_DIR, read_metrics
 from synthvit.compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
 from synthvit.compare.report import read_json
-from finetune.artifacts import EXPORT_DIR, read_metrics
-from synthvit.models import EXPORT_CONFIG, SEG_BASELINES, ExportMeta, is_vit_backbone
 from synthvit.io import atomic_write_text
+from synthvit.models import EXPORT_CONFIG, SEG_BASELINES, ExportMeta, is_vit_backbone
 
 RESULTS_FILE = "results.csv"
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import timm
 import torch
 
+import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
-import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
-from synthvit.data import load_real_data, split_ids
-from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
+from synthvit.data import load_real_data, split_ids
 from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.ranks import Ranks, join
 
 log = logging.getLogger("synthvit.compare")

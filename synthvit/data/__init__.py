@@ -24,11 +24,30 @@ an error or ``split_missing``; else :func:`split_ids` draws a seeded split strat
 presence in the mask when there are no labels.
 """
 from synthvit.data.annotations import IMAGE_EXTS, rle_decode
-from synthvit.data.core import (GOOD_NAMES, DataError, Item, RealData, bytes_image, bytes_mask, mask_array,
-                                problems_error, set_pixel_cap, shown_size, to_array, why)
+from synthvit.data.core import (
+                                GOOD_NAMES,
+                                DataError,
+                                Item,
+                                RealData,
+                                bytes_image,
+                                bytes_mask,
+                                mask_array,
+                                problems_error,
+                                set_pixel_cap,
+                                shown_size,
+                                to_array,
+                                why,
+)
 from synthvit.data.formats import FORMATS, detect_format, image_files, load_real_data, register_format, validate
-from synthvit.data.splits import (SPLIT_MISSING, SPLIT_NAMES, SPLITS_FILE, describe_split, has_defect, read_splits,
-                                  split_ids)
+from synthvit.data.splits import (
+                                SPLIT_MISSING,
+                                SPLIT_NAMES,
+                                SPLITS_FILE,
+                                describe_split,
+                                has_defect,
+                                read_splits,
+                                split_ids,
+)
 
 __all__ = ["IMAGE_EXTS", "rle_decode", "GOOD_NAMES", "DataError", "Item", "RealData", "bytes_image", "bytes_mask",
            "mask_array", "problems_error", "set_pixel_cap", "shown_size", "to_array", "why", "FORMATS",

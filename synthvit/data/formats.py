@@ -10,10 +10,34 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from synthvit.data.annotations import (GOOD_LABEL, IMAGE_EXTS, MAX_CLASSES, is_file, is_labelme, labelme_jsons,
-                                       portable_path, read_coco, read_labelme, shapes_mask)
-from synthvit.data.core import (DataError, Item, RealData, bytes_image, mask_array, open_image, order_classes, png_mask,
-                                problems_error, read_csv, set_pixel_cap, shown_size, to_array, why)
+from synthvit.data.annotations import (
+    GOOD_LABEL,
+    IMAGE_EXTS,
+    MAX_CLASSES,
+    is_file,
+    is_labelme,
+    labelme_jsons,
+    portable_path,
+    read_coco,
+    read_labelme,
+    shapes_mask,
+)
+from synthvit.data.core import (
+    DataError,
+    Item,
+    RealData,
+    bytes_image,
+    mask_array,
+    open_image,
+    order_classes,
+    png_mask,
+    problems_error,
+    read_csv,
+    set_pixel_cap,
+    shown_size,
+    to_array,
+    why,
+)
 from synthvit.data.splits import SPLIT_MISSING, read_splits
 from synthvit.storage import is_url, redact
 

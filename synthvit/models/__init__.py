@@ -7,11 +7,23 @@ offers what training, export and analysis need as methods (:class:`synthvit.mode
 from synthvit.models.backbones import create_backbone, is_vit_backbone, load_local_weights
 from synthvit.models.base import SynthvitModel
 from synthvit.models.baselines import SEG_BASELINES, DeepLabV3Plus, HRNetSeg
-from synthvit.models.export import (EXPORT_CONFIG, EXPORT_DIR, EXPORT_SEG_HEAD, EXPORT_WEIGHTS, ExportConfigError,
-                                    ExportMeta, load_export, meta_stats, read_export_config, read_export_meta,
-                                    save_tensors, stats_meta, write_export)
-from synthvit.models.factory import class_groups, create_model
 from synthvit.models.decoders import DECODERS, DPTHead, LinearHead, create_decoder
+from synthvit.models.export import (
+                                    EXPORT_CONFIG,
+                                    EXPORT_DIR,
+                                    EXPORT_SEG_HEAD,
+                                    EXPORT_WEIGHTS,
+                                    ExportConfigError,
+                                    ExportMeta,
+                                    load_export,
+                                    meta_stats,
+                                    read_export_config,
+                                    read_export_meta,
+                                    save_tensors,
+                                    stats_meta,
+                                    write_export,
+)
+from synthvit.models.factory import class_groups, create_model
 from synthvit.models.heads import OBJECTIVES, Heads
 from synthvit.models.task import TaskModel
 

@@ -10,8 +10,8 @@ import timm
 import torch
 from torch import nn
 
-from synthvit.models.export import read_tensors
 from synthvit.io import SynthvitError
+from synthvit.models.export import read_tensors
 
 log = logging.getLogger("synthvit.models")
 

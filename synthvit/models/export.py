@@ -1,8 +1,8 @@
 """The export contract: the folder that pretrain writes, finetune starts from, and a finetune run ships.
 
 One folder: ``model.safetensors`` (a timm backbone's own state dict, classifier included -- or a CNN baseline's
-whole state dict), ``config.json`` (timm model name, img_size, in_chans, num_classes, class_names, objective or
-task, mean/std in 0..1 units, ...) and, for dense objectives of timm models, ``seg_head.safetensors``. A timm
+whole state dict), ``config.json`` (:class:`ExportMeta`: timm model name, img_size, in_chans, objective, the
+classes of each head, mean/std in 0..1 units, the decoder, ...) and, for dense objectives of timm models, ``seg_head.safetensors``. A timm
 backbone export loads with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"), ...)``:
 timm resizes the position embeddings to a new ``img_size`` and replaces the head for a new ``num_classes``.
@@ -10,6 +10,7 @@ Everything is safetensors and JSON: nothing is unpickled.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,16 +35,16 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp.replace(path)
 
 
-def write_export(model, out_dir: Path, meta: dict) -> Path:
-    """Write the export contract into ``out_dir`` (atomically, file by file; config.json last)."""
+def write_export(model, out_dir: Path, meta: ExportMeta) -> Path:
+    """Write the export contract into ``out_dir`` (atomically, file by file; config.json last): the weights of
+    ``model``, and ``meta`` completed with what rebuilds its head (decoder, width, class groups) and the file names."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = model.export_tensors()
     for name, state in files.items():
         save_tensors(state, out_dir / name)
-    meta = dict(meta, **model.export_meta(), weights=EXPORT_WEIGHTS,
-                seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
-    ExportMeta.from_json(meta, out_dir / EXPORT_CONFIG)  # what is written reads back (a missing key fails here)
-    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta, indent=2) + "\n")
+    meta = dataclasses.replace(meta, **model.export_meta(), weights=EXPORT_WEIGHTS,
+                               seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
+    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta.to_json(), indent=2) + "\n")
     return out_dir
 
 
@@ -74,8 +75,9 @@ class ExportConfigError(SynthvitError):
 
 @dataclass(kw_only=True)
 class ExportMeta:
-    """What an export is: the typed ``config.json``. Pretrain and finetune exports have one shape; files of
-    earlier versions (``objective`` or ``task``, ``crop_size``, no ``decoder``) read into it too."""
+    """What an export is: the typed ``config.json``, written by :meth:`to_json` in one shape for pretrain and finetune
+    exports; files of earlier versions (``task`` instead of ``objective``, ``architecture``/``crop_size`` beside
+    ``model``/``img_size``, no ``decoder``) read into it too."""
     model: str  # timm model name or segmentation baseline
     in_chans: int
     img_size: int  # the input side the weights were trained at (finetune: the crop)
@@ -91,7 +93,18 @@ class ExportMeta:
     class_groups: list[int] | None = None  # zero-shot: decoder class -> target class
     input: str | None = None  # finetune: crop or resize
     init: str | None = None  # finetune: the export it started from
+    weights: str = EXPORT_WEIGHTS  # the backbone's (or whole CNN's) safetensors file
+    seg_head: str | None = None  # the dense head's safetensors file (timm models with a dense head)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance kept as written (steps, data, version, ...)
+
+    def to_json(self) -> dict[str, Any]:
+        """The one shape of ``config.json`` (``objective``: cls, seg or cls+seg, for pretrain and finetune alike)."""
+        doc = {"model": self.model, "img_size": self.img_size, "in_chans": self.in_chans,
+               "objective": self.heads.objective, "num_classes": self.num_classes, "class_names": self.class_names,
+               "seg_classes": self.seg_classes, "cls_classes": self.cls_classes, "mean": self.mean, "std": self.std,
+               "decoder": self.decoder, "decoder_width": self.decoder_width, "class_groups": self.class_groups,
+               "input": self.input, "init": self.init, "weights": self.weights, "seg_head": self.seg_head}
+        return doc | {k: v for k, v in self.extra.items() if k not in doc}
 
     @classmethod
     def from_json(cls, doc: Any, source: str | Path) -> ExportMeta:
@@ -107,18 +120,21 @@ class ExportMeta:
         except SynthvitError as e:
             raise ExportConfigError(f"{source}: key 'objective': {e}") from None
         size = doc.pop("img_size", None) or doc.get("crop_size")
-        has_cls_classes = "cls_classes" in doc  # finetune exports; a pretrain export's classifier has class_names
+        # earlier pretrain exports named their classes once (class_names), for the classifier and the dense head
+        has_cls_classes, has_seg_classes = "cls_classes" in doc, "seg_classes" in doc
         meta = cls(model=_key(doc, "model", str, source), in_chans=_key(doc, "in_chans", int, source),
                    img_size=_need(size, "img_size", int, source), heads=heads,
                    class_names=_key(doc, "class_names", list, source), mean=_key(doc, "mean", list, source),
                    std=_key(doc, "std", list, source))
         for name in ("num_classes", "seg_classes", "cls_classes", "decoder", "decoder_width", "class_groups",
-                     "input", "init"):
+                     "input", "init", "weights", "seg_head"):
             if doc.get(name) is not None:
                 setattr(meta, name, doc.pop(name))
             doc.pop(name, None)
         if not has_cls_classes and heads.has_cls:
             meta.cls_classes = list(meta.class_names)
+        if not has_seg_classes and heads.has_seg:
+            meta.seg_classes = list(meta.class_names)
         for dup in ("architecture", "crop_size"):  # written twice by earlier versions
             doc.pop(dup, None)
         meta.extra = doc
@@ -144,8 +160,8 @@ def read_export_meta(folder: str | Path) -> ExportMeta:
 
 def read_export_tensors(folder: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """File name -> tensors of every weights file the export's ``config.json`` names (safetensors only)."""
-    meta, folder = read_export_config(folder), Path(folder)
-    names = [EXPORT_WEIGHTS] + ([meta["seg_head"]] if meta.get("seg_head") else [])
+    meta, folder = read_export_meta(folder), Path(folder)
+    names = [EXPORT_WEIGHTS] + ([meta.seg_head] if meta.seg_head else [])
     return {name: read_tensors(folder / name) for name in names}
 
 
@@ -160,8 +176,8 @@ def stats_meta(mean: torch.Tensor, std: torch.Tensor) -> dict[str, list[float]]:
     return {"mean": (mean.cpu() / 255).flatten().tolist(), "std": (std.cpu() / 255).flatten().tolist()}
 
 
-def meta_stats(meta: dict, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def meta_stats(meta: ExportMeta, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """An export's mean and std as (C, 1, 1) tensors in 0..255 units: ``(uint8 pixels - mean) / std``."""
-    mean = torch.tensor(meta["mean"], device=device).view(-1, 1, 1) * 255
-    std = torch.tensor(meta["std"], device=device).view(-1, 1, 1) * 255
+    mean = torch.tensor(meta.mean, device=device).view(-1, 1, 1) * 255
+    std = torch.tensor(meta.std, device=device).view(-1, 1, 1) * 255
     return mean, std

@@ -4,13 +4,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from synthvit.io import SynthvitError
 from synthvit.models.backbones import create_backbone
 from synthvit.models.base import SynthvitModel
 from synthvit.models.baselines import SEG_BASELINES
 from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS, ExportMeta, read_export_meta, read_tensors
 from synthvit.models.heads import Heads
 from synthvit.models.task import TaskModel
-from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.models")
 

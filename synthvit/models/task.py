@@ -8,13 +8,12 @@ import math
 import torch
 from torch import nn
 
+from synthvit.io import SynthvitError
 from synthvit.models.backbones import backbone_stats, is_vit_backbone
 from synthvit.models.base import SynthvitModel, freeze, is_resnet, resnet_block_features, resnet_stem_and_stages
 from synthvit.models.decoders import block_indices, create_decoder
 from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS
 from synthvit.models.heads import OBJECTIVES, Heads
-from synthvit.io import SynthvitError
-
 
 
 def feature_map(backbone: nn.Module, feats: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:

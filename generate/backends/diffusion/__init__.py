@@ -31,8 +31,15 @@ from generate.backends import BaseBackend
 from generate.backends.diffusion.backgrounds import make_backgrounds
 from generate.backends.diffusion.loading import load_pipeline
 from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
-from generate.defects import (DEFECT_PAINTERS, DrawnDefects, Instance, composite, feature_scale, instance_records,
-                              sample_on_surface)
+from generate.defects import (
+    DEFECT_PAINTERS,
+    DrawnDefects,
+    Instance,
+    composite,
+    feature_scale,
+    instance_records,
+    sample_on_surface,
+)
 from generate.schema import BACKGROUND, Sample, main_class_of
 from synthvit.config import ConfigError
 from synthvit.io import SynthvitError
