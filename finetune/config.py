@@ -13,6 +13,7 @@ SegLoss = Literal["ce", "ce+dice"]
 Split = Literal["test", "train", "all"]
 SplitMissing = Literal["error", "train", "test"]
 DecoderChoice = Literal[("auto", *get_args(Decoder))]
+Rule = Literal["threshold", "logit-adjust", "argmax"]
 
 
 @dataclass(kw_only=True)
@@ -24,6 +25,22 @@ class TilingConfig:
     def __post_init__(self):
         if self.tile < 0 or not 0 <= self.overlap < 0.5 or self.batch_size < 1:
             raise ConfigError("tiling.tile >= 0, tiling.overlap in [0, 0.5) and tiling.batch_size >= 1 required")
+
+
+@dataclass(kw_only=True)
+class CalibrateConfig:
+    """The defect decision fitted on training frames after training (finetune/calibrate.py)."""
+    rule: Rule = field(default="threshold", metadata={
+        "help": "threshold: the p(defect) threshold with the best defect IoU on training frames; logit-adjust: undo "
+                "the defect prior of the training crops (Menon et al. 2021); argmax: no decision (as before)"})
+    max_images: int = field(default=128, metadata={
+        "help": "training frames scored at full resolution (half defective, half defect-free where there are that "
+                "many)"})
+
+    def __post_init__(self):
+        if self.max_images < 2:
+            raise ConfigError(f"calibrate.max_images: {self.max_images} must be >= 2 (a defective and a defect-free "
+                              f"frame)")
 
 
 @dataclass(kw_only=True)
@@ -85,6 +102,7 @@ class FinetuneConfig:
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     precision: Precision = field(default="no", metadata={"help": "mixed precision through Accelerate"})
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     cache_mb: int = field(default=2048, metadata={"help": "decoded train frames kept per loader worker, MB"})
     max_pixels: int = field(default=8192 * 8192, metadata={"help": "Pillow's decompression-bomb cap, in pixels"})
     log_every: int = 10
@@ -122,12 +140,37 @@ class EvaluateConfig:
 
 
 @dataclass(kw_only=True)
+class CalibrateRunConfig:
+    checkpoint: str = field(default="", metadata={"help": "a finetune run folder"})
+    rule: Rule = field(default="threshold", metadata={"help": "the rule to keep (see finetune calibrate.rule)"})
+    max_images: int = field(default=128, metadata={"help": "training frames scored at full resolution"})
+
+    def __post_init__(self):
+        CalibrateConfig(rule=self.rule, max_images=self.max_images)
+
+
+@dataclass(kw_only=True)
 class PredictConfig:
     checkpoint: str = field(default="", metadata={"help": "a finetune run folder"})
     input: str = field(default="", metadata={
         "help": "an image file, a folder (recursive), a glob pattern ('frames/**/*.png') or a .txt/.lst list of "
                 "paths (one per line, # comments, relative to the list)"})
     out: str = field(default="predictions", metadata={"help": "output folder (input subfolders mirrored in it)"})
-    threshold: float = field(default=0.5, metadata={"help": "defect probability threshold for masks and boxes"})
+    threshold: str = field(default="auto", metadata={
+        "help": "p(defect) threshold for masks and boxes: auto (the run's fitted decision; argmax for runs made "
+                "before decisions existed) or a number in [0, 1]"})
     overwrite: bool = field(default=False, metadata={
         "help": "redo every frame (false: a re-run skips frames whose <name>.json is already in out)"})
+
+    def __post_init__(self):
+        if self.threshold != "auto" and parse_threshold(self.threshold) is None:
+            raise ConfigError(f"threshold: {self.threshold!r} is neither auto nor a number in [0, 1]")
+
+
+def parse_threshold(value) -> float | None:
+    """A predict threshold as a number in [0, 1]; None for auto or anything else."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        return None
+    return t if 0 <= t <= 1 else None

@@ -1,12 +1,15 @@
 """Full-resolution evaluation: tiled predictions of every test image, torchmetrics on pixels and images.
 
-Pixels: per-class IoU, mIoU, Dice (F1) per class, and pixel AP of the defect probability (1 - p(background)),
-binned so memory stays constant. Images: AUROC and AP of the image defect score (the highest pixel defect
+Pixels: per-class IoU, mIoU, Dice (F1) per class at the run's fitted defect decision (its ``rule`` and
+``threshold``: :mod:`synthvit.models.decision`; argmax for exports made before decisions existed), the same at
+argmax under ``argmax``, every fitted rule's defect IoU under ``rules``, the predicted-to-true defect pixel ratio
+of each, and pixel AP of the defect probability (1 - p(background)), binned so memory stays constant. Images: AUROC and AP of the image defect score (the highest pixel defect
 probability, or 1 - p(good) of the classifier) against "defective" (a non-good label, else a non-empty mask);
 accuracy and confusion matrix of the classifier. Also seconds per image at full resolution and peak memory.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -22,8 +25,9 @@ from torchmetrics.classification import (
 )
 
 from finetune.tiling import Tiler
+from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
-from synthvit.models import ExportMeta, meta_stats
+from synthvit.models import ExportMeta, class_map, meta_stats
 from synthvit.training import peak_memory_mb
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
@@ -33,9 +37,13 @@ class Predictor:
     """Full-resolution inference of one model on uint8 frames: tiled segmentation, whole-image classification."""
 
     def __init__(self, model, meta: ExportMeta, device, tiling):
+        self.tiler = Tiler(tiling.tile or meta.img_size, tiling.overlap, tiling.batch_size)
+        check_input_size(model, self.tiler.tile)
+        if self.tiler.tile != meta.img_size:  # a ViT resamples its position embeddings: on its own copy
+            model = copy.deepcopy(model)
+            model.set_input_size(self.tiler.tile)
         self.model, self.meta, self.device = model.eval(), meta, device
         self.mean, self.std = meta_stats(meta, device)
-        self.tiler = Tiler(tiling.tile or meta.img_size, tiling.overlap, tiling.batch_size)
         self.autocast = torch.bfloat16 if device.type == "cuda" else None
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,6 +73,57 @@ class Predictor:
         return bool(names) and names[0].lower() in GOOD_NAMES
 
 
+def check_input_size(model, tile: int, key: str = "tiling.tile") -> None:
+    """A tile side the model cannot take is an error naming the sides it can (before any frame is read)."""
+    m = model.input_multiple()
+    if tile % m:
+        lower, upper = tile // m * m, (tile // m + 1) * m
+        raise ConfigError(f"{key}={tile}: {type(model).__name__} takes tiles whose side is a multiple of {m} (its "
+                          f"{'patch' if model.is_vit else 'output'} stride); use {key}={upper}"
+                          + (f" or {lower}" if lower else ""))
+
+
+def check_tiling(model, cfg) -> None:
+    """Refuse, before training, a tiling that evaluation could not run: the tile side must suit the model, and a
+    copy of it must predict one tile of that size (a ViT's position embeddings resampled to it)."""
+    tile = cfg.tiling.tile or cfg.crop_size
+    check_input_size(model, tile)
+    if tile == cfg.crop_size:
+        return  # training itself runs at this size
+    probe = copy.deepcopy(model).eval()
+    try:
+        probe.set_input_size(tile)
+        with torch.inference_mode():
+            probe(torch.zeros(1, cfg.in_chans, tile, tile))
+    except Exception as e:  # whatever the architecture raises: refuse now, not after training
+        raise ConfigError(f"tiling.tile={tile}: {cfg.model} trained on crop_size={cfg.crop_size} crops cannot "
+                          f"predict {tile}-px tiles ({type(e).__name__}: {e}); use tiling.tile=0 (the crop size)") \
+            from None
+
+
+class RuleScore:
+    """IoU and Dice per class and the predicted defect pixels of one decision (threshold None: argmax)."""
+
+    def __init__(self, k: int, threshold: float | None):
+        local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
+        self.threshold = threshold
+        self.iou = MulticlassJaccardIndex(k, average="none", **local)
+        self.dice = MulticlassF1Score(k, average="none", **local)
+        self.predicted = 0
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        pred = class_map(probs, self.threshold)[None]
+        self.iou.update(pred, target[None])
+        self.dice.update(pred, target[None])
+        self.predicted += int(torch.count_nonzero(pred))
+
+    def summary(self, names: list[str], true_defect: int) -> dict:
+        iou, dice = self.iou.compute(), self.dice.compute()
+        return {"iou": dict(zip(names, iou.tolist())), "miou": float(iou.mean()), "dice": dict(zip(names, dice.tolist())),
+                "mdice": float(dice.mean()), "defect_iou": float(iou[1:].mean()) if len(iou) > 1 else None,
+                "defect_pixel_ratio": round(self.predicted / true_defect, 4) if true_defect else None}
+
+
 def defective(data: RealData, item: Item, mask: np.ndarray | None) -> int:
     if item.label is not None and data.cls_classes and data.cls_classes[0].lower() in GOOD_NAMES:
         return int(item.label != data.cls_classes[0])
@@ -75,9 +134,10 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
     meta, dev = predictor.meta, torch.device("cpu")
     seg_k, cls_k = len(meta.seg_classes), len(meta.cls_classes)
     local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
-    pix = dict(iou=MulticlassJaccardIndex(seg_k, average="none", **local),
-               dice=MulticlassF1Score(seg_k, average="none", **local),
-               ap=BinaryAveragePrecision(thresholds=200, **local)) if seg_k else {}
+    decision = meta.decision
+    rules = {"decision": RuleScore(seg_k, decision.threshold if decision else None), "argmax": RuleScore(seg_k, None)}
+    rules |= {name: RuleScore(seg_k, t) for name, t in (decision.candidates if decision else {}).items()}
+    pix = dict(rules=rules, ap=BinaryAveragePrecision(thresholds=200, **local), true=0) if seg_k else {}
     img = dict(auroc=BinaryAUROC(**local), ap=BinaryAveragePrecision(**local))
     cls = dict(acc=MulticlassAccuracy(cls_k, average="micro", **local), cm=MulticlassConfusionMatrix(cls_k, **local)) \
         if cls_k and meta.heads.has_cls else {}
@@ -92,9 +152,10 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
         seconds.append(time.perf_counter() - t)
         if mask is not None and "probs" in out:
             target = torch.from_numpy(mask.astype(np.int64))
-            pred = out["probs"].argmax(0).to(dev)
-            pix["iou"].update(pred[None], target[None])
-            pix["dice"].update(pred[None], target[None])
+            probs = out["probs"].to(dev)
+            for score in pix["rules"].values():
+                score.update(probs, target)
+            pix["true"] += int(np.count_nonzero(mask))
             sub = (slice(None, None, PIXEL_STRIDE), slice(None, None, PIXEL_STRIDE))
             pix["ap"].update((1 - out["probs"][0])[sub].flatten().to(dev), (target[sub] > 0).flatten().int())
         if cls and item.label is not None and "cls_probs" in out:
@@ -110,11 +171,19 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
 
 def _summarise(pix, img, cls, scores, labels, seconds, meta, n) -> dict:
     result: dict = {"images": n}
-    if pix and pix["iou"].update_count:
-        iou, dice = pix["iou"].compute(), pix["dice"].compute()
-        result["pixel"] = {"iou": dict(zip(meta.seg_classes, iou.tolist())),
-                           "miou": float(iou.mean()), "dice": dict(zip(meta.seg_classes, dice.tolist())),
-                           "mdice": float(dice.mean()), "defect_ap": float(pix["ap"].compute())}
+    if pix and pix["rules"]["argmax"].iou.update_count:
+        scores_at = {name: r.summary(meta.seg_classes, pix["true"]) for name, r in pix["rules"].items()}
+        decision = meta.decision
+        primary = scores_at.pop("decision")
+        argmax = scores_at.pop("argmax")
+        result["pixel"] = {"rule": decision.rule if decision else "argmax",
+                           "threshold": decision.threshold if decision else None,
+                           **{k: primary[k] for k in ("iou", "miou", "dice", "mdice", "defect_pixel_ratio")},
+                           "argmax": {k: argmax[k] for k in ("iou", "miou", "dice", "mdice", "defect_pixel_ratio")},
+                           "rules": {name: {"threshold": pix["rules"][name].threshold, "defect_iou": s["defect_iou"],
+                                            "miou": s["miou"], "defect_pixel_ratio": s["defect_pixel_ratio"]}
+                                     for name, s in scores_at.items()},
+                           "defect_pixels": pix["true"], "defect_ap": float(pix["ap"].compute())}
     s, y = torch.tensor(scores, dtype=torch.float32), torch.tensor(labels)
     if len(set(labels)) == 2:
         result["image"] = {"auroc": float(img["auroc"](s, y)), "ap": float(img["ap"](s, y)),

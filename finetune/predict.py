@@ -16,6 +16,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import yaml
@@ -25,7 +26,7 @@ from scipy import ndimage
 from synthvit.config import CONFIG_FILE
 from synthvit.data import IMAGE_EXTS, image_files, to_array
 from synthvit.io import SynthvitError, atomic_open, atomic_write_text
-from synthvit.models import ExportMeta
+from synthvit.models import ExportMeta, class_map
 from synthvit.overlay import overlay
 from synthvit.progress import progress_bar
 
@@ -140,24 +141,48 @@ def _save_image(out_dir: Path, key: Path, suffix: str, image: Image.Image, fmt: 
     return path.relative_to(out_dir).as_posix()
 
 
-def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict, meta: ExportMeta, threshold: float,
-                     key: Path | None = None) -> dict:
+class MaskRule(NamedTuple):
+    """How predict turns probabilities into a mask: ``threshold`` on p(defect), then the most probable defect class
+    (None: argmax with p(defect) >= 0.5, the rule of exports made before decisions were fitted)."""
+    name: str  # threshold | logit-adjust (the run's fitted decision), user, or argmax
+    threshold: float | None
+
+    @classmethod
+    def of(cls, meta: ExportMeta, threshold: str | float) -> MaskRule:
+        """``threshold`` auto: the export's fitted decision (argmax without one); a number: that threshold."""
+        if threshold != "auto":
+            return cls("user", float(threshold))
+        if meta.decision is not None:
+            return cls(meta.decision.rule, meta.decision.threshold)
+        return cls("argmax", None)
+
+    def classes(self, probs) -> np.ndarray:
+        if self.threshold is None:
+            classes = probs.argmax(0).numpy().astype(np.uint8)
+            classes[(1 - probs[0]).numpy() < 0.5] = 0
+            return classes
+        return class_map(probs, self.threshold).numpy().astype(np.uint8)
+
+
+def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict, meta: ExportMeta,
+                     rule: MaskRule | float, key: Path | None = None) -> dict:
     """Write a frame's outputs as ``<out_dir>/<key>...`` (key: the stem by default), each atomically and the JSON
-    last, so that the JSON exists only beside complete outputs; its record."""
+    last, so that the JSON exists only beside complete outputs; its record. ``rule``: a :class:`MaskRule` or a
+    p(defect) threshold."""
+    rule = rule if isinstance(rule, MaskRule) else MaskRule("user", float(rule))
     key = Path(path.stem) if key is None else key
     output_path(out_dir, key, ".json").parent.mkdir(parents=True, exist_ok=True)
     record: dict = {"image": str(path), "width": image.shape[1], "height": image.shape[0],
                     "defect_score": round(result["score"], 6)}
     if "probs" in result:
-        probs = result["probs"]
-        class_map = probs.argmax(0).numpy().astype(np.uint8)
-        class_map[(1 - probs[0]).numpy() < threshold] = 0
+        classes = rule.classes(result["probs"])
         names = meta.seg_classes
-        record["defects"] = regions(class_map, names)
-        record["areas"] = {n: int((class_map == k).sum()) for k, n in enumerate(names) if k}
-        record["mask"] = _save_image(out_dir, key, "_mask.png", Image.fromarray(class_map), "PNG")
+        record["decision"] = {"rule": rule.name, "threshold": rule.threshold}
+        record["defects"] = regions(classes, names)
+        record["areas"] = {n: int((classes == k).sum()) for k, n in enumerate(names) if k}
+        record["mask"] = _save_image(out_dir, key, "_mask.png", Image.fromarray(classes), "PNG")
         record["overlay"] = _save_image(out_dir, key, "_overlay.jpg",
-                                        Image.fromarray(overlay(image, class_map, len(names))), "JPEG", quality=90)
+                                        Image.fromarray(overlay(image, classes, len(names))), "JPEG", quality=90)
     if "cls_probs" in result:
         p = result["cls_probs"].tolist()
         record["classes"] = {n: round(v, 6) for n, v in zip(meta.cls_classes, p)}
@@ -166,7 +191,7 @@ def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict,
     return record
 
 
-def predict_files(predictor, files: list[Path], out_dir: Path, meta: ExportMeta, threshold: float,
+def predict_files(predictor, files: list[Path], out_dir: Path, meta: ExportMeta, threshold: MaskRule | float,
                   keys: list[Path] | None = None, overwrite: bool = False) -> dict:
     """Predict every frame whose JSON is not in ``out_dir`` yet (``overwrite``: every frame), appending each record
     to predictions.jsonl as it finishes (a done frame's read back from its JSON), then build predictions.json from
@@ -213,7 +238,7 @@ def _read_back(out_dir: Path, key: Path, path: Path) -> dict | None:
     return record
 
 
-def _predict_frame(predictor, path: Path, out_dir: Path, key: Path, meta: ExportMeta, threshold: float,
+def _predict_frame(predictor, path: Path, out_dir: Path, key: Path, meta: ExportMeta, threshold: MaskRule | float,
                    failed: list[dict]) -> dict | None:
     try:
         image = read_frame(path, meta.in_chans)
@@ -234,7 +259,7 @@ def _write_summary(out_dir: Path, failed: list[dict]) -> None:
         f.write(b'\n],\n"failed": ' + json.dumps(failed, indent=2).encode() + b"}\n")
 
 
-def check_earlier_run(out_dir: Path, checkpoint: str, threshold: float, overwrite: bool) -> None:
+def check_earlier_run(out_dir: Path, checkpoint: str, threshold: str | float, overwrite: bool) -> None:
     """``out_dir`` is a new folder or one an earlier predict wrote (its ``config.yaml``: never clobber another
     stage's folder); a re-run that keeps the frames done before must predict as that run did: the same checkpoint
     and threshold."""
@@ -251,12 +276,19 @@ def check_earlier_run(out_dir: Path, checkpoint: str, threshold: float, overwrit
     changed = []
     if os.path.abspath(str(earlier["checkpoint"])) != os.path.abspath(checkpoint):
         changed.append(f"checkpoint={earlier['checkpoint']}")
-    if earlier["threshold"] != threshold:
+    if str(earlier["threshold"]) != str(threshold) and _number(earlier["threshold"]) != _number(threshold):
         changed.append(f"threshold={earlier['threshold']}")
     if changed and not overwrite:
         raise SynthvitError(f"out: {out_dir} holds predictions made with {', '.join(changed)} ({path}), not "
                             f"checkpoint={checkpoint}, threshold={threshold}; give overwrite=true to redo every "
                             f"frame, or another out")
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def failure_message(failed: list[dict], total: int, out_dir: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -24,16 +25,25 @@ from finetune.artifacts import (
     read_split,
     write_metrics,
 )
-from finetune.config import EvaluateConfig, FinetuneConfig, PredictConfig
-from finetune.evaluate import Predictor, evaluate
-from finetune.predict import check_earlier_run, failure_message, input_files, output_keys, predict_files
+from finetune.calibrate import fit_decision
+from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig, FinetuneConfig, PredictConfig
+from finetune.evaluate import Predictor, check_tiling, evaluate
+from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.train import check_resumable, train
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.data import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
-from synthvit.models import ExportMeta, Heads, class_groups, read_export_meta, stats_meta, write_export
+from synthvit.models import (
+    ExportMeta,
+    Heads,
+    class_groups,
+    read_export_meta,
+    stats_meta,
+    write_export,
+    write_export_meta,
+)
 from synthvit.progress import progress_bar
 from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator, peak_memory_mb, resolve_device
@@ -78,6 +88,8 @@ def run(cfg: FinetuneConfig) -> Path:
     train_items, test_items = _select(data, cfg, split)
     torch.manual_seed(cfg.seed)
     model = _build(cfg, data)
+    if cfg.evaluate or cfg.steps:
+        check_tiling(model, cfg)  # a tile size evaluation or predict could not run is refused before training
     frozen = model.freeze_early(cfg.freeze_blocks)
     acc = make_accelerator(cfg.precision)
     ranks = Ranks.of(acc)
@@ -101,6 +113,8 @@ def run(cfg: FinetuneConfig) -> Path:
     model = summary.pop("model")
     meta = _meta(cfg, data, stats_meta(mean, std))
     if ranks.is_main:
+        if cfg.steps:  # zero-shot evaluates the export as it is: no training labels
+            meta.decision = fit_decision(Predictor(model, meta, acc.device, cfg.tiling), data, train_items, cfg)
         write_export(model, run_dir / EXPORT_DIR, meta)
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the export is the product; checkpoints were a means
         if cfg.evaluate and test_items:
@@ -159,25 +173,61 @@ def _headline(m: dict) -> str:
     return ", ".join(parts)
 
 
+def _run_split(run, data: RealData) -> dict[str, str]:
+    """id -> train/test/unused of a finished run: its own split.csv (whatever draws split_ids has learnt since),
+    else (other data, or a run folder without split.csv) the seeded split of its config."""
+    saved = read_split(run.folder)
+    if saved is not None and set(saved) == {i.id for i in data.items}:
+        return saved
+    fcfg = run.cfg
+    return split_ids(data, fcfg.test_fraction, fcfg.data_seed)
+
+
+def _run_data(run, folder: str = "") -> RealData:
+    fcfg = run.cfg
+    return load_real_data(folder or fcfg.data, fcfg.format, max_pixels=fcfg.max_pixels,
+                          split_missing=fcfg.split_missing)
+
+
 def run_evaluate(cfg: EvaluateConfig) -> Path:
     run = load_run(cfg.checkpoint)
-    fcfg = run.cfg
-    data = load_real_data(cfg.data or fcfg.data, fcfg.format, max_pixels=fcfg.max_pixels,
-                          split_missing=fcfg.split_missing)
-    saved = read_split(run.folder)  # the run's own split, whatever draws split_ids has learnt since
-    if saved is not None and set(saved) == {i.id for i in data.items}:
-        split = {i: "train" if s == "unused" else s for i, s in saved.items()}
-    else:  # other data, or a run folder without split.csv
-        split = split_ids(data, fcfg.test_fraction, fcfg.data_seed)
+    data = _run_data(run, cfg.data)
+    split = {i: "train" if s == "unused" else s for i, s in _run_split(run, data).items()}
     items = [i for i in data.items if cfg.split == "all" or split[i.id] == cfg.split]
+    _say_decision(run.meta, cfg.checkpoint)
     bar = progress_bar(total=len(items), desc="evaluate", unit="img")
-    metrics = evaluate(run.predictor(resolve_device()), data, items, fcfg.in_chans, bar)
+    metrics = evaluate(run.predictor(resolve_device()), data, items, run.cfg.in_chans, bar)
     bar.close()
     out = Path(cfg.out_dir or cfg.checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / f"metrics_{cfg.split}.json", json.dumps(metrics, indent=2).encode())
     log.info("%s: %s", cfg.split, _headline(metrics))
     return out
+
+
+def _say_decision(meta: ExportMeta, checkpoint: str) -> None:
+    if meta.decision is None and meta.heads.has_seg:
+        log.warning("%s has no fitted defect decision (made before synthvit 0.2, or calibrate.rule=argmax): masks are "
+                    "argmax, which over-paints defects after defect-centred training; `synthvit calibrate "
+                    "checkpoint=%s` fits one from the run's training frames", checkpoint, checkpoint)
+
+
+def run_calibrate(cfg: CalibrateRunConfig) -> Path:
+    """Fit (again) the defect decision of a finished run from the frames it trained on, into its export."""
+    run = load_run(cfg.checkpoint)
+    if not run.meta.heads.has_seg:
+        raise SynthvitError(f"checkpoint: {cfg.checkpoint} has no dense head (task={run.cfg.task}): nothing to "
+                            f"calibrate")
+    data = _run_data(run)
+    split = _run_split(run, data)
+    train = [i for i in data.items if split[i.id] == "train"]  # the frames it trained on (never test, nor unused)
+    fcfg = dataclasses.replace(run.cfg, calibrate=CalibrateConfig(rule=cfg.rule, max_images=cfg.max_images))
+    decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg)
+    write_export_meta(run.folder / EXPORT_DIR, dataclasses.replace(run.meta, decision=decision))
+    log.info("calibrate: %s/%s holds the decision (%s); `synthvit evaluate checkpoint=%s` scores it",
+             cfg.checkpoint, EXPORT_DIR, f"{decision.rule} {decision.threshold:.4f}" if decision else "argmax",
+             cfg.checkpoint)
+    return run.folder
 
 
 def run_predict(cfg: PredictConfig) -> Path:
@@ -190,9 +240,14 @@ def run_predict(cfg: PredictConfig) -> Path:
     check_earlier_run(out, cfg.checkpoint, cfg.threshold, cfg.overwrite)
     run = load_run(cfg.checkpoint)
     set_pixel_cap(run.cfg.max_pixels)
+    rule = MaskRule.of(run.meta, cfg.threshold)
+    if cfg.threshold == "auto":
+        _say_decision(run.meta, cfg.checkpoint)
+    log.info("predict: masks at %s", f"p(defect) > {rule.threshold:.4f} ({rule.name})" if rule.threshold is not None
+             else "argmax")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
-    done = predict_files(run.predictor(resolve_device()), files, out, run.meta, cfg.threshold, keys, cfg.overwrite)
+    done = predict_files(run.predictor(resolve_device()), files, out, run.meta, rule, keys, cfg.overwrite)
     log.info("predict: %d frames predicted, %d done before (skipped), %d unreadable -> %s", done["predicted"],
              done["skipped"], len(done["failed"]), out)
     if done["failed"]:

@@ -58,16 +58,23 @@ class CropDataset(torch.utils.data.Dataset):
             self._cached_bytes -= old_image.nbytes + old_mask.nbytes
         return image, mask
 
-    def __getitem__(self, i: int) -> dict:
-        cfg = self.cfg
-        rng = np.random.default_rng((cfg.seed, i))
-        centred = bool(self.defective) and rng.random() < cfg.defect_crop_prob
+    def draw(self, i: int) -> tuple[np.random.Generator, bool, int]:
+        """Sample ``i``'s generator, whether it is defect-centred, and its frame (the first draws of the sample)."""
+        rng = np.random.default_rng((self.cfg.seed, i))
+        centred = bool(self.defective) and rng.random() < self.cfg.defect_crop_prob
         k = self.defective[int(rng.integers(len(self.defective)))] if centred else int(rng.integers(len(self.items)))
+        return rng, centred, k
+
+    def window(self, image: np.ndarray, mask: np.ndarray, rng, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The crop (or resize) of a frame that a sample trains on, before rotation and flip."""
+        if self.cfg.input == "resize":
+            return resize_pair(image, mask, self.cfg, rng)
+        return crop_pair(image, mask, self.cfg, rng, centred)
+
+    def __getitem__(self, i: int) -> dict:
+        rng, centred, k = self.draw(i)
         item = self.items[k]
-        if cfg.input == "resize":
-            image, mask = resize_pair(*self.frame(k), cfg, rng)
-        else:
-            image, mask = crop_pair(*self.frame(k), cfg, rng, centred)
+        image, mask = self.window(*self.frame(k), rng, centred)
         k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
         image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k)
         if flip:
@@ -130,7 +137,7 @@ def losses(out: dict, batch: dict, label_smoothing: float, seg_loss: str = "ce")
 
 # keys that do not change what a step computes: a checkpoint resumes across them
 RESUME_FREE_KEYS = ("out_dir", "resume", "stop_at", "save_every", "log_every", "evaluate", "num_workers", "cache_mb",
-                    "tiling", "max_pixels")
+                    "tiling", "calibrate", "max_pixels")
 
 
 def training_config(cfg) -> dict:

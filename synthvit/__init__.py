@@ -6,4 +6,4 @@ This package is the ground floor: the CLI, the config loader, small shared I/O (
 its two rooms one floor up serve every stage: the real-data reader (:mod:`synthvit.data`) and the networks
 (:mod:`synthvit.models`). Importing ``synthvit`` itself imports nothing heavy.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

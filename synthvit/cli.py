@@ -29,6 +29,8 @@ STAGES: dict[str, Stage] = {
                       "fine-tune a ViT or CNN baseline on real high-res images; tiled full-resolution test metrics"),
     "evaluate": Stage("finetune.config:EvaluateConfig", "finetune.run:run_evaluate",
                       "evaluate a finetune run on a split at full resolution (metrics_<split>.json)"),
+    "calibrate": Stage("finetune.config:CalibrateRunConfig", "finetune.run:run_calibrate",
+                       "fit a finetune run's defect decision (p(defect) threshold) from its training frames again"),
     "predict": Stage("finetune.config:PredictConfig", "finetune.run:run_predict",
                      "predict masks, overlays and JSON with a finetune run for an image, a folder, a glob or a list "
                      "of frames (a re-run skips finished frames)"),

@@ -196,7 +196,7 @@ def test_records_stream_to_jsonl_one_per_frame(run, frames, tmp_path, calls):
 def test_rerun_with_another_threshold_other_frames_or_into_a_run(run, frames, tmp_path, calls, caplog):
     out = tmp_path / "out"
     predict(run, frames, out)
-    with pytest.raises(SynthvitError, match=r"holds predictions made with threshold=0.5 .*give overwrite=true"):
+    with pytest.raises(SynthvitError, match=r"holds predictions made with threshold=auto .*give overwrite=true"):
         predict(run, frames, out, threshold=0.7)
     assert calls.count == 4
     # other frames mapped to the same names are predicted, not taken for done

@@ -46,11 +46,21 @@ def zero_shot_text(cfg: CompareConfig) -> str:
             + "".join(f" None for {', '.join(names)} ({why})." for why, names in lack.items()))
 
 
+def decision_note(rows: list[Row]) -> str:
+    """Which defect decision the IoU and Dice figures were taken at."""
+    rules = sorted({r.rule for r in rows if r.done and r.rule})
+    return ("IoU and Dice are taken at each run's defect decision (rule: " + (", ".join(rules) or "none") + "), "
+            "fitted after training on the run's own training frames, never on test pixels: a p(defect) threshold "
+            "that undoes the defect-centred crop sampling. \"defect IoU @argmax\" is the same model at "
+            "p(defect) > 0.5; pixel AP is threshold-free. The differences below use the decision's figures.")
+
+
 def differences(rows: list[Row], report: Report) -> None:
     report.add("h2", "Differences")
     lines = difference_lines(rows)
     one_seed = all(sum(r.done for r in rs) <= 1 for (_, budget), rs in groups(rows).items() if budget != ZERO_SHOT)
     report.add("p", NOISE_RULE + (" " + NO_SEEDS if one_seed else ""))
+    report.add("p", decision_note(rows))
     if lines:
         report.add("ul", lines)
     else:

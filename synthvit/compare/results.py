@@ -37,10 +37,15 @@ class Row:
     status: str  # done | failed
     steps: int | None
     train_images: int | None
-    miou: float | None
-    defect_iou: float | None  # mean IoU of the non-background classes
+    miou: float | None  # at the run's defect decision (its "rule": threshold, logit-adjust, or argmax for old runs)
+    defect_iou: float | None  # mean IoU of the non-background classes, at the run's defect decision
     mdice: float | None
-    pixel_ap: float | None
+    pixel_ap: float | None  # threshold-free
+    rule: str | None  # the decision the IoU/Dice columns were taken at
+    defect_iou_argmax: float | None  # the same at argmax (p(defect) > 0.5): what synthvit <= 0.1.0 reported
+    miou_argmax: float | None
+    defect_pixel_ratio: float | None  # predicted / true defect pixels of the test frames, at the decision
+    defect_pixel_ratio_argmax: float | None
     image_auroc: float | None
     image_ap: float | None
     accuracy: float | None
@@ -87,13 +92,18 @@ def cell_row(cell: Cell, probe: dict) -> Row:
     export_path = cell.folder / EXPORT_DIR / EXPORT_CONFIG
     export = ExportMeta.from_json(read_json(export_path), export_path) if export_path.is_file() else None
     pixel, image = (m and m.pixel) or {}, (m and m.image) or {}
+    argmax = pixel.get("argmax") or pixel  # metrics of synthvit <= 0.1.0 hold argmax figures only
     params = probe.get("parameters", m and m.parameters)
     return Row(name=cell.spec.name, model=cell.spec.model, family=model_family(cell.spec.model),
                init=cell.spec.init, decoder=export and export.decoder, task=m.task if m else planned.get("task", ""),
                budget=cell.label, seed=cell.seed, status="done" if m else "failed",
                steps=m.steps if m else planned.get("steps"),
                train_images=m and m.train_images, miou=pixel.get("miou"), defect_iou=defect_iou(pixel.get("iou")),
-               mdice=pixel.get("mdice"), pixel_ap=pixel.get("defect_ap"), image_auroc=image.get("auroc"),
+               mdice=pixel.get("mdice"), pixel_ap=pixel.get("defect_ap"),
+               rule=pixel.get("rule", "argmax") if pixel else None,
+               defect_iou_argmax=defect_iou(argmax.get("iou")), miou_argmax=argmax.get("miou"),
+               defect_pixel_ratio=pixel.get("defect_pixel_ratio"),
+               defect_pixel_ratio_argmax=argmax.get("defect_pixel_ratio"), image_auroc=image.get("auroc"),
                image_ap=image.get("ap"), accuracy=m and m.accuracy,
                train_s=m and m.train_wall_s, train_peak_mb=m and m.train_peak_mb,
                s_per_4k_frame=probe.get("seconds_per_frame"), frames_per_s=probe.get("frames_per_s"),

@@ -10,7 +10,9 @@ from synthvit.compare.results import Row
 from synthvit.compare.stats import Difference, MeanStd, mean_std
 
 # (column, Row attribute): higher is better for every one
-METRICS = [("mIoU", "miou"), ("defect IoU", "defect_iou"), ("mDice", "mdice"), ("pixel AP", "pixel_ap"),
+# IoU and Dice at each run's fitted defect decision; "@argmax": the same at p(defect) > 0.5, for comparison
+METRICS = [("mIoU", "miou"), ("defect IoU", "defect_iou"), ("defect IoU @argmax", "defect_iou_argmax"),
+           ("mDice", "mdice"), ("pixel AP", "pixel_ap"),
            ("image AUROC", "image_auroc"), ("image AP", "image_ap"), ("accuracy", "accuracy")]
 # (column, Row attribute, higher is better?): per cell, so mean ± std over seeds
 TRAIN_COSTS = [("train peak MB", "train_peak_mb", False), ("train s", "train_s", False)]
@@ -19,7 +21,7 @@ PROBE_COSTS = [("params M", "params_m", False), ("GFLOPs/512 tile", "gflops_per_
                ("{frame} s/frame", "s_per_4k_frame", False), ("{frame} frames/s", "frames_per_s", True),
                ("{frame} inference peak MB", "inference_peak_mb", False)]
 # what the differences section tests, and the data-efficiency plot's panels
-COMPARED = [("defect IoU", "defect_iou"), ("mIoU", "miou"), ("image AUROC", "image_auroc")]
+COMPARED = [("defect IoU", "defect_iou"), ("mIoU", "miou"), ("pixel AP", "pixel_ap"), ("image AUROC", "image_auroc")]
 
 
 def budget_order(budget: int | str) -> int:

@@ -7,6 +7,7 @@ offers what training, export and analysis need as methods (:class:`synthvit.mode
 from synthvit.models.backbones import create_backbone, is_vit_backbone, load_local_weights
 from synthvit.models.base import SynthvitModel
 from synthvit.models.baselines import SEG_BASELINES, DeepLabV3Plus, HRNetSeg
+from synthvit.models.decision import Decision, class_map
 from synthvit.models.decoders import DECODERS, DPTHead, LinearHead, create_decoder
 from synthvit.models.export import (
                                     EXPORT_CONFIG,
@@ -22,6 +23,7 @@ from synthvit.models.export import (
                                     save_tensors,
                                     stats_meta,
                                     write_export,
+                                    write_export_meta,
 )
 from synthvit.models.factory import class_groups, create_model
 from synthvit.models.heads import OBJECTIVES, Heads
@@ -31,4 +33,4 @@ __all__ = ["create_backbone", "is_vit_backbone", "load_local_weights", "Synthvit
            "DeepLabV3Plus", "HRNetSeg", "EXPORT_CONFIG", "EXPORT_DIR", "EXPORT_SEG_HEAD", "EXPORT_WEIGHTS",
            "ExportConfigError", "ExportMeta", "read_export_meta", "load_export", "meta_stats", "read_export_config",
            "save_tensors", "stats_meta", "write_export", "class_groups", "create_model", "OBJECTIVES", "Heads",
-           "TaskModel", "DECODERS", "DPTHead", "LinearHead", "create_decoder"]
+           "TaskModel", "Decision", "class_map", "write_export_meta", "DECODERS", "DPTHead", "LinearHead", "create_decoder"]

@@ -17,6 +17,14 @@ class SynthvitModel(nn.Module):
         """Mean and std (C, 1, 1) in 0..255 units that inputs are normalised with (default: 127.5, 127.5)."""
         return torch.full((in_chans, 1, 1), 127.5), torch.full((in_chans, 1, 1), 127.5)
 
+    def input_multiple(self) -> int:
+        """Input sides must be a multiple of this (a ViT's patch stride, a CNN's output stride; 1: any)."""
+        return 1
+
+    def set_input_size(self, size: int) -> None:
+        """Prepare the model for ``size`` x ``size`` inputs (a ViT resamples its position embeddings); CNNs take any
+        size."""
+
     def export_meta(self) -> dict:
         """What an export's config.json must record to rebuild this model's head (``decoder``: none here)."""
         return {"decoder": None, "decoder_width": 0, "class_groups": None}

@@ -32,6 +32,9 @@ class DeepLabV3Plus(_WholeStateExport):
     def forward(self, x):
         return {"seg": self.net(x)}
 
+    def input_multiple(self) -> int:
+        return int(getattr(self.net.encoder, "output_stride", 16))  # smp refuses other sides
+
     def freeze_early(self, k: int) -> int:
         return freeze(resnet_stem_and_stages(self.net.encoder, k)) if k else 0
 

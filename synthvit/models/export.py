@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.models.decision import Decision
 from synthvit.models.heads import Heads
 
 EXPORT_DIR = "export"  # a pretrain or finetune run folder's export: <run>/export
@@ -44,8 +45,13 @@ def write_export(model, out_dir: Path, meta: ExportMeta) -> Path:
         save_tensors(state, out_dir / name)
     meta = dataclasses.replace(meta, **model.export_meta(), weights=EXPORT_WEIGHTS,
                                seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
-    atomic_write_text(out_dir / EXPORT_CONFIG, json.dumps(meta.to_json(), indent=2) + "\n")
+    write_export_meta(out_dir, meta)
     return out_dir
+
+
+def write_export_meta(out_dir: str | Path, meta: ExportMeta) -> None:
+    """Rewrite an export's ``config.json`` alone (atomically), e.g. to add a fitted decision; the weights stay."""
+    atomic_write_text(Path(out_dir) / EXPORT_CONFIG, json.dumps(meta.to_json(), indent=2) + "\n")
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,6 +101,7 @@ class ExportMeta:
     init: str | None = None  # finetune: the export it started from
     weights: str = EXPORT_WEIGHTS  # the backbone's (or whole CNN's) safetensors file
     seg_head: str | None = None  # the dense head's safetensors file (timm models with a dense head)
+    decision: Decision | None = None  # finetune: the fitted defect decision (None: argmax, as before it existed)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance kept as written (steps, data, version, ...)
 
     def to_json(self) -> dict[str, Any]:
@@ -104,6 +111,8 @@ class ExportMeta:
                "seg_classes": self.seg_classes, "cls_classes": self.cls_classes, "mean": self.mean, "std": self.std,
                "decoder": self.decoder, "decoder_width": self.decoder_width, "class_groups": self.class_groups,
                "input": self.input, "init": self.init, "weights": self.weights, "seg_head": self.seg_head}
+        if self.decision is not None:  # absent, not null, when there is none: earlier files keep their shape
+            doc["decision"] = self.decision.to_json()
         return doc | {k: v for k, v in self.extra.items() if k not in doc}
 
     @classmethod
@@ -135,6 +144,9 @@ class ExportMeta:
             meta.cls_classes = list(meta.class_names)
         if not has_seg_classes and heads.has_seg:
             meta.seg_classes = list(meta.class_names)
+        decision = doc.pop("decision", None)
+        if decision is not None:
+            meta.decision = Decision.from_json(decision, source)
         for dup in ("architecture", "crop_size"):  # written twice by earlier versions
             doc.pop(dup, None)
         meta.extra = doc

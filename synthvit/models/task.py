@@ -11,7 +11,7 @@ from torch import nn
 from synthvit.io import SynthvitError
 from synthvit.models.backbones import backbone_stats, is_vit_backbone
 from synthvit.models.base import SynthvitModel, freeze, is_resnet, resnet_block_features, resnet_stem_and_stages
-from synthvit.models.decoders import block_indices, create_decoder
+from synthvit.models.decoders import block_indices, create_decoder, patch_stride
 from synthvit.models.export import EXPORT_SEG_HEAD, EXPORT_WEIGHTS
 from synthvit.models.heads import OBJECTIVES, Heads
 
@@ -82,6 +82,19 @@ class TaskModel(SynthvitModel):
     @property
     def has_class_token(self) -> bool:
         return getattr(self.backbone, "cls_token", None) is not None
+
+    def input_multiple(self) -> int:
+        return patch_stride(self.backbone) if self.is_vit else 1
+
+    def set_input_size(self, size: int) -> None:
+        """A ViT trained on ``img_size`` crops runs on ``size`` tiles: timm resamples its position embeddings to the
+        new grid (bicubic), as it does when fine-tuning at a new resolution. CNN backbones take any size."""
+        if not self.is_vit or tuple(self.backbone.patch_embed.img_size) == (size, size):
+            return
+        if not hasattr(self.backbone, "set_input_size"):
+            raise SynthvitError(f"{type(self.backbone).__name__} cannot change its input size from "
+                                f"{self.backbone.patch_embed.img_size[0]}; infer with tiling.tile=0 (the crop size)")
+        self.backbone.set_input_size(img_size=(size, size))
 
     # ------------------------------------------------------------------ training and export
     def export_meta(self) -> dict:

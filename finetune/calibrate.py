@@ -1,0 +1,155 @@
+"""Fit the defect decision of a finetune run on its *training* frames (never test pixels).
+
+Training crops are drawn defect-centred (``defect_crop_prob``, 0.8 in the compare configs), so the model learns a
+defect prior tens of times above the frames' own and ``argmax`` over-paints defects (14-17x the true defect pixels
+on two real sets). After training, :func:`fit_decision` scores whole training frames at full resolution, tiled as
+evaluation tiles them, and fits two rules (see :mod:`synthvit.models.decision`):
+
+- ``threshold``: the p(defect) threshold that maximises defect IoU over those frames' pixels;
+- ``logit-adjust``: the threshold that undoes the prior shift, from the defect-pixel share of the training crops
+  (the sampler replayed on the masks) and of the training frames.
+
+Why training frames and not a held-out share of them: the runs this is for have few labelled defects (5-100
+defective frames); holding some out would take them from training, and the shift being corrected comes from the
+sampler, not from the frames. The frames scored: up to ``calibrate.max_images`` of the train split, half defective
+and half defect-free where there are that many (a seeded draw), each half weighted to its whole count so the pixel
+shares are the split's.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from finetune.train import CropDataset
+from synthvit.data import Item, RealData, has_defect, shown_size, to_array
+from synthvit.models import Decision
+from synthvit.models.decision import logit_adjust_threshold
+from synthvit.progress import progress_bar
+
+log = logging.getLogger("synthvit.finetune")
+
+LOGIT_RANGE, BINS = 16.0, 3200  # p(defect) histogrammed on the logit scale, 0.01 per bin
+SAMPLED_CROPS = 2048  # training samples replayed (masks only) to measure the sampled defect share
+
+
+class DefectHistogram:
+    """Weighted pixel counts of defect and background pixels per bin of logit(p(defect))."""
+
+    def __init__(self):
+        self.pos = torch.zeros(BINS, dtype=torch.float64)
+        self.neg = torch.zeros(BINS, dtype=torch.float64)
+
+    def add(self, p_defect: torch.Tensor, target: torch.Tensor, weight: float) -> None:
+        z = torch.logit(p_defect.float().clamp(1e-7, 1 - 1e-7)).clamp(-LOGIT_RANGE, LOGIT_RANGE - 1e-4)
+        idx = ((z + LOGIT_RANGE) * (BINS / (2 * LOGIT_RANGE))).long().flatten()
+        is_defect = target.flatten() > 0
+        self.pos += torch.bincount(idx[is_defect], minlength=BINS).double() * weight
+        self.neg += torch.bincount(idx[~is_defect], minlength=BINS).double() * weight
+
+    def edge(self, j: int) -> float:
+        """p(defect) at the lower edge of bin ``j``."""
+        return float(torch.sigmoid(torch.tensor(-LOGIT_RANGE + j * 2 * LOGIT_RANGE / BINS, dtype=torch.float64)))
+
+    def iou_curve(self) -> torch.Tensor:
+        """Defect IoU when every pixel in bin j or above is called a defect, for every j."""
+        tp = self.pos.flip(0).cumsum(0).flip(0)
+        fp = self.neg.flip(0).cumsum(0).flip(0)
+        return tp / (fp + self.pos.sum()).clamp_min(1e-12)
+
+    def iou_at(self, threshold: float) -> float:
+        z = float(torch.logit(torch.tensor(threshold, dtype=torch.float64).clamp(1e-7, 1 - 1e-7)))
+        j = int(np.clip(np.ceil((z + LOGIT_RANGE) * BINS / (2 * LOGIT_RANGE)), 0, BINS - 1))
+        return float(self.iou_curve()[j])
+
+    def best(self) -> tuple[float, float]:
+        """(threshold, IoU) of the IoU-maximising threshold."""
+        curve = self.iou_curve()
+        j = int(curve.argmax())
+        return self.edge(j), float(curve[j])
+
+    @property
+    def defect_share(self) -> float:
+        total = float(self.pos.sum() + self.neg.sum())
+        return float(self.pos.sum()) / total if total else 0.0
+
+
+def scored_frames(items: list[Item], max_images: int, seed: int) -> list[tuple[str, list[Item], int]]:
+    """The training frames to score as (kind, frames, whole count) groups: defective and defect-free, each a seeded
+    draw of at most half of ``max_images`` (more of one when the other has fewer)."""
+    defective = [it for it in items if has_defect(it)]
+    free = [it for it in items if not has_defect(it)]
+    n_def = min(len(defective), max(max_images // 2, max_images - len(free)))
+    n_free = min(len(free), max_images - n_def)
+    rng = np.random.default_rng([seed, 22])
+    groups = []
+    for kind, group, n in (("defective", defective, n_def), ("defect-free", free, n_free)):
+        if n:
+            keep = sorted(rng.choice(len(group), n, replace=False).tolist())
+            groups.append((kind, [group[k] for k in keep], len(group)))
+    return groups
+
+
+def sampled_defect_share(data: RealData, items: list[Item], cfg) -> float:
+    """The defect-pixel share of the crops training drew: the run's own sampler replayed for up to
+    :data:`SAMPLED_CROPS` of its sample ids, on masks alone (each mask read once)."""
+    total = max(cfg.steps, 1) * cfg.batch_size
+    ds = CropDataset(data, items, cfg, total)
+    ids = range(0, total, max(1, total // SAMPLED_CROPS))
+    by_frame = defaultdict(list)
+    for i in ids:
+        rng, centred, k = ds.draw(i)
+        by_frame[k].append((rng, centred))
+    defect = pixels = 0
+    for k, draws in by_frame.items():
+        item = items[k]
+        with item.load() as im:
+            size = shown_size(im)
+        mask = item.mask(size) if item.mask is not None else np.zeros(size[::-1], np.uint8)
+        for rng, centred in draws:
+            _, window = ds.window(mask, mask, rng, centred)
+            defect += int(np.count_nonzero(window))
+            pixels += window.size
+    return defect / pixels if pixels else 0.0
+
+
+def fit_decision(predictor, data: RealData, items: list[Item], cfg) -> Decision | None:
+    """The run's defect decision from its training ``items`` (``cfg``: the FinetuneConfig), or None where there is
+    nothing to fit (``calibrate.rule=argmax``, no dense head, no defect pixel among the training frames)."""
+    rule = cfg.calibrate.rule
+    if rule == "argmax" or not predictor.meta.heads.has_seg or not data.has_masks:
+        return None
+    groups = scored_frames(items, cfg.calibrate.max_images, cfg.data_seed)
+    if not any(kind == "defective" for kind, _, _ in groups):
+        log.warning("calibrate: no training frame holds a defect pixel; the decision stays argmax")
+        return None
+    hist = DefectHistogram()
+    n = sum(len(frames) for _, frames, _ in groups)
+    with progress_bar(total=n, desc="calibrate", unit="img") as bar:
+        for _, frames, whole in groups:
+            weight = whole / len(frames)  # each scored frame stands for this many of the split's
+            for item in frames:
+                with item.load() as im:
+                    image = to_array(im, cfg.in_chans)
+                h, w = image.shape[:2]
+                mask = torch.from_numpy(item.mask((w, h)) if item.mask is not None else np.zeros((h, w), np.uint8))
+                hist.add(1 - predictor(image)["probs"][0], mask, weight)
+                bar.update(1)
+    natural, sampled = hist.defect_share, sampled_defect_share(data, items, cfg)
+    best, best_iou = hist.best()
+    adjusted = logit_adjust_threshold(sampled, natural)
+    candidates = {"threshold": round(best, 6), "logit-adjust": round(adjusted, 6)}
+    counts = " + ".join(f"{len(frames)} of {whole} {kind}" for kind, frames, whole in groups)
+    decision = Decision(rule=rule, threshold=candidates[rule], candidates=candidates,
+                        fitted_on=f"train split at full resolution (tile {predictor.tiler.tile}): {counts} frames",
+                        train_defect_iou={"threshold": round(best_iou, 6),
+                                          "logit-adjust": round(hist.iou_at(adjusted), 6),
+                                          "p>0.5": round(hist.iou_at(0.5), 6)},
+                        prior={"natural": round(natural, 8), "sampled": round(sampled, 8)})
+    log.info("calibrate: defect pixels %.4f%% of the train frames, %.2f%% of the training crops; thresholds on "
+             "p(defect): threshold %.4f (train IoU %.4f), logit-adjust %.4f (train IoU %.4f), 0.5 (train IoU "
+             "%.4f); using %s", 100 * natural, 100 * sampled, best, best_iou, adjusted,
+             decision.train_defect_iou["logit-adjust"], decision.train_defect_iou["p>0.5"], rule)
+    return decision

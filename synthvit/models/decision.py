@@ -1,0 +1,85 @@
+"""The defect decision an export ships with: which pixels of a probability map are called defects.
+
+A segmentation model trained on defect-centred crops learns a defect prior far above the frames' own (80 % of the
+crops on a defect, against a few percent of defect pixels per frame), so ``argmax`` (``p(defect) > 0.5``) paints
+defects over far too many pixels. finetune therefore fits a threshold on ``p(defect) = 1 - p(background)`` from
+*training* frames (:mod:`finetune.calibrate`) and stores it here, in the export's ``config.json``; evaluate, predict
+and compare apply it. The rule decides defect against background; among defect classes the most probable wins.
+
+Two rules are fitted, one kept as ``rule`` (the other stays in ``candidates``):
+
+- ``threshold``: the threshold that maximises defect IoU on the scored training frames.
+- ``logit-adjust``: Menon et al. (2021), "Long-tail learning via logit adjustment": subtracting
+  ``log(sampled odds / natural odds)`` of the defect class from its logit, which for the defect-vs-background
+  decision is the threshold ``R / (1 + R)`` with ``R`` that odds ratio.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from synthvit.io import SynthvitError
+
+RULES = ("threshold", "logit-adjust")
+
+
+class DecisionError(SynthvitError):
+    """A ``decision`` record in an export's config.json that lacks a key or has one of the wrong type."""
+
+
+@dataclass(kw_only=True)
+class Decision:
+    """A fitted defect decision: ``rule`` and its ``threshold`` on ``p(defect)``, every fitted rule's threshold,
+    and what it was fitted on (never test pixels)."""
+    rule: str  # threshold | logit-adjust
+    threshold: float  # on p(defect) = 1 - p(background)
+    candidates: dict[str, float] = field(default_factory=dict)  # rule -> its threshold
+    fitted_on: str = ""  # which frames were scored, e.g. "train: 58 of 117 defective + 64 of 823 defect-free frames"
+    train_defect_iou: dict[str, float] = field(default_factory=dict)  # rule (and argmax) -> IoU on those frames
+    prior: dict[str, float] = field(default_factory=dict)  # natural and sampled defect-pixel shares
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "threshold": self.threshold, "candidates": self.candidates,
+                "fitted_on": self.fitted_on, "train_defect_iou": self.train_defect_iou, "prior": self.prior}
+
+    @classmethod
+    def from_json(cls, doc: Any, source) -> Decision:
+        if not isinstance(doc, dict):
+            raise DecisionError(f"{source}: key 'decision' is {doc!r}, expected an object")
+        rule, threshold = doc.get("rule"), doc.get("threshold")
+        if rule not in RULES:
+            raise DecisionError(f"{source}: decision.rule is {rule!r}; expected one of {', '.join(RULES)}")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
+            raise DecisionError(f"{source}: decision.threshold is {threshold!r}; expected a number in [0, 1]")
+        return cls(rule=rule, threshold=float(threshold), candidates=dict(doc.get("candidates") or {}),
+                   fitted_on=str(doc.get("fitted_on") or ""), train_defect_iou=dict(doc.get("train_defect_iou") or {}),
+                   prior=dict(doc.get("prior") or {}))
+
+    def with_rule(self, rule: str) -> Decision:
+        """The same fit with another of its rules kept."""
+        if rule not in self.candidates:
+            raise SynthvitError(f"rule: {rule!r} was not fitted; fitted: {', '.join(self.candidates)}")
+        return Decision(rule=rule, threshold=self.candidates[rule], candidates=self.candidates,
+                        fitted_on=self.fitted_on, train_defect_iou=self.train_defect_iou, prior=self.prior)
+
+
+def class_map(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """(K, H, W) class probabilities -> (H, W) int64 classes. ``threshold`` None: argmax; else a pixel is a defect
+    where ``1 - p(background) > threshold``, of its most probable defect class."""
+    if threshold is None:
+        return probs.argmax(0)
+    defect = (1 - probs[0]) > threshold
+    classes = probs[1:].argmax(0) + 1 if probs.shape[0] > 2 else torch.ones_like(defect, dtype=torch.int64)
+    return torch.where(defect, classes, torch.zeros_like(classes))
+
+
+def logit_adjust_threshold(sampled: float, natural: float) -> float:
+    """The p(defect) threshold equivalent to logit adjustment from the ``sampled`` to the ``natural`` defect share
+    (both in (0, 1)): ``R / (1 + R)``, ``R = odds(sampled) / odds(natural)``."""
+    eps = 1e-9
+    s, n = min(max(sampled, eps), 1 - eps), min(max(natural, eps), 1 - eps)
+    log_r = math.log(s / (1 - s)) - math.log(n / (1 - n))
+    return 1 / (1 + math.exp(-log_r))

@@ -1,0 +1,180 @@
+"""The defect decision: fitted after training on training frames only (test pixels never read), stored in the
+export, used by evaluate and predict (a user threshold still overrides), absent from old exports; and a ViT trained
+on small crops predicts at another tile size, while a tile it cannot take is refused before training."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import assert_cli_error, make_real_data
+from finetune import run as finetune_run
+from finetune.artifacts import read_split
+from finetune.calibrate import DefectHistogram, fit_decision, scored_frames
+from finetune.config import CalibrateConfig, FinetuneConfig
+from finetune.predict import MaskRule
+from synthvit.data import load_real_data, split_ids
+from synthvit.models import Decision, ExportMeta, Heads, class_map, read_export_meta
+from synthvit.models.decision import logit_adjust_threshold
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+DEFECT = np.s_[20:28, 24:40]  # every odd frame's defect (grey 30)
+
+
+def test_histogram_threshold_maximises_iou_and_logit_adjustment_undoes_the_prior():
+    hist = DefectHistogram()
+    p = torch.cat([torch.full((100,), 0.9), torch.full((1000,), 0.6), torch.full((10_000,), 0.1)])
+    target = torch.cat([torch.ones(100), torch.zeros(11_000)])
+    hist.add(p, target, weight=2.0)
+    t, iou = hist.best()
+    assert 0.6 < t <= 0.9 and iou == pytest.approx(1.0)  # only the defects are above it
+    assert hist.iou_at(0.5) == pytest.approx(100 / 1100)  # argmax calls the 0.6 background defect too
+    assert hist.defect_share == pytest.approx(100 / 11_100)  # weights cancel in shares
+    assert logit_adjust_threshold(0.5, 0.05) == pytest.approx(0.95)  # odds 1 against 1/19
+    assert logit_adjust_threshold(0.1, 0.1) == pytest.approx(0.5)  # no prior shift: argmax
+
+
+def test_class_map_decides_defect_then_the_most_probable_defect_class():
+    probs = torch.tensor([[0.40, 0.90, 0.30], [0.35, 0.05, 0.30], [0.25, 0.05, 0.40]])[:, None, :]  # (3, 1, 3)
+    assert class_map(probs, None).flatten().tolist() == [0, 0, 2]  # argmax
+    assert class_map(probs, 0.5).flatten().tolist() == [1, 0, 2]  # p(defect) 0.6 > 0.5: defect, class 1
+    assert class_map(probs, 0.65).flatten().tolist() == [0, 0, 2]
+    binary = torch.tensor([[0.3, 0.8], [0.7, 0.2]])[:, None, :]
+    assert class_map(binary, 0.6).flatten().tolist() == [1, 0]
+
+
+def _poison_all_but(data, keep: set[str]) -> None:
+    """Items outside ``keep`` raise on any read of their image or mask."""
+    def boom(*_):
+        raise AssertionError("a test frame was read during calibration")
+
+    for item in data.items:
+        if item.id not in keep:
+            item.load, item.mask = boom, boom
+
+
+class Oracle:
+    """A fake predictor: p(defect) 0.8 on defect pixels (grey 30), 0.7 on the two rows above them (a halo the
+    IoU-best threshold must cut), 0.05 elsewhere."""
+
+    def __init__(self):
+        self.meta = SimpleNamespace(heads=Heads.parse("seg"))
+        self.tiler = SimpleNamespace(tile=32)
+
+    def __call__(self, image):
+        defect = torch.from_numpy(image[..., 0] == 30)
+        halo = torch.zeros_like(defect)
+        halo[:-2] |= defect[2:]
+        halo[:-1] |= defect[1:]
+        p = torch.full(defect.shape, 0.05)
+        p[halo & ~defect] = 0.7
+        p[defect] = 0.8
+        return {"probs": torch.stack([1 - p, p])}
+
+
+def test_decision_is_fitted_on_the_training_frames_alone(tmp_path):
+    root = make_real_data(tmp_path / "data", 20, (48, 64), lambda rng: DEFECT)
+    data = load_real_data(root)
+    split = split_ids(data, 0.3, 0)
+    train = [i for i in data.items if split[i.id] == "train"]
+    assert len(train) < len(data.items)
+    _poison_all_but(data, {i.id for i in train})
+    cfg = FinetuneConfig(data=str(root), crop_size=32, steps=50, batch_size=4, defect_crop_prob=1.0)
+    decision = fit_decision(Oracle(), data, train, cfg)
+    assert decision.rule == "threshold" and 0.7 < decision.threshold <= 0.8  # the halo cut, the defect kept
+    assert decision.train_defect_iou["threshold"] == pytest.approx(1.0)
+    assert decision.train_defect_iou["p>0.5"] == pytest.approx(128 / 160)  # the 2-row halo painted too
+    natural, sampled = decision.prior["natural"], decision.prior["sampled"]
+    assert natural == pytest.approx(128 / (48 * 64) / 2, rel=0.35)  # about half the train frames hold 128 px
+    assert sampled > 2.5 * natural  # every crop defect-centred: the prior shift the decision undoes
+    assert decision.candidates["logit-adjust"] == pytest.approx(logit_adjust_threshold(sampled, natural))
+    assert decision.fitted_on.startswith("train split") and "defective" in decision.fitted_on
+    logit = fit_decision(Oracle(), data, train, FinetuneConfig(data=str(root), crop_size=32, steps=50,
+                                                               calibrate=CalibrateConfig(rule="logit-adjust")))
+    assert logit.threshold == logit.candidates["logit-adjust"]
+    assert fit_decision(Oracle(), data, train, FinetuneConfig(data=str(root), calibrate=CalibrateConfig(rule="argmax"))) is None
+
+
+def test_scored_frames_are_capped_stratified_and_weighted(tmp_path):
+    root = make_real_data(tmp_path / "data", 30, (16, 16), lambda rng: np.s_[2:4, 2:4])
+    items = load_real_data(root).items
+    groups = scored_frames(items, 8, seed=0)
+    assert [(kind, len(frames), whole) for kind, frames, whole in groups] == [("defective", 4, 15),
+                                                                             ("defect-free", 4, 15)]
+    assert scored_frames(items, 8, seed=0) == groups  # seeded
+    few = scored_frames(items[:3], 8, seed=0)  # fewer than the cap: every frame, weight 1
+    assert [(k, len(f), w) for k, f, w in few] == [("defective", 1, 1), ("defect-free", 2, 2)]
+
+
+def test_finetune_fits_the_decision_from_train_frames_and_predict_uses_it(tmp_path, cli, monkeypatch,
+                                                                            one_torch_thread):
+    root = make_real_data(tmp_path / "data", 12, (48, 64), lambda rng: DEFECT)
+    seen = {}
+    real_fit = finetune_run.fit_decision
+
+    def spy(predictor, data, items, cfg):  # every frame but the given training ones is poisoned
+        seen["ids"] = {i.id for i in items}
+        _poison_all_but(data, seen["ids"])
+        return real_fit(predictor, data, items, cfg)
+
+    monkeypatch.setattr(finetune_run, "fit_decision", spy)
+    run = tmp_path / "run"
+    res = cli("finetune", f"data={root}", f"out_dir={run}", "task=seg", "crop_size=32", "steps=3", "batch_size=2",
+              "num_workers=0", "defect_crop_prob=1.0", "evaluate=false")
+    assert res.returncode == 0, res.err[-2000:]
+    assert seen["ids"] == {i for i, s in read_split(run).items() if s == "train"}
+    decision = read_export_meta(run / "export").decision
+    assert decision is not None and decision.prior["sampled"] > 2.5 * decision.prior["natural"]
+    # predict: the export's decision by default, a user threshold over it
+    frame = root / "images" / "im01.png"
+    assert cli("predict", f"checkpoint={run}", f"input={frame}", f"out={tmp_path / 'auto'}").returncode == 0
+    record = json.loads((tmp_path / "auto" / "im01.json").read_text())
+    assert record["decision"] == {"rule": "threshold", "threshold": decision.threshold}
+    assert cli("predict", f"checkpoint={run}", f"input={frame}", f"out={tmp_path / 'all'}", "threshold=0").returncode == 0
+    record = json.loads((tmp_path / "all" / "im01.json").read_text())
+    assert record["decision"] == {"rule": "user", "threshold": 0.0} and record["areas"]["defect"] == 48 * 64
+    # evaluate scores the decision and argmax side by side
+    assert cli("evaluate", f"checkpoint={run}").returncode == 0
+    pixel = json.loads((run / "metrics_test.json").read_text())["pixel"]
+    assert pixel["rule"] == "threshold" and pixel["threshold"] == decision.threshold
+    assert set(pixel["argmax"]) == {"iou", "miou", "dice", "mdice", "defect_pixel_ratio"}
+    assert set(pixel["rules"]) == {"threshold", "logit-adjust"} and pixel["defect_pixels"] > 0
+    # calibrate again, keeping the other rule
+    assert cli("calibrate", f"checkpoint={run}", "rule=logit-adjust").returncode == 0
+    again = read_export_meta(run / "export").decision
+    assert again.rule == "logit-adjust" and again.threshold == again.candidates["logit-adjust"]
+
+
+def test_an_old_export_without_a_decision_keeps_argmax():
+    doc = json.loads((LEGACY / "finetune_export_config.json").read_text())
+    meta = ExportMeta.from_json(doc, "finetune_export_config.json")
+    assert meta.decision is None and "decision" not in meta.to_json()  # the old shape, written back
+    assert MaskRule.of(meta, "auto") == MaskRule("argmax", None)
+    assert MaskRule.of(meta, "0.3") == MaskRule("user", 0.3)
+    probs = torch.tensor([[0.6, 0.4], [0.4, 0.6]])[:, None, :]
+    assert MaskRule.of(meta, "auto").classes(probs).flatten().tolist() == [0, 1]
+    fitted = Decision(rule="threshold", threshold=0.9, candidates={"threshold": 0.9, "logit-adjust": 0.8})
+    meta.decision = fitted
+    back = ExportMeta.from_json(json.loads(json.dumps(meta.to_json())), "x")
+    assert back.decision == fitted and MaskRule.of(back, "auto") == MaskRule("threshold", 0.9)
+    with pytest.raises(Exception, match=r"x: decision.rule is 'median'"):
+        ExportMeta.from_json(dict(meta.to_json(), decision={"rule": "median", "threshold": 0.5}), "x")
+
+
+def test_a_vit_trained_on_small_crops_predicts_at_a_larger_tile_and_an_impossible_tile_is_refused_first(
+        tmp_path, cli, one_torch_thread):
+    root = make_real_data(tmp_path / "data", 8, (48, 64), lambda rng: DEFECT)
+    common = [f"data={root}", "task=seg", "crop_size=32", "steps=2", "batch_size=2", "num_workers=0"]
+    bad = tmp_path / "bad"
+    assert_cli_error(cli("finetune", *common, f"out_dir={bad}", "tiling.tile=40"), 2,
+                     "tiling.tile=40", "multiple of 16", "tiling.tile=48 or 32")
+    assert not bad.exists()  # refused before anything was trained or written
+    run = tmp_path / "run"
+    res = cli("finetune", *common, f"out_dir={run}", "tiling.tile=64")
+    assert res.returncode == 0, res.err[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["pixel"]["defect_pixels"] > 0
+    frame = root / "images" / "im01.png"
+    assert cli("predict", f"checkpoint={run}", f"input={frame}", f"out={tmp_path / 'p'}").returncode == 0
+    assert json.loads((tmp_path / "p" / "im01.json").read_text())["width"] == 64
