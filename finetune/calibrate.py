@@ -92,11 +92,11 @@ def scored_frames(items: list[Item], max_images: int, seed: int) -> list[tuple[s
     return groups
 
 
-def sampled_defect_share(data: RealData, items: list[Item], cfg) -> float:
-    """The defect-pixel share of the crops training drew: the run's own sampler replayed for up to
-    :data:`SAMPLED_CROPS` of its sample ids, on masks alone (each mask read once)."""
+def sampled_defect_share(data: RealData, items: list[Item], cfg, synthetic=None) -> float:
+    """The defect-pixel share of the crops training drew (mixed-in synthetic ones included): the run's own sampler
+    replayed for up to :data:`SAMPLED_CROPS` of its sample ids, on masks alone (each mask read once)."""
     total = max(cfg.steps, 1) * cfg.batch_size
-    ds = CropDataset(data, items, cfg, total)
+    ds = CropDataset(data, items, cfg, total, synthetic)
     ids = range(0, total, max(1, total // SAMPLED_CROPS))
     by_frame = defaultdict(list)
     for i in ids:
@@ -104,10 +104,9 @@ def sampled_defect_share(data: RealData, items: list[Item], cfg) -> float:
         by_frame[k].append((rng, centred))
     defect = pixels = 0
     for k, draws in by_frame.items():
-        item = items[k]
-        with item.load() as im:
+        with ds.item(k).load() as im:
             size = shown_size(im)
-        mask = item.mask(size) if item.mask is not None else np.zeros(size[::-1], np.uint8)
+        mask = ds.mask(k, size)
         for rng, centred in draws:
             _, window = ds.window(mask, mask, rng, centred)
             defect += int(np.count_nonzero(window))
@@ -115,7 +114,7 @@ def sampled_defect_share(data: RealData, items: list[Item], cfg) -> float:
     return defect / pixels if pixels else 0.0
 
 
-def fit_decision(predictor, data: RealData, items: list[Item], cfg) -> Decision | None:
+def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=None) -> Decision | None:
     """The run's defect decision from its training ``items`` (``cfg``: the FinetuneConfig), or None where there is
     nothing to fit (``calibrate.rule=argmax``, no dense head, no defect pixel among the training frames)."""
     rule = cfg.calibrate.rule
@@ -134,10 +133,10 @@ def fit_decision(predictor, data: RealData, items: list[Item], cfg) -> Decision 
                 with item.load() as im:
                     image = to_array(im, cfg.in_chans)
                 h, w = image.shape[:2]
-                mask = torch.from_numpy(item.mask((w, h)) if item.mask is not None else np.zeros((h, w), np.uint8))
+                mask = torch.from_numpy(np.array(item.mask((w, h))) if item.mask is not None else np.zeros((h, w), np.uint8))
                 hist.add(1 - predictor(image)["probs"][0], mask, weight)
                 bar.update(1)
-    natural, sampled = hist.defect_share, sampled_defect_share(data, items, cfg)
+    natural, sampled = hist.defect_share, sampled_defect_share(data, items, cfg, synthetic)
     best, best_iou = hist.best()
     adjusted = logit_adjust_threshold(sampled, natural)
     candidates = {"threshold": round(best, 6), "logit-adjust": round(adjusted, 6)}

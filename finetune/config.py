@@ -87,6 +87,11 @@ class FinetuneConfig:
     defect_crop_prob: float = field(default=0.5, metadata={
         "help": "share of training samples drawn from the frames that hold defects (crop: centred on a defect "
                 "pixel); the rest from any frame, anywhere"})
+    synthetic: list[str] = field(default_factory=list, metadata={
+        "help": "synthvit shard folders or URLs mixed into every batch (e.g. the copypaste backend's defects in "
+                "your own frames); their classes map into the data's by name"})
+    synthetic_share: float = field(default=0.5, metadata={
+        "help": "share of each batch drawn from the synthetic sets (round(share * batch_size) samples)"})
     seg_loss: SegLoss = field(default="ce+dice", metadata={"help": "ce+dice: Dice over defect classes added"})
     seed: int = field(default=0, metadata={"help": "initialisation, sample order and augmentation"})
     data_seed: int = field(default=0, metadata={"help": "the seeded split (no splits.csv) and train_limit subset"})
@@ -127,6 +132,11 @@ class FinetuneConfig:
         if self.save_every < 0 or not 0 <= self.stop_at <= self.steps:
             raise ConfigError(f"save_every >= 0 and stop_at in 0..steps ({self.steps}) required, got "
                               f"save_every={self.save_every}, stop_at={self.stop_at}")
+        if not 0 < self.synthetic_share < 1:
+            raise ConfigError(f"synthetic_share: {self.synthetic_share} must be in (0, 1): real samples stay in "
+                              f"every batch")
+        if self.synthetic and self.task != "seg":
+            raise ConfigError(f"synthetic: mixed batches train the dense head; use task=seg (got task={self.task})")
         if self.init and self.weights:
             raise ConfigError("give init (a synthvit export) or weights (a timm weights file), not both")
 

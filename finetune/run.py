@@ -29,6 +29,7 @@ from finetune.calibrate import fit_decision
 from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig, FinetuneConfig, PredictConfig
 from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
+from finetune.synthetic import SYNTHETIC_FILE, check_leak, load_synthetic
 from finetune.train import check_resumable, train
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
@@ -86,6 +87,7 @@ def run(cfg: FinetuneConfig) -> Path:
     data.check_task(cfg.task)
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
     train_items, test_items = _select(data, cfg, split)
+    synthetic = _synthetic(cfg, data, {i.id for i in test_items})
     torch.manual_seed(cfg.seed)
     model = _build(cfg, data)
     if cfg.evaluate or cfg.steps:
@@ -97,13 +99,17 @@ def run(cfg: FinetuneConfig) -> Path:
     if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
         _write_split(run_dir, split, {i.id for i in train_items})
+        if synthetic is not None:
+            atomic_write_text(run_dir / SYNTHETIC_FILE, json.dumps({"share": cfg.synthetic_share,
+                                                                    "sets": synthetic.records}, indent=2) + "\n")
         for line in describe_split(data, split):
             log.info("%s", line)
         log.info("%s: %d train images (of %d), %d test; %s frozen parameters", cfg.data, len(train_items),
                  sum(v == "train" for v in split.values()), len(test_items), f"{frozen:,}")
     mean, std = model.input_stats(cfg.in_chans)
     if cfg.steps:
-        summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir, ckpt)
+        summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir, ckpt,
+                        synthetic)
         if summary.pop("stopped"):
             log.info("stopped at step %d of %d with a checkpoint; run again (resume=auto) to continue", cfg.stop_at,
                      cfg.steps)
@@ -114,12 +120,27 @@ def run(cfg: FinetuneConfig) -> Path:
     meta = _meta(cfg, data, stats_meta(mean, std))
     if ranks.is_main:
         if cfg.steps:  # zero-shot evaluates the export as it is: no training labels
-            meta.decision = fit_decision(Predictor(model, meta, acc.device, cfg.tiling), data, train_items, cfg)
+            meta.decision = fit_decision(Predictor(model, meta, acc.device, cfg.tiling), data, train_items, cfg,
+                                         synthetic)
         write_export(model, run_dir / EXPORT_DIR, meta)
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the export is the product; checkpoints were a means
         if cfg.evaluate and test_items:
             _evaluate_run(cfg, model, meta, acc.device, data, test_items, summary, run_dir)
     return run_dir
+
+
+def _synthetic(cfg: FinetuneConfig, data: RealData, test_ids: set[str]):
+    """The mixed-in synthetic sets (None without any), checked before training: no test image drawn on, every
+    class mapped; and the pretraining export's own record of the real images it drew on."""
+    if cfg.init:
+        used = read_export_meta(cfg.init).extra.get("real_ids") or {}
+        check_leak(f"init export {cfg.init}", {k: set(v) for k, v in used.items()}, data, test_ids)
+    if not cfg.synthetic:
+        return None
+    pool = load_synthetic(cfg.synthetic, data, test_ids)
+    log.info("synthetic: %d samples of %d set(s) mixed in, %d of every %d samples per batch", len(pool),
+             len(pool.records), round(cfg.synthetic_share * cfg.batch_size), cfg.batch_size)
+    return pool
 
 
 def _build(cfg: FinetuneConfig, data: RealData):

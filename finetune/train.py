@@ -27,9 +27,13 @@ log = logging.getLogger("synthvit.finetune")
 class CropDataset(torch.utils.data.Dataset):
     """Index i -> one augmented training sample (uint8 image (C, S, S), mask (S, S), class)."""
 
-    def __init__(self, data: RealData, items: list[Item], cfg, total: int):
+    def __init__(self, data: RealData, items: list[Item], cfg, total: int, synthetic=None):
         self.data, self.items, self.cfg, self.total = data, items, cfg, total
         self.with_mask = data.has_masks and Heads.parse(cfg.task).has_seg
+        # mixed batches (finetune/synthetic.py): the first n_synthetic samples of every batch are synthetic ones,
+        # frames len(items) .. len(items) + len(synthetic) - 1
+        self.synthetic = synthetic
+        self.n_synthetic = round(cfg.synthetic_share * cfg.batch_size) if synthetic else 0
         # the frames that hold a defect pixel: a defect-centred crop is drawn from one of them. Small inspection
         # sets are mostly defect-free frames (71 % of the magnetic tiles); drawing the frame uniformly first made
         # "defect_crop_prob=0.8" mean ~23 % defect crops there, and every ViT settled on "all background".
@@ -46,11 +50,10 @@ class CropDataset(torch.utils.data.Dataset):
         if k in self._cache:
             self._cache.move_to_end(k)
             return self._cache[k]
-        item = self.items[k]
-        with item.load() as im:
+        with self.item(k).load() as im:
             image = to_array(im, self.cfg.in_chans)
         h, w = image.shape[:2]
-        mask = item.mask((w, h)) if self.with_mask else np.zeros((h, w), np.uint8)
+        mask = self.mask(k, (w, h))
         self._cache[k] = (image, mask)
         self._cached_bytes += image.nbytes + mask.nbytes
         while self._cached_bytes > self.cfg.cache_mb * 2**20 and self._cache:
@@ -58,9 +61,23 @@ class CropDataset(torch.utils.data.Dataset):
             self._cached_bytes -= old_image.nbytes + old_mask.nbytes
         return image, mask
 
+    def item(self, k: int) -> Item:
+        """Frame ``k``: a real train item, or (k >= len(items)) a synthetic sample."""
+        return self.items[k] if k < len(self.items) else self.synthetic.items[k - len(self.items)]
+
+    def mask(self, k: int, size: tuple[int, int]) -> np.ndarray:
+        """Frame ``k``'s class map at ``size`` (w, h), in the real data's class ids (zeros without masks)."""
+        if k >= len(self.items):
+            j = k - len(self.items)
+            return self.synthetic.luts[j][self.synthetic.items[j].mask(size)]
+        return self.items[k].mask(size) if self.with_mask else np.zeros(size[::-1], np.uint8)
+
     def draw(self, i: int) -> tuple[np.random.Generator, bool, int]:
         """Sample ``i``'s generator, whether it is defect-centred, and its frame (the first draws of the sample)."""
         rng = np.random.default_rng((self.cfg.seed, i))
+        if self.n_synthetic and i % self.cfg.batch_size < self.n_synthetic:
+            centred = rng.random() < self.cfg.defect_crop_prob  # a defect-free sample falls back to anywhere
+            return rng, centred, len(self.items) + int(rng.integers(len(self.synthetic)))
         centred = bool(self.defective) and rng.random() < self.cfg.defect_crop_prob
         k = self.defective[int(rng.integers(len(self.defective)))] if centred else int(rng.integers(len(self.items)))
         return rng, centred, k
@@ -73,7 +90,7 @@ class CropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rng, centred, k = self.draw(i)
-        item = self.items[k]
+        label = self.data.label_index(self.items[k]) if k < len(self.items) else -1  # synthetic: seg only
         image, mask = self.window(*self.frame(k), rng, centred)
         k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
         image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k)
@@ -82,7 +99,7 @@ class CropDataset(torch.utils.data.Dataset):
         image = image[..., None] if image.ndim == 2 else image
         return {"image": torch.from_numpy(np.array(image.transpose(2, 0, 1))),
                 "mask": torch.from_numpy(np.array(mask, dtype=np.int64)),
-                "cls": self.data.label_index(item)}
+                "cls": label}
 
 
 def crop_pair(image: np.ndarray, mask: np.ndarray, cfg, rng, centred: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +183,7 @@ def resume_state(cfg, acc, ckpt: Path) -> int:
 
 
 def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir: Path,
-          ckpt: Path | None = None) -> dict:
+          ckpt: Path | None = None, synthetic=None) -> dict:
     """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step. Checkpoints every
     ``save_every`` steps (and at ``stop_at``); from ``ckpt`` the run continues exactly where it stopped."""
     model.train()
@@ -175,7 +192,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     start = resume_state(cfg, acc, ckpt) if ckpt is not None else 0
     end = cfg.stop_at or cfg.steps
     world, rank, b = acc.num_processes, acc.process_index, cfg.batch_size
-    ds = CropDataset(data, items, cfg, cfg.steps * b * world)
+    ds = CropDataset(data, items, cfg, cfg.steps * b * world, synthetic)
     # rank r takes batch slots r, r + world, ...: disjoint sample ids across ranks, same ids on every rerun
     ids = [(s * world + rank) * b + j for s in range(start, end) for j in range(b)]
     loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=ids, num_workers=cfg.num_workers,

@@ -160,6 +160,17 @@ class DatasetInfo:
     def filenames(self) -> list[str]:
         return [s.filename for s in self.shards]
 
+    def real_ids(self) -> dict[str, set[str]]:
+        """Real-data folder -> the ids of its images this set drew on (backgrounds, pasted defects): every backend
+        record in ``extra`` that names a ``folder`` and lists ``ids`` (or ``real_ids``)."""
+        out: dict[str, set[str]] = {}
+        for record in self.extra.values():
+            if isinstance(record, dict) and isinstance(record.get("folder"), str):
+                ids = record.get("real_ids", record.get("ids"))
+                if isinstance(ids, list):
+                    out.setdefault(record["folder"], set()).update(map(str, ids))
+        return out
+
     def to_json(self) -> dict:
         """The manifest as written: timm's ``name``/``splits`` schema with our keys (the same keys as ever)."""
         split = {"name": SPLIT, "num_samples": self.num_samples, "filenames": self.filenames,

@@ -44,6 +44,7 @@ class Source:
     weight: float
     num_samples: int
     class_map: tuple[int, ...] = ()  # this dataset's class id -> the run's (empty: the same ids)
+    real_ids: dict | None = None  # real-data folder -> ids of the real images the set drew on (backgrounds, defects)
 
 
 def load_sources(folders: list[str], weights: list[float], expected_classes: list[str]) -> tuple[list[Source], list]:
@@ -72,7 +73,8 @@ def load_sources(folders: list[str], weights: list[float], expected_classes: lis
             raise SynthvitError(f"{len(missing)} shard(s) listed in {folder}/_info.json are missing, e.g. "
                                 f"{redact(missing[0])}; run `synthvit generate out_dir={folder} verify=true`")
         sources.append(Source(str(folder), urls, weights[i] if weights else 1.0, info.num_samples,
-                              () if class_map == tuple(range(len(names))) else class_map))
+                              () if class_map == tuple(range(len(names))) else class_map,
+                              {k: sorted(v) for k, v in info.real_ids().items()}))
     if expected_classes and expected_classes != class_names:
         raise SynthvitError(f"class_names in the config {expected_classes} differ from the data's {class_names} "
                             f"({folders[0]}/_info.json); fix class_names or leave it empty to take the data's")

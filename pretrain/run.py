@@ -85,4 +85,14 @@ def _export_meta(cfg: PretrainConfig, class_names: list[str], trainer: Trainer) 
                       seg_classes=class_names if heads.has_seg else [], cls_classes=class_names if heads.has_cls else [],
                       **stats_meta(trainer.mean, trainer.std),
                       extra={"steps": trainer.step, "images_seen": trainer.images_seen, "data": list(cfg.data),
-                             "synthvit_version": __version__})
+                             "synthvit_version": __version__, **_real_ids(trainer.sources)})
+
+
+def _real_ids(sources) -> dict:
+    """``real_ids``: real-data folder -> the ids of its images that the shards drew on (finetune refuses an export
+    that saw an image of its test split); absent when the shards drew on none."""
+    merged: dict[str, set[str]] = {}
+    for source in sources:
+        for folder, ids in (source.real_ids or {}).items():
+            merged.setdefault(folder, set()).update(ids)
+    return {"real_ids": {k: sorted(v) for k, v in merged.items()}} if merged else {}

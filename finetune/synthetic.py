@@ -1,0 +1,102 @@
+"""Synthetic sets mixed into fine-tuning batches: ``synthetic=[FOLDER_OR_URL, ...]`` and ``synthetic_share``.
+
+Each synthetic set is a synthvit shard folder (any backend: copy-paste of the user's own defects, procedural
+defects in the user's frames, ...), read as real data (format ``shards``). In every batch the first
+``round(synthetic_share * batch_size)`` samples come from them (uniformly over all their samples), the rest from
+the real train split; both go through the same crop, rotation and flip path. Synthetic classes map into the real
+set's by name (a binary real set takes every defect class as ``defect``); a class the real set lacks is one error
+naming both lists.
+
+Leakage: a set that drew on real images records their ids in its ``_info.json`` (backgrounds, pasted defects;
+:meth:`generate.schema.DatasetInfo.real_ids`). :func:`check_leak` refuses a set that used an image of the current
+test split, naming the ids -- whatever the set's folder was called, as long as every id it drew on is an image of
+this data (a set built from other data is not this split's business).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from generate.schema import read_info
+from synthvit.data import Item, RealData, load_real_data
+from synthvit.io import SynthvitError
+
+log = logging.getLogger("synthvit.finetune")
+
+SHOWN = 10
+SYNTHETIC_FILE = "synthetic.json"  # in the run folder: the sets a run mixed in
+
+
+class LeakError(SynthvitError):
+    """A synthetic set or pretraining export that drew on an image of the current test split."""
+
+
+def check_leak(source: str, used: dict[str, set[str]], data: RealData, test_ids: set[str]) -> int:
+    """Refuse ``source`` (a synthetic set or export, for the message) if the real ids it drew on (folder -> ids)
+    include a test id of ``data``; returns how many of its ids are images of ``data``."""
+    known = {i.id for i in data.items}
+    mine = 0
+    for folder, ids in used.items():
+        if not ids or not ids <= known:
+            log.info("%s drew on %d images of %s, not all of them in %s: not checked against this split", source,
+                     len(ids), folder, data.root)
+            continue
+        mine += len(ids)
+        leaked = sorted(ids & test_ids)
+        if leaked:
+            shown = ", ".join(leaked[:SHOWN]) + (f" ... ({len(leaked)} in all)" if len(leaked) > SHOWN else "")
+            raise LeakError(f"{source} drew on {len(leaked)} image(s) of the test split of {data.root}: {shown}. "
+                            f"Build it from the train split only (the split finetune uses: splits.csv, or the "
+                            f"seeded split of test_fraction/data_seed), or train without it")
+    return mine
+
+
+def class_lut(names: list[str], real: list[str], folder: str) -> np.ndarray:
+    """Synthetic mask id -> real mask id (uint8 lookup table) from the class names (background first in both)."""
+    lut = np.zeros(256, np.uint8)
+    if len(real) == 2:  # binary real masks: every synthetic defect class is "the" defect
+        lut[1:len(names)] = 1
+        return lut
+    missing = [n for n in names[1:] if n not in real[1:]]
+    if missing:
+        raise SynthvitError(f"synthetic: {folder} has defect classes {', '.join(names[1:])}; the real data's are "
+                            f"{', '.join(real[1:])}: {', '.join(missing)} match none of them by name. Generate the "
+                            f"set with the real classes (the copypaste backend keeps them), or use binary masks")
+    for k, name in enumerate(names[1:], start=1):
+        lut[k] = real.index(name)
+    return lut
+
+
+@dataclass
+class SyntheticPool:
+    """Every sample of the mixed-in sets, with the lookup table of its set."""
+    items: list[Item] = field(default_factory=list)
+    luts: list[np.ndarray] = field(default_factory=list)  # per item (shared arrays, one per set)
+    records: list[dict] = field(default_factory=list)  # per set: what the run folder records
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def load_synthetic(folders: list[str], data: RealData, test_ids: set[str]) -> SyntheticPool:
+    """The samples of ``folders`` for mixing into training on ``data``; every set checked for leakage and class
+    mapping before training starts."""
+    if not data.has_masks:
+        raise SynthvitError(f"synthetic: {data.root} has no masks; mixed batches train the dense head (task=seg)")
+    pool = SyntheticPool()
+    for folder in folders:
+        info = read_info(folder)
+        used = info.real_ids()
+        mine = check_leak(f"synthetic set {folder}", used, data, test_ids)
+        syn = load_real_data(folder, "shards")
+        if not syn.items:
+            raise SynthvitError(f"synthetic: {folder} holds no samples")
+        lut = class_lut(syn.seg_classes, data.seg_classes, folder)
+        pool.items += syn.items
+        pool.luts += [lut] * len(syn.items)
+        pool.records.append({"folder": str(folder), "samples": len(syn.items), "classes": syn.seg_classes,
+                             "mapped_to": [data.seg_classes[lut[k]] for k in range(len(syn.seg_classes))],
+                             "backend": info.generator.get("backend"), "real_ids": mine})
+    return pool

@@ -1,0 +1,105 @@
+"""Mixed batches: synthetic shard sets drawn into every batch of a fine-tune (``synthetic=[...]``,
+``synthetic_share``), their classes mapped into the real set's by name, and no set (nor pretraining export) that
+drew on a test image let in."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import assert_cli_error, make_real_data
+from finetune.config import FinetuneConfig
+from finetune.synthetic import LeakError, check_leak, class_lut, load_synthetic
+from finetune.train import CropDataset
+from generate.schema import read_info
+from synthvit.data import load_real_data, split_ids
+from synthvit.io import SynthvitError
+
+DEFECT = np.s_[20:28, 24:40]
+
+
+def test_class_lut_maps_by_name_or_onto_a_binary_defect():
+    assert class_lut(["background", "crack", "pit"], ["background", "defect"], "s").tolist()[:4] == [0, 1, 1, 0]
+    lut = class_lut(["background", "short", "open"], ["background", "open", "short", "spur"], "s")
+    assert lut.tolist()[:3] == [0, 2, 1]
+    with pytest.raises(SynthvitError, match=r"s has defect classes crack, open; the real data's are open, short, "
+                                            r"spur: crack match none"):
+        class_lut(["background", "crack", "open"], ["background", "open", "short", "spur"], "s")
+
+
+@pytest.fixture
+def real(tmp_path):
+    return make_real_data(tmp_path / "real", 12, (48, 64), lambda rng: DEFECT)
+
+
+def _with_ids(src, dst, folder, ids):
+    """A copy of the shard set ``src`` whose _info.json says it drew on ``ids`` of ``folder``."""
+    shutil.copytree(src, dst)
+    info = json.loads((dst / "_info.json").read_text())
+    info["backgrounds"] = {"folder": str(folder), "ids": ids}
+    (dst / "_info.json").write_text(json.dumps(info))
+    return dst
+
+
+def test_mixed_batches_take_the_first_share_of_every_batch_from_the_synthetic_sets(real, tiny_dataset):
+    data = load_real_data(real)
+    pool = load_synthetic([str(tiny_dataset)], data, set())
+    assert len(pool) == 40 and pool.records[0]["mapped_to"][:3] == ["background", "defect", "defect"]
+    cfg = FinetuneConfig(data=str(real), crop_size=32, batch_size=4, synthetic=[str(tiny_dataset)],
+                         synthetic_share=0.5)
+    ds = CropDataset(data, data.items, cfg, total=40, synthetic=pool)
+    n = len(data.items)
+    frames = [ds.draw(i)[2] for i in range(40)]
+    assert all((k >= n) == (i % 4 < 2) for i, k in enumerate(frames))  # 2 of every 4 samples synthetic
+    assert len({k for k in frames if k >= n}) > 5
+    sample = ds[0]
+    assert sample["image"].shape == (3, 32, 32) and set(sample["mask"].unique().tolist()) <= {0, 1}
+    again = CropDataset(data, data.items, cfg, total=40, synthetic=pool)[0]
+    assert (again["image"] == sample["image"]).all() and (again["mask"] == sample["mask"]).all()
+    plain = CropDataset(data, data.items, FinetuneConfig(data=str(real), crop_size=32, batch_size=4), total=40)
+    assert all(plain.draw(i)[2] < n for i in range(40))
+
+
+def test_a_set_or_export_that_drew_on_a_test_image_is_refused(real, tiny_dataset, tmp_path):
+    data = load_real_data(real)
+    split = split_ids(data, 0.3, 0)
+    test_ids = {i for i, s in split.items() if s == "test"}
+    train_ids = sorted(set(split) - test_ids)
+    leaky = _with_ids(tiny_dataset, tmp_path / "leaky", real, train_ids[:2] + sorted(test_ids)[:1])
+    assert read_info(leaky).real_ids() == {str(real): set(train_ids[:2]) | set(sorted(test_ids)[:1])}
+    with pytest.raises(LeakError, match=sorted(test_ids)[0]):
+        load_synthetic([str(leaky)], data, test_ids)
+    clean = _with_ids(tiny_dataset, tmp_path / "clean", real, train_ids[:3])
+    assert len(load_synthetic([str(clean)], data, test_ids)) == 40
+    # ids of other data (not all images of this set) are not this split's business
+    assert check_leak("x", {"elsewhere": {"im01", "other"}}, data, {"im01"}) == 0
+
+
+def test_finetune_mixes_records_and_refuses(real, tiny_dataset, tmp_path, cli, one_torch_thread):
+    run = tmp_path / "run"
+    common = [f"data={real}", "task=seg", "crop_size=32", "steps=2", "batch_size=4", "num_workers=0"]
+    res = cli("finetune", *common, f"out_dir={run}", f"synthetic=[{tiny_dataset}]", "synthetic_share=0.5",
+              "evaluate=false")
+    assert res.returncode == 0, res.err[-2000:]
+    record = json.loads((run / "synthetic.json").read_text())
+    assert record["share"] == 0.5 and record["sets"][0]["samples"] == 40
+    assert (run / "export" / "model.safetensors").is_file()
+    data = load_real_data(real)
+    test_id = next(i for i, s in split_ids(data, 0.3, 0).items() if s == "test")
+    leaky = _with_ids(tiny_dataset, tmp_path / "leaky", real, [test_id])
+    assert_cli_error(cli("finetune", *common, f"out_dir={tmp_path / 'no'}", f"synthetic=[{leaky}]"), 1,
+                     "drew on 1 image(s) of the test split", test_id)
+    assert not (tmp_path / "no" / "export").exists()
+    assert_cli_error(cli("finetune", *common, f"out_dir={tmp_path / 'no'}", f"synthetic=[{tiny_dataset}]",
+                         "task=both"), 2, "mixed batches train the dense head")
+
+
+def test_a_pretraining_export_that_saw_a_test_image_is_refused(real, pretrain_export, tmp_path, cli):
+    data = load_real_data(real)
+    test_id = next(i for i, s in split_ids(data, 0.3, 0).items() if s == "test")
+    export = tmp_path / "export"
+    shutil.copytree(pretrain_export, export)
+    meta = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps(dict(meta, real_ids={str(real): [test_id]})))
+    assert_cli_error(cli("finetune", f"data={real}", f"init={export}", f"out_dir={tmp_path / 'run'}", "task=seg",
+                         "crop_size=32", "steps=1"), 1, f"init export {export} drew on 1 image(s)", test_id)
