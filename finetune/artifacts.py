@@ -3,6 +3,7 @@
 ```
 <run>/config.yaml      the resolved FinetuneConfig
 <run>/split.csv        id,split for every image (train / test / unused: outside a train_limit)
+<run>/synthetic.json   the synthetic sets mixed into training (synthetic=[...]): folder, samples, class mapping
 <run>/metrics.jsonl    training losses and LR per logged step
 <run>/export/          the export contract of :mod:`synthvit.models.export` (model.safetensors + config.json ...)
 <run>/metrics.json     full-resolution test metrics, speed and memory; written last: a run is finished when it exists
