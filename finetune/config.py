@@ -96,6 +96,9 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "initialisation, sample order and augmentation"})
     data_seed: int = field(default=0, metadata={"help": "the seeded split (no splits.csv) and train_limit subset"})
     train_limit: int = field(default=0, metadata={"help": "use only the first N train images (seeded; 0: all)"})
+    defective_limit: int = field(default=0, metadata={
+        "help": "use only N of the train images that hold a defect (seeded by data_seed, nested: N's images are "
+                "among N+1's, stratified by defect class) and every defect-free train image (0: all)"})
     test_fraction: float = field(default=0.3, metadata={"help": "test share of the seeded split (no splits.csv)"})
     split_missing: SplitMissing = field(default="error", metadata={
         "help": "images that splits.csv does not list: error (stop and list them), or put them in train or test"})
@@ -137,6 +140,11 @@ class FinetuneConfig:
                               f"every batch")
         if self.synthetic and self.task != "seg":
             raise ConfigError(f"synthetic: mixed batches train the dense head; use task=seg (got task={self.task})")
+        if self.defective_limit < 0 or self.train_limit < 0:
+            raise ConfigError("train_limit >= 0 and defective_limit >= 0 required")
+        if self.defective_limit and self.train_limit:
+            raise ConfigError("give train_limit (any train images) or defective_limit (defective train images, all "
+                              "defect-free ones kept), not both")
         if self.init and self.weights:
             raise ConfigError("give init (a synthvit export) or weights (a timm weights file), not both")
 

@@ -34,7 +34,15 @@ from finetune.train import check_resumable, train
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
-from synthvit.data import RealData, describe_split, load_real_data, set_pixel_cap, split_ids
+from synthvit.data import (
+    RealData,
+    defective_order,
+    describe_split,
+    has_defect,
+    load_real_data,
+    set_pixel_cap,
+    split_ids,
+)
 from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
 from synthvit.models import (
     ExportMeta,
@@ -58,6 +66,9 @@ def _select(data: RealData, cfg: FinetuneConfig, split: dict[str, str]):
     if cfg.train_limit:
         order = np.random.default_rng(cfg.data_seed).permutation(len(train_items))
         train_items = [train_items[k] for k in sorted(order[:cfg.train_limit])]
+    if cfg.defective_limit:
+        keep = set(defective_order(data, train_items, cfg.data_seed)[:cfg.defective_limit])
+        train_items = [i for i in train_items if not has_defect(i) or i.id in keep]
     if not train_items:
         raise SynthvitError(f"no training images in {cfg.data} (split: {len(test_items)} test)")
     return train_items, test_items

@@ -277,6 +277,20 @@ def test_cells_repeat_per_seed_with_one_data_seed_and_zero_shot_only_with_init(t
     assert trees["syn/n00014/s0"]["steps"] == 500 and trees["syn/n00014/s0"]["train_limit"] == 0
 
 
+def test_defective_budgets_set_defective_limit_in_their_own_folders(tmp_path):
+    from synthvit.compare.config import CompareConfig, ModelSpec
+    from synthvit.compare.matrix import plan_cells
+
+    cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5, 0], budget_unit="defective",
+                        models=[ModelSpec(name="vit", model="vit_tiny_patch16_224")])
+    cells = plan_cells(cfg, n_train=9)
+    trees = {c.folder.relative_to(tmp_path / "cells").as_posix(): yaml.safe_load((c.folder / "cell.yaml").read_text())
+             for c in cells}
+    assert sorted(trees) == ["vit/d00005/s0", "vit/d00009/s0"]
+    assert trees["vit/d00005/s0"]["defective_limit"] == 5 and trees["vit/d00005/s0"]["train_limit"] == 0
+    assert trees["vit/d00009/s0"]["defective_limit"] == 0  # all of them
+
+
 def _finish(cell, defect: float, auroc: float) -> None:
     """Fake a finished cell: metrics.json and the export's config.json."""
     iou = {"background": 0.9, "crack": defect, "pit": defect / 2}

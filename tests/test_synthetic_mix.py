@@ -103,3 +103,27 @@ def test_a_pretraining_export_that_saw_a_test_image_is_refused(real, pretrain_ex
     (export / "config.json").write_text(json.dumps(dict(meta, real_ids={str(real): [test_id]})))
     assert_cli_error(cli("finetune", f"data={real}", f"init={export}", f"out_dir={tmp_path / 'run'}", "task=seg",
                          "crop_size=32", "steps=1"), 1, f"init export {export} drew on 1 image(s)", test_id)
+
+
+def test_defective_budgets_are_nested_stratified_and_keep_every_free_frame(tmp_path, cli, one_torch_thread):
+    from synthvit.data import defective_order
+
+    root = make_real_data(tmp_path / "real", 40, (32, 32), lambda rng: np.s_[4:12, 4:12])
+    labels = (root / "labels.csv").read_text().splitlines()  # odd frames 'dark'; make every 4th one 'bright'
+    labels = [line.replace("dark", "bright") if k and (k - 1) % 4 == 1 else line for k, line in enumerate(labels)]
+    (root / "labels.csv").write_text("\n".join(labels) + "\n")
+    data = load_real_data(root)
+    order = defective_order(data, data.items, 0)
+    assert len(order) == 20 and order == defective_order(data, data.items, 0)
+    label = {i.id: i.label for i in data.items}
+    assert sorted(label[i] for i in order[:4]) == ["bright", "bright", "dark", "dark"]  # both classes at 4
+    assert order[:5] == defective_order(data, data.items, 0)[:5] and order != defective_order(data, data.items, 1)
+    run = tmp_path / "run"
+    res = cli("finetune", f"data={root}", f"out_dir={run}", "task=seg", "crop_size=32", "steps=1", "batch_size=2",
+              "num_workers=0", "defective_limit=3", "evaluate=false")
+    assert res.returncode == 0, res.err[-2000:]
+    used = {r.split(",")[0] for r in (run / "split.csv").read_text().splitlines()[1:] if r.endswith(",train")}
+    split = split_ids(data, 0.3, 0)
+    train = [i for i in data.items if split[i.id] == "train"]
+    assert {i.id for i in train if i.label == "good"} <= used  # every defect-free train frame
+    assert sorted(used - {i.id for i in train if i.label == "good"}) == sorted(defective_order(data, train, 0)[:3])

@@ -11,8 +11,9 @@ from synthvit.config import ConfigError
 ModelTask = Literal["", Task]  # "": finetune.task
 ZERO_SHOT = "zero-shot"  # a budget: the init export evaluated as it is (finetune steps=0), no real training
 Budget = Union[int, Literal["zero-shot"]]
+BudgetUnit = Literal["images", "defective"]
 # finetune keys that compare sets per cell: a model's overrides may not change them
-CELL_KEYS = ("data", "out_dir", "model", "init", "task", "seed", "data_seed", "train_limit")
+CELL_KEYS = ("data", "out_dir", "model", "init", "task", "seed", "data_seed", "train_limit", "defective_limit")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -57,6 +58,9 @@ class CompareConfig:
     budgets: list[Budget] = field(default_factory=lambda: [50, 100, 250, 500, 0], metadata={
         "help": "nested train-image budgets (0: all train images); zero-shot: also evaluate each init export as it "
                 "is"})
+    budget_unit: BudgetUnit = field(default="images", metadata={
+        "help": "what budgets count: images (train images, drawn from all of them) or defective (train images "
+                "that hold a defect, nested and stratified by class; every defect-free train image stays in)"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={
         "help": "every cell once per seed (finetune.seed: initialisation, sample order, augmentation); the "
                 "train subsets stay those of finetune.data_seed"})
@@ -88,8 +92,9 @@ class CompareConfig:
             if getattr(self.finetune, key):
                 raise ConfigError(f"finetune.{key}: set per cell by compare; use data=..., or models[].init / "
                                   f"models[].overrides")
-        if self.finetune.train_limit:
-            raise ConfigError("finetune.train_limit: set per cell by compare; use budgets=[...]")
+        if self.finetune.train_limit or self.finetune.defective_limit:
+            raise ConfigError("finetune.train_limit and finetune.defective_limit: set per cell by compare; use "
+                              "budgets=[...] (and budget_unit)")
         if self.finetune.seed:
             raise ConfigError("finetune.seed: set per cell by compare; use seeds=[...]")
         if not self.finetune.steps:

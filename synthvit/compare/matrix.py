@@ -72,6 +72,10 @@ class Cell:
         return ZERO_SHOT if self.zero_shot else self.budget
 
 
+_LIMIT = {"images": "train_limit", "defective": "defective_limit"}  # the finetune key each budget unit sets
+_PREFIX = {"images": "n", "defective": "d"}  # cell folders: n00100 (100 train images), d00005 (5 defective ones)
+
+
 def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str] | None = None) -> FinetuneConfig:
     """Write ``cell.yaml`` (the resolved finetune config of the cell). A finished cell is stale when the config it
     ran with differs from this one in a value (a key a newer synthvit added reads as its default, so it changes
@@ -82,7 +86,7 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     tree = to_dict(cfg.finetune)
     tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
                 task=spec.task or cfg.finetune.task, seed=cell.seed,
-                train_limit=0 if cell.zero_shot or cell.budget >= n_train else cell.budget)
+                **{_LIMIT[cfg.budget_unit]: 0 if cell.zero_shot or cell.budget >= n_train else cell.budget})
     path = folder / CELL_CONFIG
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
     resolved = load_config(FinetuneConfig, path, spec.overrides + (["steps=0"] if cell.zero_shot else []))
@@ -152,7 +156,7 @@ def zero_shot_reason(cfg: CompareConfig, spec: ModelSpec) -> str:
 
 def _cell(cfg: CompareConfig, spec: ModelSpec, budget: int, seed: int, zero_shot: bool = False) -> Cell:
     folder = Path(cfg.out_dir) / "cells" / spec.name
-    folder = folder / ZERO_SHOT if zero_shot else folder / f"n{budget:05d}" / f"s{seed}"
+    folder = folder / ZERO_SHOT if zero_shot else folder / f"{_PREFIX[cfg.budget_unit]}{budget:05d}" / f"s{seed}"
     argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / CELL_CONFIG)]
     name = f"{spec.name} {ZERO_SHOT}" if zero_shot else f"{spec.name} n={budget} seed={seed}"
     return Cell(spec, budget, seed, Job(name, folder, argv, METRICS_FILE), zero_shot)

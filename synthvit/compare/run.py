@@ -17,7 +17,7 @@ import generate.schema  # noqa: F401  (registers format=shards with synthvit.dat
 from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
-from synthvit.data import load_real_data, split_ids
+from synthvit.data import has_defect, load_real_data, split_ids
 from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.ranks import Ranks, join
@@ -65,7 +65,9 @@ def _check_zero_shot(spec, meta: ExportMeta, seg_classes: list[str]) -> None:
 
 def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int) -> str:
     return (f"Data: `{cfg.data}` ({data.fmt} layout): {n_train} train and {n_test} test images; segmentation classes "
-            f"{', '.join(data.seg_classes) or 'none'}; image classes {', '.join(data.cls_classes) or 'none'}.")
+            f"{', '.join(data.seg_classes) or 'none'}; image classes {', '.join(data.cls_classes) or 'none'}."
+            + (" Budgets count the train images that hold a defect (nested, stratified by class); every "
+               "defect-free train image is in every cell." if cfg.budget_unit == "defective" else ""))
 
 
 def run(cfg: CompareConfig) -> Path:
@@ -79,6 +81,10 @@ def run(cfg: CompareConfig) -> Path:
     split = split_ids(data, cfg.finetune.test_fraction, cfg.finetune.data_seed)
     test_items = [i for i in data.items if split[i.id] == "test"]
     n_train = sum(v == "train" for v in split.values())
+    if cfg.budget_unit == "defective":  # budgets count the defective train images; defect-free ones all stay
+        n_train = sum(1 for i in data.items if split[i.id] == "train" and has_defect(i))
+        if not n_train:
+            raise SynthvitError(f"budget_unit=defective: no train image of {cfg.data} holds a defect")
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))

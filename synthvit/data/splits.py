@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from synthvit.data.core import DataError, Item, RealData, read_rows, shown_size
+from synthvit.data.core import GOOD_NAMES, DataError, Item, RealData, read_rows, shown_size
 
 SPLITS_FILE = "splits.csv"
 SPLIT_NAMES = ("train", "test")
@@ -85,6 +85,37 @@ def _stratum(data: RealData, item: Item) -> str:
     if data.has_masks:
         return "defect" if has_defect(item) else "defect-free"
     return "all"
+
+
+def defect_stratum(data: RealData, item: Item) -> str:
+    """The class a defective image counts under when budgets are stratified: its image label where the data has
+    more than one defect label, else the defect class with the most pixels in its mask."""
+    defect_labels = [c for c in data.cls_classes if c.lower() not in GOOD_NAMES]
+    if item.label is not None and len(defect_labels) > 1:
+        return item.label
+    with item.load() as im:
+        size = shown_size(im)
+    counts = np.bincount(item.mask(size).ravel(), minlength=len(data.seg_classes))
+    counts[0] = 0
+    return data.seg_classes[int(counts.argmax())] if data.seg_classes else "defect"
+
+
+def defective_order(data: RealData, items: list[Item], seed: int) -> list[str]:
+    """Ids of the defective ``items`` in the order budgets take them: the first N of it is any budget of N, so
+    budgets are nested, and each class's share of every prefix is near its share of the whole (each class's images
+    in seeded order, at evenly spaced positions ``(rank + offset) / count`` with a seeded offset per class)."""
+    rng = np.random.default_rng([seed, 24])
+    strata: dict[str, list[Item]] = {}
+    for item in items:
+        if has_defect(item):
+            strata.setdefault(defect_stratum(data, item), []).append(item)
+    keyed = []
+    for name in sorted(strata):
+        members = strata[name]
+        order = rng.permutation(len(members))
+        offset = rng.random()
+        keyed += [((rank + offset) / len(members), rng.random(), members[k].id) for rank, k in enumerate(order)]
+    return [item_id for _, _, item_id in sorted(keyed)]
 
 
 def has_defect(item: Item) -> bool:
