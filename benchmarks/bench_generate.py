@@ -15,6 +15,11 @@ With ``--backends procedural,contours`` it instead compares backends, one proces
 samples/s per core, one row per backend (set OMP_NUM_THREADS=1 to keep numpy on one core). ``--backgrounds FOLDER``
 adds a row ``procedural+bg``: the procedural defects drawn into FOLDER's defect-free images (``procedural.backgrounds``),
 its render rate with every background decoded for the first time (cold) and decoded already (warm: a long run).
+``--copypaste-data FOLDER`` is the real-data folder of ``copypaste`` in ``--backends`` (its defects cut out once,
+before timing; render cold and warm as for backgrounds):
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_generate.py --backends procedural,copypaste \
+        --copypaste-data ../shared/datasets/magnetic-tile --samples 400
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import webdataset as wds
 from PIL import Image
 
 from generate.backends import create_backend
-from generate.config import GenerateConfig, ProceduralConfig
+from generate.config import CopyPasteConfig, GenerateConfig, ProceduralConfig
 from generate.run import run
 from generate.schema import encode_sample
 from generate.writer import ShardPlan, tune_allocator, write_shard
@@ -67,12 +72,17 @@ def bench_size(size: str, n: int, quality: int = 95) -> dict:
                 encode=_rate(n, encode_s), ratio=encode_s / generate_s, ceiling=encode_s / write_s)
 
 
-def bench_backend(name: str, size: str, n: int, quality: int = 95, backgrounds: str = "") -> dict:
+def bench_backend(name: str, size: str, n: int, quality: int = 95, backgrounds: str = "",
+                  copypaste_data: str = "") -> dict:
     """Render-only and render+write rates of backend ``name`` at ``size``, in this process (one core); with
-    ``backgrounds`` the first render pass decodes them (cold) and a second one is timed too (warm)."""
+    ``backgrounds`` (or backend copypaste, ``copypaste_data``) the first render pass decodes the frames (cold) and a
+    second one is timed too (warm). Creating the backend (copypaste: cutting the defects out) is not timed."""
     cfg = GenerateConfig(backend=name, image_size=size, num_samples=n, samples_per_shard=n, jpeg_quality=quality,
-                         procedural=ProceduralConfig(backgrounds=backgrounds))
+                         procedural=ProceduralConfig(backgrounds=backgrounds),
+                         copypaste=CopyPasteConfig(data=copypaste_data))
     backend = create_backend(name, cfg)
+    label = name + ("+bg" if backgrounds else "")
+    backgrounds = backgrounds or copypaste_data
     backend.render(10_000)  # warm-up (allocator, caches)
     t = time.perf_counter()
     for i in range(n):
@@ -88,7 +98,7 @@ def bench_backend(name: str, size: str, n: int, quality: int = 95, backgrounds: 
         t = time.perf_counter()
         write_shard(backend, ShardPlan(0, 0, n), Path(d), cfg)
         generate_s = time.perf_counter() - t
-    return dict(backend=name + ("+bg" if backgrounds else ""), size=size, n=n, render=_rate(n, render_s),
+    return dict(backend=label, size=size, n=n, render=_rate(n, render_s),
                 generate=_rate(n, generate_s), warm=warm)
 
 
@@ -109,7 +119,10 @@ def main(argv=None) -> None:
     ap.add_argument("--backends", default="", help="compare these backends (comma-separated) instead")
     ap.add_argument("--backend-size", default="256", help="image size for --backends")
     ap.add_argument("--backgrounds", default="", help="with --backends: add procedural into this folder's frames")
+    ap.add_argument("--copypaste-data", default="", help="with --backends ...,copypaste: its real-data folder")
     args = ap.parse_args(argv)
+    if "copypaste" in args.backends.split(",") and not args.copypaste_data:
+        ap.error("--backends copypaste needs --copypaste-data FOLDER (a real-data folder with labelled defects)")
     tune_allocator()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"{platform.platform()}")
@@ -121,7 +134,8 @@ def main(argv=None) -> None:
         runs += [("procedural", args.backgrounds)] if args.backgrounds else []
         base = None
         for name, folder in runs:
-            r = bench_backend(name, args.backend_size, args.samples, backgrounds=folder)
+            r = bench_backend(name, args.backend_size, args.samples, backgrounds=folder,
+                              copypaste_data=args.copypaste_data if name == "copypaste" else "")
             base = r["generate"] if name == "procedural" and not folder else base
             warm = f"{r['warm']:11.1f}" if r["warm"] else f"{'':>11}"
             ratio = f"{r['generate'] / base:13.0%}" if base else f"{'':>13}"

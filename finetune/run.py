@@ -10,7 +10,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
@@ -36,9 +35,8 @@ from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.data import (
     RealData,
-    defective_order,
+    budget_subset,
     describe_split,
-    has_defect,
     load_real_data,
     set_pixel_cap,
     split_ids,
@@ -63,12 +61,7 @@ log = logging.getLogger("synthvit.finetune")
 def _select(data: RealData, cfg: FinetuneConfig, split: dict[str, str]):
     train_items = [i for i in data.items if split[i.id] == "train"]
     test_items = [i for i in data.items if split[i.id] == "test"]
-    if cfg.train_limit:
-        order = np.random.default_rng(cfg.data_seed).permutation(len(train_items))
-        train_items = [train_items[k] for k in sorted(order[:cfg.train_limit])]
-    if cfg.defective_limit:
-        keep = set(defective_order(data, train_items, cfg.data_seed)[:cfg.defective_limit])
-        train_items = [i for i in train_items if not has_defect(i) or i.id in keep]
+    train_items = budget_subset(data, train_items, cfg.train_limit, cfg.defective_limit, cfg.data_seed)
     if not train_items:
         raise SynthvitError(f"no training images in {cfg.data} (split: {len(test_items)} test)")
     return train_items, test_items

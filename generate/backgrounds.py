@@ -63,13 +63,43 @@ def _is_plain(root: Path) -> bool:
     return bool(entries) and all(p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in entries)
 
 
+@lru_cache(maxsize=8)
+def read_real_ids(path: str) -> frozenset[str] | None:
+    """The ids of a ``real_ids`` file (one per line, blank lines and # comments skipped); None for ""."""
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SynthvitError(f"real_ids: cannot read {path} ({e}); give a text file of image ids, one per line") \
+            from None
+    return frozenset(ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#"))
+
+
+def allowed_train(root, data, split: dict[str, str], allowed: frozenset[str] | None, key: str) -> list:
+    """The train items of ``data`` a set may draw on: all of them, or those ``allowed`` (``real_ids``) lists -- an
+    id of no image, or of a test image, is an error (a set never draws on the test split)."""
+    train = [i for i in data.items if split[i.id] == "train"]
+    if allowed is None:
+        return train
+    unknown = sorted(allowed - set(split))
+    test = sorted(i for i in allowed & set(split) if split[i] != "train")
+    if unknown or test:
+        raise SynthvitError(f"real_ids: {key}={root} " + "; ".join(
+            part for part in (f"has no image {', '.join(unknown[:10])}" if unknown else "",
+                              f"puts {', '.join(test[:10])} in its test split" if test else "") if part)
+            + ": real_ids must list train images of that folder")
+    return [i for i in train if i.id in allowed]
+
+
 def _real_data(root: Path, fmt: str, labels: tuple[str, ...], test_fraction: float, data_seed: int, check: bool,
-               key: str):
-    """(id, where, loader) of the defect-free train images of a real-data folder, and what was left out."""
+               key: str, allowed: frozenset[str] | None = None):
+    """(id, where, loader) of the defect-free train images of a real-data folder (those ``allowed`` lists, when
+    given), and what was left out."""
     labels = labels or GOOD_NAMES
     data = load_real_data(root, fmt, check=check)
     split = split_ids(data, test_fraction, data_seed)
-    train = [i for i in data.items if split[i.id] == "train"]
+    train = allowed_train(root, data, split, allowed, key)
     keep = [i for i in train if not (data.has_masks and has_defect(i))
             and not (data.has_labels and (i.label or "").lower() not in labels)]
     left = {"test": len(data.items) - len(train), "defective": len(train) - len(keep)}
@@ -86,10 +116,11 @@ def _real_data(root: Path, fmt: str, labels: tuple[str, ...], test_fraction: flo
 
 @lru_cache(maxsize=8)
 def find_backgrounds(folder: str, fmt: str = "auto", labels: tuple[str, ...] = (), test_fraction: float = 0.3,
-                     data_seed: int = 0, check: bool = True, key: str = KEY) -> tuple[list[Source], dict]:
+                     data_seed: int = 0, check: bool = True, key: str = KEY,
+                     allowed: frozenset[str] | None = None) -> tuple[list[Source], dict]:
     """The background images of ``folder`` and a record of them for ``_info.json`` (folder, format, ids used,
     counts left out). ``check``: decode every image and mask (else only their headers are read); ``key``: the
-    config key errors name."""
+    config key errors name; ``allowed``: only these train ids (``real_ids``)."""
     root = Path(folder)
     if not root.is_dir():
         raise BackgroundError(f"{key}: {root} is not a folder; give a folder of defect-free images or a "
@@ -102,7 +133,7 @@ def find_backgrounds(folder: str, fmt: str = "auto", labels: tuple[str, ...] = (
         if not found:
             raise BackgroundError(f"{key}: {root} holds no images ({', '.join(IMAGE_EXTS)})")
     else:
-        fmt, found, left = _real_data(root, fmt, labels, test_fraction, data_seed, check, key)
+        fmt, found, left = _real_data(root, fmt, labels, test_fraction, data_seed, check, key, allowed)
     sources, bad = [], []
     for id_, where, load in found:
         try:
@@ -171,19 +202,28 @@ class BackgroundPool:
             self._bytes -= old.nbytes
         return arr, scale
 
-    def __call__(self, rng) -> tuple[np.ndarray, dict]:
-        """A background and its record ``{id, box}`` (box: x0, y0, x1, y1 in the source image's pixels)."""
+    def draw(self, rng) -> tuple[int, np.ndarray, float, int, int]:
+        """Image ``k`` drawn from ``rng``, decoded (``arr``, ``scale`` as :meth:`_decoded`), and the top-left corner
+        ``x0, y0`` of the frame's crop in ``arr``, drawn too."""
         k = int(rng.integers(len(self.sources)))
         arr, scale = self._decoded(k)
         h, w = arr.shape[:2]
         x0 = int(rng.integers(w - self.width + 1)) if self.fit == "crop" else 0
         y0 = int(rng.integers(h - self.height + 1)) if self.fit == "crop" else 0
-        crop = arr[y0:y0 + self.height, x0:x0 + self.width]
+        return k, arr, scale, x0, y0
+
+    def crop_record(self, k: int, scale: float, x0: int, y0: int) -> dict:
+        """``{id, box}`` of a crop (box: x0, y0, x1, y1 in the source image's pixels)."""
         if self.fit == "resize":
             box = [0, 0, *self.sources[k].size]
         else:
             box = [round(v / scale, 1) if scale != 1.0 else v for v in (x0, y0, x0 + self.width, y0 + self.height)]
-        return crop, {"id": self.sources[k].id, "box": box}
+        return {"id": self.sources[k].id, "box": box}
+
+    def __call__(self, rng) -> tuple[np.ndarray, dict]:
+        """A background and its record ``{id, box}`` (box: x0, y0, x1, y1 in the source image's pixels)."""
+        k, arr, scale, x0, y0 = self.draw(rng)
+        return arr[y0:y0 + self.height, x0:x0 + self.width], self.crop_record(k, scale, x0, y0)
 
 
 def background_pool(cfg, check: bool = False) -> BackgroundPool | None:
@@ -194,7 +234,7 @@ def background_pool(cfg, check: bool = False) -> BackgroundPool | None:
         return None
     sources, record = find_backgrounds(p.backgrounds, p.backgrounds_format, tuple(x.lower() for x in
                                        p.defect_free_labels), p.backgrounds_test_fraction, p.backgrounds_data_seed,
-                                       check)
+                                       check, allowed=read_real_ids(cfg.real_ids))
     pool = BackgroundPool(sources, *cfg.size, p.backgrounds_fit, warn=check)
     pool.record = record
     return pool

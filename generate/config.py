@@ -145,6 +145,62 @@ class ContoursConfig:
         _check_prob("gray_prob", self.gray_prob)
 
 
+COPYPASTE_FORMATS = ("auto", "canonical", "labelme", "coco", "hf", "shards")  # the real-data formats with masks
+SplitMissing = Literal["error", "train", "test"]
+
+
+@dataclass(kw_only=True)
+class CopyPasteConfig:
+    """``backend=copypaste``: the labelled defects of a real-data folder's *train* split, cut out with a margin and
+    pasted into its defect-free train frames (``generate.backends.copypaste``)."""
+    data: str = field(default="", metadata={
+        "help": "a real-data folder (any finetune format with masks): its train split's defects and frames "
+                "(required for backend=copypaste)"})
+    format: str = field(default="auto", metadata={"help": f"its layout: {', '.join(COPYPASTE_FORMATS)}"})
+    test_fraction: float = field(default=0.3, metadata={
+        "help": "the test share of its seeded split (no splits.csv): as finetune's test_fraction"})
+    data_seed: int = field(default=0, metadata={"help": "its split seed: as finetune's data_seed"})
+    split_missing: SplitMissing = field(default="error", metadata={
+        "help": "images its splits.csv does not list: an error, or train or test (as finetune's split_missing)"})
+    max_instances: int = field(default=3, metadata={"help": "defects pasted per frame: 1..max_instances"})
+    defect_free_prob: float = field(default=0.0, metadata={"help": "share of frames left as they are (no paste)"})
+    scale: list[float] = field(default_factory=lambda: [0.75, 1.33], metadata={
+        "help": "[min, max] scale of a pasted defect (log-uniform); one number: that scale"})
+    rotate: bool = field(default=True, metadata={"help": "random k*90 degree rotation and flip of each defect"})
+    elastic: float = field(default=1.5, metadata={
+        "help": "peak displacement (px) of a smooth random warp of each defect (0: none)"})
+    match: bool = field(default=True, metadata={
+        "help": "match each defect's surroundings (margin) to the mean/std of the spot it lands on (false: paste "
+                "its pixels as they are, e.g. for binary images)"})
+    margin: int = field(default=4, metadata={
+        "help": "px of surroundings cut out around each defect: matched to the destination, faded into it"})
+    feather: float = field(default=3.0, metadata={
+        "help": "px over which the margin fades into the destination (<= margin; 0: a hard edge at the margin)"})
+    min_area: int = field(default=4, metadata={"help": "defect components of fewer pixels are not used"})
+    free_areas: bool = field(default=True, metadata={
+        "help": "also paste into the defect-free areas of defective train frames (their own defects kept)"})
+
+    def __post_init__(self):
+        if self.format not in COPYPASTE_FORMATS:
+            raise ConfigError(f"format: {self.format!r} not accepted; use one of {', '.join(COPYPASTE_FORMATS)}")
+        if not 0 <= self.test_fraction < 1:
+            raise ConfigError(f"test_fraction: {self.test_fraction} not accepted; use [0, 1)")
+        if not 1 <= self.max_instances <= 64:
+            raise ConfigError(f"max_instances: {self.max_instances} not accepted; use 1..64")
+        _check_prob("defect_free_prob", self.defect_free_prob)
+        if len(self.scale) not in (1, 2) or not 0.05 <= self.scale[0] <= self.scale[-1] <= 20:
+            raise ConfigError(f"scale: {self.scale} not accepted; use [min, max] with 0.05 <= min <= max <= 20, "
+                              f"or one number")
+        if not 1 <= self.margin <= 64:
+            raise ConfigError(f"margin: {self.margin} not accepted; use 1..64 px")
+        if not 0 <= self.feather <= self.margin:
+            raise ConfigError(f"feather: {self.feather} not accepted; use 0..margin ({self.margin}) px")
+        if not 0 <= self.elastic <= 16:
+            raise ConfigError(f"elastic: {self.elastic} not accepted; use 0..16 px")
+        if self.min_area < 1:
+            raise ConfigError(f"min_area: {self.min_area} not accepted; use >= 1 px")
+
+
 StyleGANMode = Literal["random", "oriented", "checkpoint"]
 DiffusionMode = Literal["inpaint", "img2img", "unconditional"]
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
@@ -239,12 +295,16 @@ class GenerateConfig:
     image_format: ImageFormat = field(default="jpg", metadata={"help": "png for lossless images"})
     jpeg_quality: int = 95
     preview: int = field(default=16, metadata={"help": "samples on the preview contact sheet (0: none)"})
+    real_ids: str = field(default="", metadata={
+        "help": "a text file of image ids (one per line): backends that draw on a real-data folder (copypaste, "
+                "procedural.backgrounds) use only these train images (compare sets it to a budget's own)"})
     verify: bool = field(default=False, metadata={"help": "only check the shards in out_dir against _info.json"})
     defects: DefectsConfig = field(default_factory=DefectsConfig)
     procedural: ProceduralConfig = field(default_factory=ProceduralConfig)
     stylegan: StyleGANConfig = field(default_factory=StyleGANConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     contours: ContoursConfig = field(default_factory=ContoursConfig)
+    copypaste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
 
     def __post_init__(self):
         from generate.backends import list_backends  # light: the registry holds lazy references
@@ -266,6 +326,9 @@ class GenerateConfig:
             raise ConfigError(f"name: {self.name!r} not accepted; use letters, digits, '-' or '_' (no dots)")
         if self.preview < 0:
             raise ConfigError(f"preview: {self.preview} not accepted; use >= 0")
+        if self.backend == "copypaste" and not self.copypaste.data:
+            raise ConfigError("copypaste.data: backend=copypaste needs copypaste.data=FOLDER, a real-data folder with "
+                              "labelled defects (masks) in its train split")
 
     @property
     def size(self) -> tuple[int, int]:

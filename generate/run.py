@@ -24,7 +24,7 @@ PREVIEW_FILE = "preview.png"
 RUN_ONLY_KEYS = ("out_dir", "num_workers", "verify", "preview")
 # The backend groups that only their own backend reads (defects.* is read by every backend, procedural.* by
 # several: surfaces, gray_prob, backgrounds).
-BACKEND_GROUPS = ("stylegan", "diffusion", "contours")
+BACKEND_GROUPS = ("stylegan", "diffusion", "contours", "copypaste")
 
 
 def _dataset_view(d: dict) -> dict:

@@ -188,6 +188,31 @@ def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, pretrain_ex
             assert p.stat().st_mtime_ns == t
 
 
+@pytest.mark.slow
+def test_a_row_mixes_in_a_set_built_once_per_budget_from_its_own_train_images(target, tmp_path, cli, monkeypatch):
+    """A copy-paste row at a budget of 10 train images, two seeds: one generate job builds the set from exactly the
+    10 images both seeds train on (never a test image), and both cells mix it in."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    gen = tmp_path / "cp.yaml"
+    gen.write_text("backend: copypaste\nnum_samples: 16\nsamples_per_shard: 8\nimage_size: 32\nnum_workers: 0\n"
+                   "preview: 0\ncopypaste: {max_instances: 2}\n")
+    out = tmp_path / "cmp"
+    models = f"models=[{{name: vit-cp, model: vit_tiny_patch16_224, synthetic: {gen}}}]"
+    res = cli("compare", f"data={target}", f"out_dir={out}", models, "budgets=[10]", "seeds=[0,1]", *COMPARE,
+              "cka_images=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    sets = sorted(p.parent for p in out.glob("synthetic/*/*/shards/_info.json"))
+    assert [p.relative_to(out).as_posix() for p in sets] == ["synthetic/cp/n00010/shards"]
+    train = [_train_ids(out / f"cells/vit-cp/n00010/s{s}") for s in (0, 1)]
+    assert train[0] == train[1] and len(train[0]) == 10
+    listed = set((sets[0].parent / "real_ids.txt").read_text().split())
+    drawn = set(json.loads((sets[0] / "_info.json").read_text())["copypaste"]["real_ids"])
+    assert listed == train[0] and drawn <= train[0] and drawn
+    for seed in (0, 1):
+        mixed = json.loads((out / f"cells/vit-cp/n00010/s{seed}/synthetic.json").read_text())
+        assert [s["folder"] for s in mixed["sets"]] == [str(sets[0])]
+
+
 def test_compare_config_errors_name_the_key(tmp_path, target, cli):
     for i, (override, key) in enumerate([
             ("budgets=[-1]", "budgets"), ("budgets=[5,zeroshot]", "budgets[1]"), ("budgets=[zero-shot]", "budgets"),

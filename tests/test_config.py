@@ -69,7 +69,7 @@ def test_comma_list_override():
     (["verify=1"], "verify: expected true or false"),
     (["image_size=4kx2k"], "image_size"),
     (["image_size=16"], "image_size: 16x16 is impossible"),
-    (["backend=stylegan9"], "unknown backend 'stylegan9'; available: contours, diffusion, procedural, stylegan"),
+    (["backend=stylegan9"], "unknown backend 'stylegan9'; available: contours, copypaste, diffusion, procedural, stylegan"),
     (["defects.classes=[crack,rust]"], "defects.classes"),
     (["defects.defect_free_prob=1.5"], "defect_free_prob: 1.5 is not a probability"),
     (["image_format=webp"], "image_format: 'webp' is not accepted; choose one of 'jpg' | 'png'"),

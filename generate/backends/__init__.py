@@ -77,6 +77,7 @@ _REGISTRY: dict[str, str | Callable[..., Backend]] = {
     "stylegan": "generate.backends.stylegan:StyleGANBackend",
     "diffusion": "generate.backends.diffusion:DiffusionBackend",
     "contours": "generate.backends.contours:ContoursBackend",
+    "copypaste": "generate.backends.copypaste:CopyPasteBackend",
 }
 
 

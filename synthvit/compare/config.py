@@ -26,6 +26,9 @@ class ModelSpec:
     init: str = field(default="", metadata={"help": "a synthvit pretrain export (synthetic pretraining)"})
     task: ModelTask = field(default="", metadata={"help": "empty: finetune.task"})
     overrides: list[str] = field(default_factory=list, metadata={"help": "finetune key=value for this model"})
+    synthetic: str = field(default="", metadata={
+        "help": "a generate config (backend copypaste or procedural) built once per budget from that budget's own "
+                "train images and mixed into this model's batches (finetune.synthetic_share)"})
 
     def __post_init__(self):
         if not self.model:
@@ -37,6 +40,10 @@ class ModelSpec:
         bad = [o for o in self.overrides if "=" not in o]
         if bad:
             raise ConfigError(f"models.{self.name}.overrides: {bad} are not key=value")
+        if self.synthetic and any(o.split("=", 1)[0].strip() == "synthetic" for o in self.overrides):
+            raise ConfigError(f"models.{self.name}: give synthetic (a generate config built per budget) or an "
+                              f"override synthetic=[...] (fixed sets), not both; finetune.synthetic adds fixed sets "
+                              f"to every row")
         owned = [o for o in self.overrides if o.split("=", 1)[0].strip() in CELL_KEYS]
         if owned:
             raise ConfigError(f"models.{self.name}.overrides: {owned} set keys that compare sets per cell "

@@ -76,6 +76,17 @@ _LIMIT = {"images": "train_limit", "defective": "defective_limit"}  # the finetu
 _PREFIX = {"images": "n", "defective": "d"}  # cell folders: n00100 (100 train images), d00005 (5 defective ones)
 
 
+def budget_folder(cfg: CompareConfig, budget: int) -> str:
+    """``n00100`` (100 train images) or ``d00005`` (5 defective ones): a budget's folder name."""
+    return f"{_PREFIX[cfg.budget_unit]}{budget:05d}"
+
+
+def synthetic_folder(cfg: CompareConfig, config: str, budget: int) -> Path:
+    """Where the synthetic set of the generate config ``config`` built from ``budget``'s train images lives (shared
+    by every seed and every row naming that config); its ``real_ids.txt`` and generate log are in the folder above."""
+    return Path(cfg.out_dir) / "synthetic" / Path(config).stem / budget_folder(cfg, budget) / "shards"
+
+
 def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str] | None = None) -> FinetuneConfig:
     """Write ``cell.yaml`` (the resolved finetune config of the cell). A finished cell is stale when the config it
     ran with differs from this one in a value (a key a newer synthvit added reads as its default, so it changes
@@ -87,6 +98,8 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
                 task=spec.task or cfg.finetune.task, seed=cell.seed,
                 **{_LIMIT[cfg.budget_unit]: 0 if cell.zero_shot or cell.budget >= n_train else cell.budget})
+    if spec.synthetic and not cell.zero_shot:  # the set built from this budget's own train images
+        tree["synthetic"] = [*cfg.finetune.synthetic, str(synthetic_folder(cfg, spec.synthetic, cell.budget))]
     path = folder / CELL_CONFIG
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
     resolved = load_config(FinetuneConfig, path, spec.overrides + (["steps=0"] if cell.zero_shot else []))
@@ -156,7 +169,7 @@ def zero_shot_reason(cfg: CompareConfig, spec: ModelSpec) -> str:
 
 def _cell(cfg: CompareConfig, spec: ModelSpec, budget: int, seed: int, zero_shot: bool = False) -> Cell:
     folder = Path(cfg.out_dir) / "cells" / spec.name
-    folder = folder / ZERO_SHOT if zero_shot else folder / f"{_PREFIX[cfg.budget_unit]}{budget:05d}" / f"s{seed}"
+    folder = folder / ZERO_SHOT if zero_shot else folder / budget_folder(cfg, budget) / f"s{seed}"
     argv = [sys.executable, "-m", "synthvit", "finetune", "--config", str(folder / CELL_CONFIG)]
     name = f"{spec.name} {ZERO_SHOT}" if zero_shot else f"{spec.name} n={budget} seed={seed}"
     return Cell(spec, budget, seed, Job(name, folder, argv, METRICS_FILE), zero_shot)

@@ -15,7 +15,17 @@ import torch
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from synthvit.compare.config import CompareConfig
-from synthvit.compare.matrix import PROBE_FILE, PROBE_LOG, Job, plan_cells, reference_cells, run_jobs, zero_shot_reason
+from synthvit.compare.matrix import (
+    PROBE_FILE,
+    PROBE_LOG,
+    Job,
+    effective_budgets,
+    plan_cells,
+    reference_cells,
+    run_jobs,
+    zero_shot_reason,
+)
+from synthvit.compare.synthetic import plan_sets
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.data import has_defect, load_real_data, split_ids
 from synthvit.io import SynthvitError, atomic_write_text
@@ -89,8 +99,14 @@ def run(cfg: CompareConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
     cells = plan_cells(cfg, n_train, write=ranks.rank == 0, test_ids={i.id for i in test_items})
+    train_items = [i for i in data.items if split[i.id] == "train"]
+    sets = plan_sets(cfg, data, train_items, effective_budgets(cfg.train_budgets, n_train), n_train,
+                     write=ranks.rank == 0)
     ranks.barrier()
     slots = _slots(ranks, cfg.parallel)
+    if sets:  # every cell that mixes a set in needs it first
+        run_jobs(sets[ranks.rank::ranks.world], slots, "synthetic sets")
+        ranks.barrier()
     run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")
     ranks.barrier()
     probes = [_probe_job(cfg, c) for c in reference_cells(cells).values()]
@@ -103,7 +119,8 @@ def run(cfg: CompareConfig) -> Path:
         md, page = report.write(out)
         print(f"synthvit compare: report -> {page} (and {md.name})", file=sys.stderr)
     ranks.finish()
-    unfinished = [c.job for c in cells if not c.job.done] + [p for p in probes if not p.done]
+    unfinished = [j for j in sets if not j.done] + [c.job for c in cells if not c.job.done] + [
+        p for p in probes if not p.done]
     if unfinished:
         raise SynthvitError(f"{len(unfinished)} job(s) did not finish: " + "; ".join(
             f"{j.name} (log: {j.log})" for j in unfinished) + ". Re-run the same command to retry just those.")

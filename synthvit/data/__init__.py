@@ -43,6 +43,7 @@ from synthvit.data.splits import (
                                 SPLIT_MISSING,
                                 SPLIT_NAMES,
                                 SPLITS_FILE,
+                                budget_subset,
                                 defect_stratum,
                                 defective_order,
                                 describe_split,
@@ -51,7 +52,7 @@ from synthvit.data.splits import (
                                 split_ids,
 )
 
-__all__ = ["defect_stratum", "defective_order", "IMAGE_EXTS", "rle_decode", "GOOD_NAMES", "DataError", "Item", "RealData", "bytes_image", "bytes_mask",
+__all__ = ["budget_subset", "defect_stratum", "defective_order", "IMAGE_EXTS", "rle_decode", "GOOD_NAMES", "DataError", "Item", "RealData", "bytes_image", "bytes_mask",
            "mask_array", "problems_error", "set_pixel_cap", "shown_size", "to_array", "why", "FORMATS",
            "detect_format", "image_files", "load_real_data", "register_format", "validate", "SPLIT_MISSING",
            "SPLIT_NAMES", "SPLITS_FILE", "describe_split", "has_defect", "read_splits", "split_ids"]

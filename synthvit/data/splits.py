@@ -118,6 +118,20 @@ def defective_order(data: RealData, items: list[Item], seed: int) -> list[str]:
     return [item_id for _, _, item_id in sorted(keyed)]
 
 
+def budget_subset(data: RealData, train: list[Item], train_limit: int = 0, defective_limit: int = 0,
+                  seed: int = 0) -> list[Item]:
+    """The train images a budget uses (finetune's ``train_limit``/``defective_limit``; compare builds a cell's
+    synthetic set from the same ones): ``train_limit`` of any train images (a seeded permutation's first N), or
+    ``defective_limit`` defective ones (:func:`defective_order`) with every defect-free one; all with neither."""
+    if train_limit:
+        order = np.random.default_rng(seed).permutation(len(train))
+        train = [train[k] for k in sorted(order[:train_limit])]
+    if defective_limit:
+        keep = set(defective_order(data, train, seed)[:defective_limit])
+        train = [i for i in train if not has_defect(i) or i.id in keep]
+    return train
+
+
 def has_defect(item: Item) -> bool:
     """Whether the item's mask holds a defect pixel: recorded by :func:`validate`, else read now (once)."""
     if item.defect is None:
