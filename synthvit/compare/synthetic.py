@@ -23,12 +23,14 @@ from synthvit.io import atomic_write_text
 
 IDS_FILE = "real_ids.txt"
 GENERATE_LOG = "generate.log"
-# the key that points each backend at the real-data folder it draws on
-DATA_KEYS = {"copypaste": "copypaste.data", "procedural": "procedural.backgrounds"}
+# the keys that point each backend at the real-data folder it draws on, and at the split finetune draws there
+DATA_KEYS = {"copypaste": ("copypaste.data", "copypaste.test_fraction", "copypaste.data_seed"),
+             "procedural": ("procedural.backgrounds", "procedural.backgrounds_test_fraction",
+                            "procedural.backgrounds_data_seed")}
 
 
-def data_key(config: str) -> str:
-    """The real-data key of the generate config ``config`` (by its backend)."""
+def data_keys(config: str) -> tuple[str, str, str]:
+    """The real-data keys (folder, test fraction, data seed) of the generate config ``config``'s backend."""
     try:
         tree = yaml.safe_load(Path(config).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -48,7 +50,7 @@ def plan_sets(cfg: CompareConfig, data: RealData, train: list[Item], budgets: li
     for spec in cfg.models:
         if not spec.synthetic:
             continue
-        key = data_key(spec.synthetic)
+        data_key, fraction_key, seed_key = data_keys(spec.synthetic)
         for budget in budgets:
             shards = synthetic_folder(cfg, spec.synthetic, budget)
             folder = shards.parent  # real_ids.txt and the log beside the set (generate wants a folder of its own)
@@ -61,7 +63,9 @@ def plan_sets(cfg: CompareConfig, data: RealData, train: list[Item], budgets: li
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(folder / IDS_FILE, "".join(f"{i.id}\n" for i in items))
             argv = [sys.executable, "-m", "synthvit", "generate", "--config", spec.synthetic, f"out_dir={shards}",
-                    f"{key}={cfg.data}", f"real_ids={folder / IDS_FILE}", f"seed={cfg.finetune.data_seed}"]
+                    f"{data_key}={cfg.data}", f"{fraction_key}={cfg.finetune.test_fraction}",
+                    f"{seed_key}={cfg.finetune.data_seed}", f"real_ids={folder / IDS_FILE}",
+                    f"seed={cfg.finetune.data_seed}"]
             jobs[folder] = Job(f"synthetic {Path(spec.synthetic).stem} {budget_folder(cfg, budget)}", folder, argv,
                                f"{shards.name}/{INFO_FILE}", GENERATE_LOG)
     return list(jobs.values())
