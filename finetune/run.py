@@ -94,6 +94,9 @@ def run(cfg: FinetuneConfig) -> Path:
     synthetic = _synthetic(cfg, data, {i.id for i in test_items})
     torch.manual_seed(cfg.seed)
     model = _build(cfg, data)
+    if cfg.init:  # the pretraining export's record of the real images its shards drew on (none: procedural only)
+        used = read_export_meta(cfg.init).extra.get("real_ids") or {}
+        check_leak(f"init export {cfg.init}", {k: set(v) for k, v in used.items()}, data, {i.id for i in test_items})
     if cfg.evaluate or cfg.steps:
         check_tiling(model, cfg)  # a tile size evaluation or predict could not run is refused before training
     frozen = model.freeze_early(cfg.freeze_blocks)
@@ -135,10 +138,7 @@ def run(cfg: FinetuneConfig) -> Path:
 
 def _synthetic(cfg: FinetuneConfig, data: RealData, test_ids: set[str]):
     """The mixed-in synthetic sets (None without any), checked before training: no test image drawn on, every
-    class mapped; and the pretraining export's own record of the real images it drew on."""
-    if cfg.init:
-        used = read_export_meta(cfg.init).extra.get("real_ids") or {}
-        check_leak(f"init export {cfg.init}", {k: set(v) for k, v in used.items()}, data, test_ids)
+    class mapped."""
     if not cfg.synthetic:
         return None
     pool = load_synthetic(cfg.synthetic, data, test_ids)
@@ -247,7 +247,9 @@ def run_calibrate(cfg: CalibrateRunConfig) -> Path:
     split = _run_split(run, data)
     train = [i for i in data.items if split[i.id] == "train"]  # the frames it trained on (never test, nor unused)
     fcfg = dataclasses.replace(run.cfg, calibrate=CalibrateConfig(rule=cfg.rule, max_images=cfg.max_images))
-    decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg)
+    test_ids = {i for i, s in split.items() if s == "test"}
+    synthetic = load_synthetic(fcfg.synthetic, data, test_ids) if fcfg.synthetic else None  # its crops count too
+    decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg, synthetic)
     write_export_meta(run.folder / EXPORT_DIR, dataclasses.replace(run.meta, decision=decision))
     log.info("calibrate: %s/%s holds the decision (%s); `synthvit evaluate checkpoint=%s` scores it",
              cfg.checkpoint, EXPORT_DIR, f"{decision.rule} {decision.threshold:.4f}" if decision else "argmax",

@@ -114,10 +114,10 @@ def test_finetune_fits_the_decision_from_train_frames_and_predict_uses_it(tmp_pa
     seen = {}
     real_fit = finetune_run.fit_decision
 
-    def spy(predictor, data, items, cfg):  # every frame but the given training ones is poisoned
+    def spy(predictor, data, items, cfg, synthetic=None):  # every frame but the given training ones is poisoned
         seen["ids"] = {i.id for i in items}
         _poison_all_but(data, seen["ids"])
-        return real_fit(predictor, data, items, cfg)
+        return real_fit(predictor, data, items, cfg, synthetic)
 
     monkeypatch.setattr(finetune_run, "fit_decision", spy)
     run = tmp_path / "run"

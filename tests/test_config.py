@@ -142,12 +142,16 @@ def test_every_shipped_config_loads():
     root = Path(__file__).resolve().parents[1] / "configs"
     from synthvit.compare.config import CompareConfig
 
+    # generate configs that compare completes per budget (a model row's `synthetic:`) load with their data given
+    templates = {Path(m["synthetic"]).name for f in (root / "compare").glob("*.yaml")
+                 for m in (yaml.safe_load(f.read_text()) or {}).get("models", []) if m.get("synthetic")}
     for stage, cls in (("generate", GenerateConfig), ("pretrain", PretrainConfig), ("finetune", FinetuneConfig),
                        ("compare", CompareConfig)):
         files = sorted((root / stage).glob("*.yaml"))
         assert files
         for f in files:
-            load_config(cls, f)
+            load_config(cls, f, ["copypaste.data=data"] if f.name in templates else [])
+    assert {"copypaste-cell.yaml", "copypaste-demo.yaml"} <= templates
     for f in sorted((root / "accelerate").glob("*.yaml")):
         assert "distributed_type" in yaml.safe_load(f.read_text())
 
