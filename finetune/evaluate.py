@@ -105,7 +105,9 @@ class RuleScore:
     """IoU and Dice per class and the predicted defect pixels of one decision (threshold None: argmax)."""
 
     def __init__(self, k: int, threshold: float | None):
-        local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
+        # one process, even inside a distributed job; inputs are class ids by construction (masks are checked when
+        # read), and torchmetrics' input checks cost ~1 s per metric on a 4K frame: 10x the update itself
+        local = dict(sync_on_compute=False, validate_args=False)
         self.threshold = threshold
         self.iou = MulticlassJaccardIndex(k, average="none", **local)
         self.dice = MulticlassF1Score(k, average="none", **local)
@@ -135,8 +137,11 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
     seg_k, cls_k = len(meta.seg_classes), len(meta.cls_classes)
     local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
     decision = meta.decision
-    rules = {"decision": RuleScore(seg_k, decision.threshold if decision else None), "argmax": RuleScore(seg_k, None)}
-    rules |= {name: RuleScore(seg_k, t) for name, t in (decision.candidates if decision else {}).items()}
+    # one scorer per distinct threshold (the decision is one of its candidates), named by every rule that uses it
+    thresholds = {"decision": decision.threshold if decision else None, "argmax": None,
+                  **(decision.candidates if decision else {})}
+    scorers = {t: RuleScore(seg_k, t) for t in dict.fromkeys(thresholds.values())}
+    rules = {name: scorers[t] for name, t in thresholds.items()}
     pix = dict(rules=rules, ap=BinaryAveragePrecision(thresholds=200, **local), true=0) if seg_k else {}
     img = dict(auroc=BinaryAUROC(**local), ap=BinaryAveragePrecision(**local))
     cls = dict(acc=MulticlassAccuracy(cls_k, average="micro", **local), cm=MulticlassConfusionMatrix(cls_k, **local)) \
@@ -153,7 +158,7 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
         if mask is not None and "probs" in out:
             target = torch.from_numpy(mask.astype(np.int64))
             probs = out["probs"].to(dev)
-            for score in pix["rules"].values():
+            for score in {id(r): r for r in pix["rules"].values()}.values():
                 score.update(probs, target)
             pix["true"] += int(np.count_nonzero(mask))
             sub = (slice(None, None, PIXEL_STRIDE), slice(None, None, PIXEL_STRIDE))

@@ -69,8 +69,8 @@ class Decision:
 def class_map(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """(K, H, W) class probabilities -> (H, W) int64 classes. ``threshold`` None: argmax; else a pixel is a defect
     where ``1 - p(background) > threshold``, of its most probable defect class."""
-    if threshold is None:
-        return probs.argmax(0)
+    if threshold is None:  # argmax; for two classes the same comparison, several times faster on a 4K frame
+        return (probs[1] > probs[0]).long() if probs.shape[0] == 2 else probs.argmax(0)
     defect = (1 - probs[0]) > threshold
     classes = probs[1:].argmax(0) + 1 if probs.shape[0] > 2 else torch.ones_like(defect, dtype=torch.int64)
     return torch.where(defect, classes, torch.zeros_like(classes))
