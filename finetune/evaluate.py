@@ -142,7 +142,8 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
                   **(decision.candidates if decision else {})}
     scorers = {t: RuleScore(seg_k, t) for t in dict.fromkeys(thresholds.values())}
     rules = {name: scorers[t] for name, t in thresholds.items()}
-    pix = dict(rules=rules, ap=BinaryAveragePrecision(thresholds=200, **local), true=0) if seg_k else {}
+    pix = dict(rules=rules, scorers=list(scorers.values()), ap=BinaryAveragePrecision(thresholds=200, **local),
+               true=0) if seg_k else {}
     img = dict(auroc=BinaryAUROC(**local), ap=BinaryAveragePrecision(**local))
     cls = dict(acc=MulticlassAccuracy(cls_k, average="micro", **local), cm=MulticlassConfusionMatrix(cls_k, **local)) \
         if cls_k and meta.heads.has_cls else {}
@@ -158,7 +159,7 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
         if mask is not None and "probs" in out:
             target = torch.from_numpy(mask.astype(np.int64))
             probs = out["probs"].to(dev)
-            for score in {id(r): r for r in pix["rules"].values()}.values():
+            for score in pix["scorers"]:
                 score.update(probs, target)
             pix["true"] += int(np.count_nonzero(mask))
             sub = (slice(None, None, PIXEL_STRIDE), slice(None, None, PIXEL_STRIDE))

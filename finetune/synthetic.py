@@ -87,7 +87,11 @@ def load_synthetic(folders: list[str], data: RealData, test_ids: set[str]) -> Sy
         raise SynthvitError(f"synthetic: {data.root} has no masks; mixed batches train the dense head (task=seg)")
     pool = SyntheticPool()
     for folder in folders:
-        info = read_info(folder)
+        try:
+            info = read_info(folder)
+        except SynthvitError as e:
+            raise SynthvitError(f"synthetic: {e}; give synthvit shard folders (synthvit generate out_dir=...)") \
+                from None
         used = info.real_ids()
         mine = check_leak(f"synthetic set {folder}", used, data, test_ids)
         syn = load_real_data(folder, "shards")
