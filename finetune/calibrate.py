@@ -43,9 +43,9 @@ class DefectHistogram:
         self.neg = torch.zeros(BINS, dtype=torch.float64)
 
     def add(self, p_defect: torch.Tensor, target: torch.Tensor, weight: float) -> None:
-        z = torch.logit(p_defect.float().clamp(1e-7, 1 - 1e-7)).clamp(-LOGIT_RANGE, LOGIT_RANGE - 1e-4)
+        z = torch.logit(p_defect.float().cpu().clamp(1e-7, 1 - 1e-7)).clamp(-LOGIT_RANGE, LOGIT_RANGE - 1e-4)
         idx = ((z + LOGIT_RANGE) * (BINS / (2 * LOGIT_RANGE))).long().flatten()
-        is_defect = target.flatten() > 0
+        is_defect = target.cpu().flatten() > 0
         self.pos += torch.bincount(idx[is_defect], minlength=BINS).double() * weight
         self.neg += torch.bincount(idx[~is_defect], minlength=BINS).double() * weight
 

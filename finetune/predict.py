@@ -157,6 +157,7 @@ class MaskRule(NamedTuple):
         return cls("argmax", None)
 
     def classes(self, probs) -> np.ndarray:
+        probs = probs.cpu()  # the predictor leaves them on its device
         if self.threshold is None:
             classes = probs.argmax(0).numpy().astype(np.uint8)
             classes[(1 - probs[0]).numpy() < 0.5] = 0
