@@ -24,7 +24,7 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
-from finetune.tiling import Tiler
+from finetune.tiling import Tiler, inference_dtype
 from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from synthvit.models import ExportMeta, class_map, meta_stats
@@ -44,7 +44,7 @@ class Predictor:
             model.set_input_size(self.tiler.tile)
         self.model, self.meta, self.device = model.eval(), meta, device
         self.mean, self.std = meta_stats(meta, device)
-        self.autocast = torch.bfloat16 if device.type == "cuda" else None
+        self.autocast = inference_dtype(getattr(tiling, "precision", "auto"), torch.device(device))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

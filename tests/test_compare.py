@@ -325,6 +325,7 @@ def _finish(cell, defect: float, auroc: float) -> None:
                "image": {"auroc": auroc, "ap": 0.7}}
     (cell.folder / "metrics.json").write_text(json.dumps(metrics))
     (cell.folder / "export").mkdir()
+    (cell.folder / "export/model.safetensors").write_bytes(b"")  # reference_cells looks for the weights' file
     decoder = None if cell.spec.name == "cnn" else "linear"
     (cell.folder / "export/config.json").write_text(json.dumps({
         "model": cell.spec.model, "in_chans": 3, "img_size": 32, "task": "seg", "class_names": [], "mean": [0.5] * 3,
@@ -365,6 +366,22 @@ def test_a_stale_cell_keeps_its_results_aside_and_a_new_default_key_is_no_change
     plan_cells(cfg, n_train=14, test_ids={"b", "c"})
     assert "steps: 500 -> 600" in capsys.readouterr().err and (cell.folder / "previous-2/metrics.json").is_file()
     assert json.loads((kept / "metrics.json").read_text())["pixel"]["iou"]["crack"] == 0.3
+
+
+def test_reference_cell_is_one_that_kept_its_weights(tmp_path):
+    from synthvit.compare.matrix import reference_cells
+
+    cells = _matrix(tmp_path)
+    for c in cells:
+        _finish(c, 0.3, 0.8)
+    rel = lambda c: c.folder.relative_to(tmp_path).as_posix()  # noqa: E731
+    assert rel(reference_cells(cells)["syn"]) == "cells/syn/n00014/s0"
+    (tmp_path / "cells/syn/n00014/s0/export/model.safetensors").unlink()  # results copied back without weights
+    assert rel(reference_cells(cells)["syn"]) == "cells/syn/n00014/s1"
+    for c in cells:
+        if c.spec.name == "syn":
+            (c.folder / "export/model.safetensors").unlink(missing_ok=True)
+    assert "syn" not in reference_cells(cells) and "vit" in reference_cells(cells)
 
 
 def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):

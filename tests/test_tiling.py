@@ -72,3 +72,40 @@ def test_8k_frame_is_processed_one_batch_of_tiles_at_a_time():
     out = Tiler(tile=512, overlap=0.1, batch_size=4)(frame, predict, num_outputs=1)
     assert out.shape == (1, 4320, 7680) and max(seen) <= 4
     assert sum(seen) == Tiler(tile=512, overlap=0.1).num_tiles(4320, 7680) == 10 * 17
+
+
+def test_inference_precision_key_picks_the_autocast_dtype(monkeypatch):
+    from finetune import tiling
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tiling.inference_dtype("fp32", cuda) is None and tiling.inference_dtype("fp32", cpu) is None
+    assert tiling.inference_dtype("bf16", cpu) is torch.bfloat16 and tiling.inference_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(tiling, "cpu_has_bf16", lambda: True)
+    assert tiling.inference_dtype("auto", cpu) is torch.bfloat16
+    monkeypatch.setattr(tiling, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower than fp32: not taken
+    assert tiling.inference_dtype("auto", cpu) is None
+
+
+def test_bf16_inference_is_close_to_fp32_and_fp32_is_exact():
+    import numpy as np
+
+    from finetune.artifacts import build_model
+    from finetune.config import FinetuneConfig, TilingConfig
+    from finetune.evaluate import Predictor
+    from synthvit.models import ExportMeta, Heads
+
+    cfg = FinetuneConfig(model="vit_tiny_patch16_224", task="seg", crop_size=32, drop_path=0.0)
+    torch.manual_seed(0)
+    model = build_model(cfg, 3, 3).eval()
+    names = ["background", "a", "b"]
+    meta = ExportMeta(model=cfg.model, in_chans=3, img_size=32, heads=Heads.parse("seg"), class_names=names,
+                      seg_classes=names, mean=[0.5] * 3, std=[0.25] * 3)
+    frame = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    probs = {p: Predictor(model, meta, torch.device("cpu"), TilingConfig(precision=p))(frame)["probs"]
+             for p in ("fp32", "bf16")}
+    with torch.inference_mode():
+        x = (torch.from_numpy(frame[:32, :32]).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.25
+        exact = model(x)["seg"].softmax(1)[0]
+    assert torch.allclose(probs["fp32"][:, :20, :20], exact[:, :20, :20], atol=1e-5)  # away from the blended band
+    assert not torch.equal(probs["fp32"], probs["bf16"])  # the key changes the arithmetic...
+    assert (probs["fp32"] - probs["bf16"]).abs().max() < 0.05  # ...within bf16's precision

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.artifacts import CONFIG_FILE, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
+from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
 from finetune.config import FinetuneConfig
 from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from synthvit.config import ConfigError, config_diff, dump_yaml, load_config, to_dict
@@ -197,12 +197,20 @@ def plan_cells(cfg: CompareConfig, n_train: int, write: bool = True,
 
 def reference_cells(cells: list[Cell]) -> dict[str, Cell]:
     """Per model: the cell its probe, pictures and saliency come from -- its finished trained cell with the most
-    training images, of the first seed that finished there (cells list the seeds in the config's order)."""
+    training images, of the first seed that finished there (cells list the seeds in the config's order), among the
+    cells that kept their weights (a cell whose results were copied from another machine without them still counts
+    in the tables)."""
     best: dict[str, Cell] = {}
     for c in cells:
-        if c.job.done and not c.zero_shot and c.budget > getattr(best.get(c.spec.name), "budget", -1):
+        if (c.job.done and not c.zero_shot and has_weights(c.folder)
+                and c.budget > getattr(best.get(c.spec.name), "budget", -1)):
             best[c.spec.name] = c
     return best
+
+
+def has_weights(folder: Path) -> bool:
+    """Whether a finished cell's export still holds its weights."""
+    return any((folder / EXPORT_DIR).glob("*.safetensors"))
 
 
 def child_env(gpu: int | None, cpu_jobs: int = 1) -> dict[str, str]:
