@@ -112,7 +112,9 @@ class FinetuneConfig:
     freeze_blocks: int = field(default=0, metadata={"help": "freeze the stem and the first k blocks/stages"})
     layer_decay: float = field(default=0.0, metadata={"help": "layer-wise LR decay for timm models (0: off)"})
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
-    precision: Precision = field(default="no", metadata={"help": "mixed precision through Accelerate"})
+    precision: Precision = field(default="auto", metadata={
+        "help": "mixed precision through Accelerate; auto: bf16 on a GPU that has it and on a CPU with native bf16 "
+                "(avx512_bf16 or AMX), else no (fp32)"})
     tiling: TilingConfig = field(default_factory=TilingConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     cache_mb: int = field(default=2048, metadata={"help": "decoded train frames kept per loader worker, MB"})

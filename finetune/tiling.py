@@ -21,16 +21,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from synthvit import training
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]  # (B, C, th, tw) float -> (B, K, th, tw)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 natively through oneDNN (avx512_bf16 or AMX); elsewhere bf16 is emulated and slower
-    than fp32."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a build without oneDNN or without the probe
-        return False
 
 
 def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -38,7 +31,7 @@ def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     on CPUs with native bf16, where it runs 1.4-1.7x faster than fp32 (BENCHMARKS.md), fp32 elsewhere."""
     if precision == "fp32":
         return None
-    if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16()):
+    if precision == "bf16" or device.type == "cuda" or (device.type == "cpu" and training.cpu_has_bf16()):
         return torch.bfloat16
     return None
 

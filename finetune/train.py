@@ -228,6 +228,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     resumed = {"resumed_at": start} if start else {}
     return {"steps": cfg.steps, "stopped": end < cfg.steps, **resumed, "train_images": len(items),
             "train_wall_s": round(wall, 2),  # this process's part of the training when resumed
+            "precision": acc.mixed_precision,  # what precision=auto (the default) resolved to
             "train_peak_mb": peak, "train_peak_kind": kind,
             "train_images_per_s": round((end - start) * cfg.batch_size * acc.num_processes / max(wall, 1e-9), 2),
             "zero_shot": False, "model": acc.unwrap_model(model, keep_fp32_wrapper=False)}

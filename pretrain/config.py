@@ -82,7 +82,9 @@ class PretrainConfig:
                                    metadata={"help": "expected classes (empty: take them from the data)"})
     mix: MixConfig = field(default_factory=MixConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    precision: Precision = field(default="no", metadata={"help": "mixed precision through Accelerate"})
+    precision: Precision = field(default="no", metadata={
+        "help": "mixed precision through Accelerate; auto: bf16 on a GPU that has it and on a CPU with native bf16 "
+                "(avx512_bf16 or AMX), else no (fp32)"})
     compile: bool = False
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off, e.g. 0.9998)"})
     log_every: int = 10

@@ -40,6 +40,26 @@ def _single_cpu_process_trap() -> bool:
     return asked_many and not launched_many
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 natively through oneDNN (avx512_bf16 or AMX); elsewhere bf16 is emulated and slower
+    than fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN or without the probe
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """Accelerate's ``mixed_precision`` for a config's ``precision``: ``auto`` is bf16 on a GPU that has it and on a
+    CPU with native bf16 (DeepLabV3+ steps 1.7x, ViT-Tiny 1.4x faster than fp32 on such a CPU: BENCHMARKS.md), else
+    ``no`` (fp32)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
 def make_accelerator(precision: str = "no", *, accum_steps: int = 1, compile: bool = False,
                      project_dir: Path | None = None, log_with: str | None = None):
     """An ``Accelerator`` on the GPU when there is one (gloo on CPUs under ``accelerate launch --multi_gpu``)."""
@@ -52,7 +72,9 @@ def make_accelerator(precision: str = "no", *, accum_steps: int = 1, compile: bo
                     "--num_processes N -m synthvit ...` (torchrun; synthvit uses gloo when no GPU is present)")
     project = None if project_dir is None else ProjectConfiguration(project_dir=str(project_dir),
                                                                      logging_dir=str(project_dir / "tb"))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision,
+    if precision == "auto":
+        log.info("precision auto -> %s", resolve_precision(precision))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(precision),
                        gradient_accumulation_steps=accum_steps, log_with=log_with,
                        dynamo_backend="inductor" if compile else "no", project_config=project)
 

@@ -76,14 +76,19 @@ def test_8k_frame_is_processed_one_batch_of_tiles_at_a_time():
 
 def test_inference_precision_key_picks_the_autocast_dtype(monkeypatch):
     from finetune import tiling
+    from synthvit import training
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert tiling.inference_dtype("fp32", cuda) is None and tiling.inference_dtype("fp32", cpu) is None
     assert tiling.inference_dtype("bf16", cpu) is torch.bfloat16 and tiling.inference_dtype("auto", cuda) is torch.bfloat16
-    monkeypatch.setattr(tiling, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: True)
     assert tiling.inference_dtype("auto", cpu) is torch.bfloat16
-    monkeypatch.setattr(tiling, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower than fp32: not taken
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training.resolve_precision("auto") == "bf16"  # training's `precision: auto` likewise
+    monkeypatch.setattr(training, "cpu_has_bf16", lambda: False)  # emulated bf16 is slower than fp32: not taken
     assert tiling.inference_dtype("auto", cpu) is None
+    assert training.resolve_precision("auto") == "no"
+    assert training.resolve_precision("fp16") == "fp16" and training.resolve_precision("no") == "no"
 
 
 def test_bf16_inference_is_close_to_fp32_and_fp32_is_exact():
