@@ -467,12 +467,29 @@ def test_saliency_agreement_of_hand_made_maps():
     assert (agree.auroc, agree.mass, agree.crops) == (0.5, 0.5, 2)  # the defect-free crop left out
 
 
+def test_cpu_compare_runs_one_cell_per_core_within_memory_and_says_so(monkeypatch, capsys):
+    from synthvit.compare import run as compare_run
+    from synthvit.compare.matrix import cpu_cells
+    from synthvit.ranks import Ranks
+
+    assert cpu_cells(2, 24.0) == 2 and cpu_cells(16, 20.0) == 6 and cpu_cells(4, 1.0) == 1 and cpu_cells(3, None) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(compare_run, "usable_cores", lambda: 8)
+    monkeypatch.setattr(compare_run, "available_memory_gb", lambda: 12.5)
+    single = Ranks(rank=0, world=1, local=0)
+    assert compare_run._slots(single, 0) == [None] * 4  # memory, not cores, bounds it here
+    assert "4 cell(s) at once on 8 CPU core(s), 2 compute thread(s) each (parallel=0" in capsys.readouterr().err
+    assert compare_run._slots(single, 3) == [None] * 3
+    assert "3 cell(s) at once on 8 CPU core(s), 2 compute thread(s) each (parallel=3)" in capsys.readouterr().err
+
+
 def test_cpu_jobs_at_once_share_the_cores_unless_the_user_set_threads(monkeypatch):
     from synthvit.compare.matrix import child_env
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("synthvit.compare.matrix.usable_cores", lambda: 8)
     assert child_env(None, 2)["OMP_NUM_THREADS"] == "4"
     assert child_env(None, 16)["OMP_NUM_THREADS"] == "1"
     assert "OMP_NUM_THREADS" not in child_env(None, 1) and "OMP_NUM_THREADS" not in child_env(0, 2)

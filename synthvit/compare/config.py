@@ -73,7 +73,9 @@ class CompareConfig:
                 "train subsets stay those of finetune.data_seed"})
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig,
                                      metadata={"help": "shared by every cell: equal budgets across models"})
-    parallel: int = field(default=0, metadata={"help": "cells at once (0: one per visible GPU, else 1)"})
+    parallel: int = field(default=0, metadata={
+        "help": "cells at once (0: one per visible GPU; on a CPU-only machine one per core, one compute thread each, "
+                "at most one per 3 GB of available memory)"})
     probe_size: str = field(default="3840x2160", metadata={"help": "frame size of the inference speed probe"})
     probe_repeats: int = 2
     report_images: int = field(default=4, metadata={"help": "test images in the qualitative and saliency grids"})

@@ -213,6 +213,36 @@ def has_weights(folder: Path) -> bool:
     return any((folder / EXPORT_DIR).glob("*.safetensors"))
 
 
+CELL_MEMORY_GB = 3.0  # a cell's peak: ~2.3 GB resident evaluating 3840x2160 frames (BENCHMARKS.md), + its loader
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def available_memory_gb() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def cpu_cells(cores: int, memory_gb: float | None) -> int:
+    """Cells at once on a CPU-only machine: one per core with one compute thread each (on 2 cores two one-thread
+    cells finish a compare ~1.4x sooner than one two-thread cell, BENCHMARKS.md), never more than memory holds."""
+    n = cores if memory_gb is None else min(cores, int(memory_gb // CELL_MEMORY_GB))
+    return max(1, n)
+
+
 def child_env(gpu: int | None, cpu_jobs: int = 1) -> dict[str, str]:
     """The environment of a child job: no variables of a launched job, offline hub, its GPU; CPU jobs running
     ``cpu_jobs`` at once share the cores (``OMP_NUM_THREADS``, unless the user set it), not oversubscribe them."""
@@ -221,7 +251,7 @@ def child_env(gpu: int | None, cpu_jobs: int = 1) -> dict[str, str]:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)
     elif cpu_jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cpu_jobs)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // cpu_jobs)))
     return env
 
 

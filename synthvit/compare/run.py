@@ -7,6 +7,7 @@ writes the report.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,13 +17,17 @@ import torch
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import (
+    CELL_MEMORY_GB,
     PROBE_FILE,
     PROBE_LOG,
     Job,
+    available_memory_gb,
+    cpu_cells,
     effective_budgets,
     plan_cells,
     reference_cells,
     run_jobs,
+    usable_cores,
     zero_shot_reason,
 )
 from synthvit.compare.synthetic import plan_sets
@@ -37,13 +42,20 @@ log = logging.getLogger("synthvit.compare")
 
 def _slots(ranks: Ranks, parallel: int) -> list[int | None]:
     """GPU per concurrent job: the local GPU under a launcher, else the first ``parallel`` GPUs (default all),
-    or ``parallel`` CPU jobs (default 1)."""
+    or ``parallel`` CPU jobs (default: see :func:`cpu_cells`)."""
     gpus = torch.cuda.device_count()
     if ranks.world > 1:
         return [ranks.local % gpus] if gpus else [None]
     if gpus:
         return [i % gpus for i in range(parallel or gpus)]
-    return [None] * max(parallel, 1)
+    cores = usable_cores()
+    n = parallel or cpu_cells(cores, available_memory_gb())
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // n))
+    print(f"compare: {n} cell(s) at once on {cores} CPU core(s), {threads} compute thread(s) each"
+          + (" (parallel=0: one cell per core, at most one per "
+             f"{CELL_MEMORY_GB:g} GB of available memory)" if not parallel else f" (parallel={parallel})")
+          + "; each cell's loader workers take no compute threads", file=sys.stderr)
+    return [None] * n
 
 
 def _check_models(cfg: CompareConfig, data) -> None:
