@@ -56,6 +56,9 @@ class FinetuneOptimConfig:
     warmup_steps: int = 20
     min_lr_ratio: float = field(default=0.01, metadata={"help": "final LR as a share of lr"})
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0: off)"})
+    fused: bool = field(default=True, metadata={
+        "help": "AdamW's fused kernel (one pass over all parameters; ViT-Tiny fine-tune steps ~1.2x faster on a CPU, "
+                "same updates: BENCHMARKS.md); false: torch's default implementation"})
 
     def __post_init__(self):
         if self.lr <= 0:

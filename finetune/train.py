@@ -187,7 +187,8 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step. Checkpoints every
     ``save_every`` steps (and at ``stop_at``); from ``ckpt`` the run continues exactly where it stopped."""
     model.train()
-    optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.layer_decay)
+    optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.layer_decay,
+                            fused=cfg.optim.fused)
     model, optimizer = acc.prepare(model, optimizer)
     start = resume_state(cfg, acc, ckpt) if ckpt is not None else 0
     end = cfg.stop_at or cfg.steps

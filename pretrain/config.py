@@ -41,6 +41,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.01
     clip_grad: float = field(default=1.0, metadata={"help": "max grad norm (0: off)"})
+    fused: bool = field(default=True, metadata={
+        "help": "AdamW's fused kernel (one pass over all parameters; ViT-Tiny fine-tune steps ~1.2x faster on a CPU, "
+                "same updates: BENCHMARKS.md); false: torch's default implementation"})
     accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
 
     def __post_init__(self):

@@ -42,7 +42,8 @@ class Trainer:
         self.mean, self.std = (t.to(accelerator.device) for t in model.input_stats(cfg.in_chans))
         self.global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.accum_steps
         self.base_lr = scaled_lr(cfg.optim, self.global_batch)
-        optimizer = build_adamw(model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas)
+        optimizer = build_adamw(model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas,
+                                    fused=cfg.optim.fused)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.mixer = create_mixer(cfg.mix, cfg.objective, len(class_names))

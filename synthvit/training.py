@@ -109,9 +109,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
-def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas, layer_decay: float = 0.0):
+def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas, layer_decay: float = 0.0,
+                fused: bool = False):
     """timm's AdamW groups (no decay on biases, norms and ``no_weight_decay()`` parameters, frozen ones left out);
-    with ``layer_decay``, the model's layer-wise LR decay groups (``model.layer_decay_groups``)."""
+    with ``layer_decay``, the model's layer-wise LR decay groups (``model.layer_decay_groups``); ``fused``: torch's
+    fused AdamW kernel (CPU and CUDA; the same updates as the default implementation)."""
     from timm.optim import create_optimizer_v2
 
     groups = model.layer_decay_groups(weight_decay, layer_decay) if layer_decay else None
@@ -119,8 +121,10 @@ def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas, l
         log.warning("layer_decay has no effect on %s (only timm backbones have layer-wise decay)",
                     type(model).__name__)
     if groups is None:
-        return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas))
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
+        return create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                                   **({"fused": True} if fused else {}))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas),
+                             **({"fused": True} if fused else {}))
 
 
 def optimizer_step(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_grad: float) -> None:
