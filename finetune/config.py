@@ -40,11 +40,17 @@ class CalibrateConfig:
     max_images: int = field(default=128, metadata={
         "help": "training frames scored at full resolution (half defective, half defect-free where there are that "
                 "many)"})
+    max_pixels: int = field(default=2_000_000, metadata={
+        "help": "pixels scored per frame: a larger frame (4K: 8.3 M) is scored on 512 px cells, every cell holding "
+                "a defect and a seeded draw of the others, each weighted to the cells it stands for (0: whole "
+                "frames)"})
 
     def __post_init__(self):
         if self.max_images < 2:
             raise ConfigError(f"calibrate.max_images: {self.max_images} must be >= 2 (a defective and a defect-free "
                               f"frame)")
+        if self.max_pixels < 0:
+            raise ConfigError(f"calibrate.max_pixels: {self.max_pixels} must be >= 0 (0: whole frames)")
 
 
 @dataclass(kw_only=True)
@@ -171,9 +177,11 @@ class CalibrateRunConfig:
     checkpoint: str = field(default="", metadata={"help": "a finetune run folder"})
     rule: Rule = field(default="threshold", metadata={"help": "the rule to keep (see finetune calibrate.rule)"})
     max_images: int = field(default=128, metadata={"help": "training frames scored at full resolution"})
+    max_pixels: int = field(default=2_000_000, metadata={"help": "pixels scored per frame (see finetune "
+                                                                 "calibrate.max_pixels)"})
 
     def __post_init__(self):
-        CalibrateConfig(rule=self.rule, max_images=self.max_images)
+        CalibrateConfig(rule=self.rule, max_images=self.max_images, max_pixels=self.max_pixels)
 
 
 @dataclass(kw_only=True)

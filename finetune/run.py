@@ -246,7 +246,8 @@ def run_calibrate(cfg: CalibrateRunConfig) -> Path:
     data = _run_data(run)
     split = _run_split(run, data)
     train = [i for i in data.items if split[i.id] == "train"]  # the frames it trained on (never test, nor unused)
-    fcfg = dataclasses.replace(run.cfg, calibrate=CalibrateConfig(rule=cfg.rule, max_images=cfg.max_images))
+    fcfg = dataclasses.replace(run.cfg, calibrate=CalibrateConfig(rule=cfg.rule, max_images=cfg.max_images,
+                                                                     max_pixels=cfg.max_pixels))
     test_ids = {i for i, s in split.items() if s == "test"}
     synthetic = load_synthetic(fcfg.synthetic, data, test_ids) if fcfg.synthetic else None  # its crops count too
     decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg, synthetic)

@@ -12,7 +12,7 @@ import torch
 from conftest import assert_cli_error, make_real_data
 from finetune import run as finetune_run
 from finetune.artifacts import read_split
-from finetune.calibrate import DefectHistogram, fit_decision, scored_frames
+from finetune.calibrate import BINS, DefectHistogram, fit_decision, scored_frames
 from finetune.config import CalibrateConfig, FinetuneConfig
 from finetune.predict import MaskRule
 from synthvit.data import load_real_data, split_ids
@@ -178,3 +178,53 @@ def test_a_vit_trained_on_small_crops_predicts_at_a_larger_tile_and_an_impossibl
     frame = root / "images" / "im01.png"
     assert cli("predict", f"checkpoint={run}", f"input={frame}", f"out={tmp_path / 'p'}").returncode == 0
     assert json.loads((tmp_path / "p" / "im01.json").read_text())["width"] == 64
+
+
+def test_large_frames_are_scored_on_cells_that_stand_for_the_whole_frame():
+    from finetune.calibrate import calibration_cells
+
+    rng = np.random.default_rng(0)
+    small = np.zeros((300, 400), np.uint8)
+    assert calibration_cells(small, 200_000, 512, rng) == [((slice(0, 300), slice(0, 400)),) * 2 + (1.0,)]
+    assert len(calibration_cells(np.zeros((2160, 3840), np.uint8), 0, 512, rng)) == 1  # 0: whole frames
+
+    mask = np.zeros((1536, 2048), np.uint8)  # 3 x 4 cells of 512; defects in two of them
+    mask[10:20, 10:20] = 1
+    mask[1500:1510, 1100:1110] = 2
+    cells = calibration_cells(mask, 4 * 512 * 512, 512, rng)
+    weights = sorted(w for _, _, w in cells)
+    assert weights == [1.0, 1.0, 5.0, 5.0]  # both defect cells; 2 of the 10 others, each standing for 5
+    assert sum(w * (c[0].stop - c[0].start) * (c[1].stop - c[1].start) for _, c, w in cells) == mask.size
+    assert sum(int(np.count_nonzero(mask[c])) for _, c, w in cells if w == 1.0) == 200  # every defect pixel counted
+    for window, cell, _ in cells:
+        assert window[0].stop - window[0].start == window[1].stop - window[1].start == 512
+        assert window[0].start <= cell[0].start and cell[0].stop <= window[0].stop <= 1536
+        assert window[1].start <= cell[1].start and cell[1].stop <= window[1].stop <= 2048
+
+    ragged = np.zeros((2160, 3840), np.uint8)  # edge cells are partial; windows stay 512 and inside the frame
+    ragged[2100:2110, 3800:3810] = 1
+    edge = calibration_cells(ragged, 2_000_000, 512, rng)
+    assert any(c == (slice(2048, 2160), slice(3584, 3840)) and win == (slice(1648, 2160), slice(3328, 3840))
+               for win, c, _ in edge)
+
+
+def test_cell_scoring_estimates_the_whole_frame_histogram_without_bias():
+    from finetune.calibrate import calibration_cells
+
+    h, w = 1536, 2048
+    yy, xx = np.mgrid[:h, :w]
+    p = 0.5 + 0.45 * np.sin(yy / 97.0) * np.cos(xx / 61.0)  # a p(defect) map that differs from cell to cell
+    mask = np.zeros((h, w), np.uint8)
+    mask[700:760, 900:1000] = 1
+    whole = DefectHistogram()
+    whole.add(torch.from_numpy(p), torch.from_numpy(mask), 1.0)
+    drawn = DefectHistogram()
+    draws = 200
+    for seed in range(draws):
+        for _, cell, share in calibration_cells(mask, 3 * 512 * 512, 512, np.random.default_rng(seed)):
+            drawn.add(torch.from_numpy(p[cell]), torch.from_numpy(mask[cell]), share / draws)
+    assert torch.allclose(drawn.pos, whole.pos)  # every defect cell is always scored
+    assert float(drawn.neg.sum()) == pytest.approx(float(whole.neg.sum()), rel=1e-9)
+    above = lambda hist: float(hist.neg[BINS // 2:].sum())  # noqa: E731  background pixels over p = 0.5
+    assert above(drawn) == pytest.approx(above(whole), rel=0.05)
+    assert drawn.best()[0] == pytest.approx(whole.best()[0], abs=0.05)
