@@ -136,6 +136,9 @@ class FinetuneConfig:
                 "over; or a checkpoint folder"})
     stop_at: int = field(default=0, metadata={"help": "end this run after step N with a checkpoint (0: run all)"})
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
+    advise: bool = field(default=False, metadata={
+        "help": "first measure the train split as `synthvit doctor` does and apply its advice (crop_size, "
+                "tiling.tile, defect_crop_prob, decoder, steps); advice.json in the run folder says what changed"})
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.crop_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
@@ -170,6 +173,14 @@ class EvaluateConfig:
     data: str = field(default="", metadata={"help": "real-data folder (default: the run's)"})
     split: Split = field(default="test", metadata={"help": "images of the run's split to evaluate"})
     out_dir: str = field(default="", metadata={"help": "where metrics.json goes (default: the run folder)"})
+
+
+@dataclass(kw_only=True)
+class DoctorConfig(FinetuneConfig):
+    """``synthvit doctor``: every finetune key (the run being planned: model, crop_size, tiling.tile, ...) plus where
+    the findings go."""
+    report_dir: str = field(default="", metadata={
+        "help": "where doctor.json and doctor.png go (default: doctor/<data folder name>)"})
 
 
 @dataclass(kw_only=True)

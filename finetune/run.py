@@ -26,6 +26,7 @@ from finetune.artifacts import (
 )
 from finetune.calibrate import fit_decision
 from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig, FinetuneConfig, PredictConfig
+from finetune.doctor import ADVICE_FILE, apply_advice, examine
 from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.synthetic import SYNTHETIC_FILE, check_leak, load_synthetic
@@ -76,10 +77,28 @@ def _meta(cfg: FinetuneConfig, data: RealData, stats: dict) -> ExportMeta:
                       extra={"synthvit_version": __version__})
 
 
+def advised(cfg: FinetuneConfig, data) -> tuple[FinetuneConfig, list[dict]]:
+    """``cfg`` with the doctor's advice applied (``advise=true``), measured on the train split, and what changed."""
+    report = examine(cfg, data, progress=False)
+    new, applied = apply_advice(cfg, report["advice"])
+    for a in applied:
+        log.info("advise: %s=%s (was %s): %s", a["key"], a["value"], a["current"], a["reason"])
+    for a in report["advice"]:
+        if not a.get("apply", True):
+            log.info("advise (not applied): %s: %s", a["key"], a["reason"])
+    if not applied:
+        log.info("advise: the config already fits the data; nothing changed")
+    return new, applied
+
+
 def run(cfg: FinetuneConfig) -> Path:
     if not cfg.data:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
     run_dir = Path(cfg.out_dir)
+    data, applied = None, None
+    if cfg.advise:  # before the resume check: a resumed run re-derives the same advice from the same data
+        data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
+        cfg, applied = advised(cfg, data)
     ckpt = resolve_resume(cfg.resume, run_dir) if cfg.steps else None
     if ckpt is not None:
         check_resumable(cfg, ckpt)  # a checkpoint of another config stops the run before anything is written
@@ -87,7 +106,8 @@ def run(cfg: FinetuneConfig) -> Path:
         # starting over, as asked: older checkpoints would otherwise outrank (and be kept over) this run's own
         log.info("resume=none: removing the earlier checkpoints in %s", run_dir / CKPT_DIR)
         shutil.rmtree(run_dir / CKPT_DIR)
-    data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
+    if data is None:
+        data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
     data.check_task(cfg.task)
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
     train_items, test_items = _select(data, cfg, split)
@@ -105,6 +125,8 @@ def run(cfg: FinetuneConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
+        if applied is not None:
+            atomic_write_text(run_dir / ADVICE_FILE, json.dumps({"applied": applied}, indent=2))
         _write_split(run_dir, split, {i.id for i in train_items})
         if synthetic is not None:
             atomic_write_text(run_dir / SYNTHETIC_FILE, json.dumps({"share": cfg.synthetic_share,

@@ -25,6 +25,9 @@ STAGES: dict[str, Stage] = {
                       "render synthetic defect images with masks and labels into WebDataset shards"),
     "pretrain": Stage("pretrain.config:PretrainConfig", "pretrain.run:run",
                       "pretrain a timm model on synthvit shards with CutMix, through Accelerate"),
+    "doctor": Stage("finetune.config:DoctorConfig", "finetune.doctor:run",
+                    "check a real-data folder against the run planned on it (sizes, split, classes, defect sizes vs "
+                    "stride/crop/tile, broken files) and advise settings; exit 1 when problems are found"),
     "finetune": Stage("finetune.config:FinetuneConfig", "finetune.run:run",
                       "fine-tune a ViT or CNN baseline on real high-res images; tiled full-resolution test metrics"),
     "evaluate": Stage("finetune.config:EvaluateConfig", "finetune.run:run_evaluate",

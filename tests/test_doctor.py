@@ -1,0 +1,69 @@
+"""``synthvit doctor``: the findings on a known folder, problems and the exit code, and finetune's advise=true."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import assert_cli_error, make_real_data, run_cli
+
+DOCTOR = ["model=vit_tiny_patch16_224", "crop_size=32", "defect_crop_prob=0.8", "batch_size=4", "steps=20"]
+
+
+def _square(rng):  # a 6 x 6 defect: thinner than the 16 px patch
+    y, x = rng.integers(4, 40, 2)
+    return slice(y, y + 6), slice(x, x + 6)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    return make_real_data(tmp_path / "data", 24, (48, 64), _square)
+
+
+def test_doctor_measures_the_train_defects_and_advises(folder, tmp_path):
+    out = tmp_path / "doc"
+    res = run_cli("doctor", f"data={folder}", f"report_dir={out}", *DOCTOR)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((out / "doctor.json").read_text())
+    assert (out / "doctor.png").stat().st_size > 10_000
+    assert report["format"] == "canonical" and report["images"] == 24 and report["sizes"]["distinct"] == 1
+    train, test = report["split"]["train"], report["split"]["test"]
+    assert train["images"] + test["images"] == 24 and train["defective"] + test["defective"] == 12
+    assert report["split"]["source"].startswith("seeded")
+    defect = report["classes"]["defect"]
+    assert defect["train_instances"] == train["defective"] and defect["side"]["median"] == 6
+    assert defect["thickness"]["median"] == pytest.approx(6, abs=1) and defect["below_stride"] == 1.0
+    assert 0.7 <= report["crop_hit_share"] <= 1.0  # 0.8 defect-centred crops, and a few random hits
+    advice = {a["key"]: a for a in report["advice"]}
+    assert advice["decoder"]["value"] == "dpt-skip" and "thickness 6.0 px < patch 16" in advice["decoder"]["reason"]
+    assert advice["steps"]["value"] > 20 and advice["model"]["apply"] is False
+    assert report["problems"] == [] and "verdict   fit" in res.stdout
+
+
+def test_doctor_lists_every_problem_and_exits_1_without_a_traceback(folder, tmp_path):
+    masks = folder / "masks"
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(masks / "im01.png")  # defect everywhere
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(masks / "im03.png")  # labelled dark, mask empty
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "im05.png")  # another size
+    (folder / "images" / "im07.png").write_bytes(b"not a png")
+    out = tmp_path / "doc"
+    res = run_cli("doctor", f"data={folder}", f"report_dir={out}", *DOCTOR)
+    assert_cli_error(res, 1, "problem(s) found", str(out / "doctor.json"))
+    problems = json.loads((out / "doctor.json").read_text())["problems"]
+    text = "\n".join(problems)
+    assert "im07.png: unreadable image" in text and "im05.png: mask is 10x10, image is 64x48" in text
+    assert "im01.png: the mask is defect everywhere" in text
+    assert "im03.png: labelled dark but its mask is empty" in text
+    assert "PROBLEM" in res.stdout
+
+
+def test_finetune_advise_applies_the_advice_and_records_it(folder, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("finetune", f"data={folder}", f"out_dir={run}", *DOCTOR, "advise=true", "evaluate=false",
+                  "num_workers=0", "calibrate.rule=argmax", "drop_path=0.0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    applied = {a["key"]: a for a in json.loads((run / "advice.json").read_text())["applied"]}
+    assert applied["decoder"]["value"] == "dpt-skip" and "model" not in applied
+    resolved = (run / "config.yaml").read_text()
+    assert "decoder: dpt-skip" in resolved and f"steps: {applied['steps']['value']}" in resolved
+    assert "advise: true" in resolved and "advise: decoder=dpt-skip" in res.stderr
