@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from synthvit.data import Item, RealData, has_defect, load_real_data, problems_error, shown_size, split_ids, to_array
 from synthvit.data.formats import validate
 from synthvit.io import SynthvitError, atomic_write_text
@@ -380,14 +381,12 @@ def picture(report: dict, data: RealData, path: Path, in_chans: int = 3) -> None
     tmp.replace(path)
 
 
-def run(cfg) -> Path:
-    """``synthvit doctor``: print the table, write doctor.json and doctor.png; problems make the exit code 1."""
-    if not cfg.data:
-        from synthvit.config import ConfigError
-        raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
-    out = Path(cfg.report_dir or Path("doctor") / Path(str(cfg.data).rstrip("/")).name)
-    data = load_real_data(cfg.data, cfg.format, check=False, max_pixels=cfg.max_pixels,
-                          split_missing=cfg.split_missing)
+def diagnose(cfg, out: Path, data: RealData | None = None) -> dict:
+    """Examine ``cfg``'s data (every broken file listed, the readable rest measured), write ``doctor.json`` and
+    ``doctor.png`` into ``out``, print the table; the report (its ``problems`` decide the verdict)."""
+    if data is None:
+        data = load_real_data(cfg.data, cfg.format, check=False, max_pixels=cfg.max_pixels,
+                              split_missing=cfg.split_missing)
     problems = validate(data)  # every broken file, as finetune would list them; the readable rest is examined
     broken = {p.split(":")[0] for p in problems}
     readable = dataclasses.replace(data, items=[i for i in data.items if i.source not in broken])
@@ -405,6 +404,16 @@ def run(cfg) -> Path:
     atomic_write_text(out / DOCTOR_JSON, json.dumps(public, indent=2))
     print(table(report))
     print(f"doctor: {out / DOCTOR_JSON}" + (f" and {out / DOCTOR_PNG}" if (out / DOCTOR_PNG).exists() else ""))
+    return report
+
+
+def run(cfg) -> Path:
+    """``synthvit doctor``: print the table, write doctor.json and doctor.png; problems make the exit code 1."""
+    if not cfg.data:
+        from synthvit.config import ConfigError
+        raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
+    out = Path(cfg.report_dir or Path("doctor") / Path(str(cfg.data).rstrip("/")).name)
+    report = diagnose(cfg, out)
     if report["problems"]:
         raise SynthvitError(f"{len(report['problems'])} problem(s) found in {cfg.data}; see {out / DOCTOR_JSON}")
     return out

@@ -40,6 +40,9 @@ class CropDataset(torch.utils.data.Dataset):
         self.defective = [k for k, it in enumerate(items) if has_defect(it)] if self.with_mask else []
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()  # per loader worker
         self._cached_bytes = 0
+        # a frame's defect pixels (flat indices), found once per cached mask: np.nonzero of a 4K mask costs ~20 ms,
+        # once per defect-centred crop before (calibration replays 2,048 of them)
+        self._coords: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self):
         return self.total
@@ -57,9 +60,17 @@ class CropDataset(torch.utils.data.Dataset):
         self._cache[k] = (image, mask)
         self._cached_bytes += image.nbytes + mask.nbytes
         while self._cached_bytes > self.cfg.cache_mb * 2**20 and self._cache:
-            old_image, old_mask = self._cache.popitem(last=False)[1]
+            old, (old_image, old_mask) = self._cache.popitem(last=False)
             self._cached_bytes -= old_image.nbytes + old_mask.nbytes
+            self._coords.pop(old, None)
         return image, mask
+
+    def defect_coords(self, mask: np.ndarray, k: int | None = None) -> np.ndarray:
+        """``np.flatnonzero(mask)``, remembered for frame ``k``'s cached mask (None: the last mask asked about)."""
+        hit = self._coords.get(k)
+        if hit is None or hit[0] is not mask:
+            hit = self._coords[k] = (mask, np.flatnonzero(mask))
+        return hit[1]
 
     def item(self, k: int) -> Item:
         """Frame ``k``: a real train item, or (k >= len(items)) a synthetic sample."""
@@ -82,16 +93,18 @@ class CropDataset(torch.utils.data.Dataset):
         k = self.defective[int(rng.integers(len(self.defective)))] if centred else int(rng.integers(len(self.items)))
         return rng, centred, k
 
-    def window(self, image: np.ndarray, mask: np.ndarray, rng, centred: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The crop (or resize) of a frame that a sample trains on, before rotation and flip."""
+    def window(self, image: np.ndarray, mask: np.ndarray, rng, centred: bool,
+               k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The crop (or resize) of a frame that a sample trains on, before rotation and flip (``k``: the frame's
+        index when ``mask`` is its cached one)."""
         if self.cfg.input == "resize":
             return resize_pair(image, mask, self.cfg, rng)
-        return crop_pair(image, mask, self.cfg, rng, centred)
+        return crop_pair(image, mask, self.cfg, rng, centred, self.defect_coords(mask, k) if centred else None)
 
     def __getitem__(self, i: int) -> dict:
         rng, centred, k = self.draw(i)
         label = self.data.label_index(self.items[k]) if k < len(self.items) else -1  # synthetic: seg only
-        image, mask = self.window(*self.frame(k), rng, centred)
+        image, mask = self.window(*self.frame(k), rng, centred, k)
         k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
         image, mask = np.rot90(image, k, axes=(0, 1)), np.rot90(mask, k)
         if flip:
@@ -102,16 +115,18 @@ class CropDataset(torch.utils.data.Dataset):
                 "cls": label}
 
 
-def crop_pair(image: np.ndarray, mask: np.ndarray, cfg, rng, centred: bool) -> tuple[np.ndarray, np.ndarray]:
+def crop_pair(image: np.ndarray, mask: np.ndarray, cfg, rng, centred: bool,
+              coords: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A crop_size crop at full resolution (zero-padded), centred (+- a quarter crop) on a random defect pixel when
-    ``centred``, else anywhere."""
+    ``centred``, else anywhere. ``coords``: ``np.flatnonzero(mask)`` when the caller has it already."""
     s = cfg.crop_size
     h, w = mask.shape
-    ys, xs = np.nonzero(mask) if centred else ((), ())
-    if len(ys):
-        j = int(rng.integers(len(ys)))
-        y0 = int(np.clip(ys[j] - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, max(0, h - s)))
-        x0 = int(np.clip(xs[j] - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, max(0, w - s)))
+    flat = (np.flatnonzero(mask) if coords is None else coords) if centred else ()
+    if len(flat):
+        j = int(rng.integers(len(flat)))
+        yj, xj = divmod(int(flat[j]), w)  # row-major, the order np.nonzero lists them in
+        y0 = int(np.clip(yj - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, max(0, h - s)))
+        x0 = int(np.clip(xj - s // 2 + rng.integers(-s // 4, s // 4 + 1), 0, max(0, w - s)))
     else:
         y0, x0 = int(rng.integers(0, max(0, h - s) + 1)), int(rng.integers(0, max(0, w - s) + 1))
     image, mask = image[y0:y0 + s, x0:x0 + s], mask[y0:y0 + s, x0:x0 + s]

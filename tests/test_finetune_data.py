@@ -176,3 +176,24 @@ def test_pixel_cap_is_configurable(tmp_path):
     with pytest.raises(DataError, match="unreadable image"):
         load_real_data(root, max_pixels=100)  # 40x30 = 1200 px is more than twice the cap: refused
     assert len(load_real_data(root, max_pixels=10_000).items) == 2
+
+
+def test_defect_centred_crops_pick_the_same_pixel_with_remembered_coordinates():
+    from types import SimpleNamespace
+
+    from finetune.train import crop_pair
+
+    rng = np.random.default_rng(3)
+    mask = (rng.random((90, 130)) > 0.97).astype(np.uint8)
+    image = rng.integers(0, 255, (90, 130, 3), dtype=np.uint8)
+    cfg = SimpleNamespace(crop_size=32)
+    for seed in range(20):
+        a = crop_pair(image, mask, cfg, np.random.default_rng(seed), True)
+        b = crop_pair(image, mask, cfg, np.random.default_rng(seed), True, np.flatnonzero(mask))
+        r = np.random.default_rng(seed)  # the pixel np.nonzero's row-major order gives for the same draw
+        ys, xs = np.nonzero(mask)
+        j = int(r.integers(len(ys)))
+        y0 = int(np.clip(ys[j] - 16 + r.integers(-8, 9), 0, 90 - 32))
+        x0 = int(np.clip(xs[j] - 16 + r.integers(-8, 9), 0, 130 - 32))
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        assert np.array_equal(a[1], mask[y0:y0 + 32, x0:x0 + 32])

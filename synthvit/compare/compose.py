@@ -8,8 +8,8 @@ from pathlib import Path
 from finetune.artifacts import load_run
 from synthvit.compare import analysis, figures
 from synthvit.compare.config import ZERO_SHOT, CompareConfig
-from synthvit.compare.matrix import CELL_CONFIG, Cell, reference_cells, zero_shot_reason
-from synthvit.compare.report import Report, Table, environment
+from synthvit.compare.matrix import CELL_CONFIG, DOCTOR_DIR, Cell, reference_cells, zero_shot_reason
+from synthvit.compare.report import Report, Table, environment, read_json
 from synthvit.compare.results import RESULTS_FILE, Row, load_rows, write_results
 from synthvit.compare.stats import NO_SEEDS, NOISE_RULE
 from synthvit.compare.tables import cells_table, difference_lines, groups, series, tradeoff_table
@@ -144,6 +144,22 @@ def _configs(cfg: CompareConfig, cells: list[Cell], report: Report) -> None:
                        path.read_text())
 
 
+def _doctor_section(out: Path, report: Report) -> None:
+    """What ``synthvit doctor`` found in the data (``doctor/`` beside the report), with its picture."""
+    doc = read_json(out / DOCTOR_DIR / "doctor.json")
+    if doc is None:
+        return
+    problems = doc.get("problems", [])
+    report.add("h2", "The data (synthvit doctor)")
+    verdict = "no problem found" if not problems else f"{len(problems)} problem(s), e.g. " + "; ".join(problems[:3])
+    advice = "; ".join(f"{a['key']}={a['value']}" for a in doc.get("advice", [])) or "none"
+    report.add("p", f"`{DOCTOR_DIR}/doctor.json`: {verdict}. Advice for the first model's settings (train split "
+                    f"only): {advice}.")
+    if (out / DOCTOR_DIR / "doctor.png").is_file():
+        report.add("img", f"{DOCTOR_DIR}/doctor.png", "defect sizes per class (train split) against the model's "
+                                                       "stride, the crop and the tile; example defects")
+
+
 def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -> Report:
     out = Path(cfg.out_dir)
     references = reference_cells(cells)
@@ -152,6 +168,7 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
     looks, agreement = _looks(cfg, references, test_items, out)
     report = Report("synthvit compare: ViT or CNN, and does synthetic pretraining pay?")
     report.add("p", data_note)
+    _doctor_section(out, report)
     report.add("h2", "Trade-offs (each model at its largest budget)")
     report.add("p", "Metrics and training costs: mean ± std over the seeds that finished (seeds column); best mean "
                     "of each column in bold. Speed and memory from a fresh process per model on a "

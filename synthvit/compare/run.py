@@ -18,6 +18,7 @@ import generate.schema  # noqa: F401  (registers format=shards with synthvit.dat
 from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import (
     CELL_MEMORY_GB,
+    DOCTOR_DIR,
     PROBE_FILE,
     PROBE_LOG,
     Job,
@@ -85,6 +86,28 @@ def _check_zero_shot(spec, meta: ExportMeta, seg_classes: list[str]) -> None:
         raise SynthvitError(f"{where}: {e}; or remove zero-shot from budgets") from None
 
 
+def _doctor(cfg: CompareConfig, data, folder: Path) -> None:
+    """``synthvit doctor`` on the compare's data for its first model (once: a finished one is kept), so the report
+    shows what the data holds; its problems are printed and reported, they do not stop the compare."""
+    import dataclasses
+
+    from finetune.doctor import DOCTOR_JSON, diagnose
+
+    if (folder / DOCTOR_JSON).is_file():
+        return
+    spec = cfg.models[0]
+    doctor_cfg = dataclasses.replace(cfg.finetune, data=cfg.data, model=spec.model,
+                                     task=spec.task or cfg.finetune.task, init="", weights="")
+    try:
+        report = diagnose(doctor_cfg, folder, data)
+    except SynthvitError as e:
+        log.warning("compare: the doctor could not examine %s: %s", cfg.data, e)
+        return
+    if report["problems"]:
+        log.warning("compare: the doctor found %d problem(s) in %s (%s); the compare goes on",
+                    len(report["problems"]), cfg.data, folder / DOCTOR_JSON)
+
+
 def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int) -> str:
     return (f"Data: `{cfg.data}` ({data.fmt} layout): {n_train} train and {n_test} test images; segmentation classes "
             f"{', '.join(data.seg_classes) or 'none'}; image classes {', '.join(data.cls_classes) or 'none'}."
@@ -110,6 +133,7 @@ def run(cfg: CompareConfig) -> Path:
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+        _doctor(cfg, data, out / DOCTOR_DIR)
     cells = plan_cells(cfg, n_train, write=ranks.rank == 0, test_ids={i.id for i in test_items})
     train_items = [i for i in data.items if split[i.id] == "train"]
     sets = plan_sets(cfg, data, train_items, effective_budgets(cfg.train_budgets, n_train), n_train,
