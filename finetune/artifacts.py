@@ -4,6 +4,8 @@
 <run>/config.yaml      the resolved FinetuneConfig
 <run>/split.csv        id,split for every image (train / test / unused: outside a train_limit)
 <run>/synthetic.json   the synthetic sets mixed into training (synthetic=[...]): folder, samples, class mapping
+<run>/near_duplicates.json  train/test image pairs with near-identical perceptual hashes (synthvit.data.dedup):
+                       method, max_distance, train_images, test_images, pairs [{train, test, distance}]
 <run>/metrics.jsonl    training losses and LR per logged step
 <run>/export/          the export contract of :mod:`synthvit.models.export` (model.safetensors + config.json ...)
 <run>/metrics.json     full-resolution test metrics, speed and memory; written last: a run is finished when it exists
@@ -36,11 +38,13 @@ from synthvit.models import (
 from synthvit.training import METRICS_LOG
 
 SPLIT_FILE = "split.csv"
+NEAR_DUPLICATES_FILE = "near_duplicates.json"
 METRICS_FILE = "metrics.json"
 # Keys that run folders of synthvit <= 0.1.0 hold in config.yaml although finetune never read them
 RETIRED_KEYS = ("optim.accum_steps", "optim.lr_base_batch", "optim.lr_scale")
-__all__ = ["CONFIG_FILE", "SPLIT_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE", "FinetuneRun", "RunMetrics",
-           "MetricsFileError", "build_model", "load_run", "objective_of", "read_metrics", "read_split", "write_metrics"]
+__all__ = ["CONFIG_FILE", "SPLIT_FILE", "NEAR_DUPLICATES_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE",
+           "FinetuneRun", "RunMetrics", "MetricsFileError", "build_model", "load_run", "objective_of", "read_metrics",
+           "read_split", "write_metrics"]
 
 
 def objective_of(task: str) -> str:

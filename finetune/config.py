@@ -115,6 +115,10 @@ class FinetuneConfig:
     test_fraction: float = field(default=0.3, metadata={"help": "test share of the seeded split (no splits.csv)"})
     split_missing: SplitMissing = field(default="error", metadata={
         "help": "images that splits.csv does not list: error (stop and list them), or put them in train or test"})
+    near_duplicate_distance: int = field(default=6, metadata={
+        "help": "warn about train/test image pairs whose 64-bit perceptual hashes (pHash) differ in at most this many "
+                "bits -- resized, re-encoded or shifted copies that leak test content into training -- and list them "
+                "in the run's near_duplicates.json (0: off)"})
     num_workers: int = 2
     in_chans: InChans = field(default=3, metadata={"help": "input channels (3: grayscale replicated)"})
     drop_path: float = 0.1
@@ -158,6 +162,9 @@ class FinetuneConfig:
                               f"every batch")
         if self.synthetic and self.task != "seg":
             raise ConfigError(f"synthetic: mixed batches train the dense head; use task=seg (got task={self.task})")
+        if not 0 <= self.near_duplicate_distance < 64:
+            raise ConfigError(f"near_duplicate_distance: {self.near_duplicate_distance} must be in 0..63 bits (0: off; "
+                              f"6 flags resized, re-encoded and shifted copies, different frames differ in ~32)")
         if self.defective_limit < 0 or self.train_limit < 0:
             raise ConfigError("train_limit >= 0 and defective_limit >= 0 required")
         if self.defective_limit and self.train_limit:

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from finetune.artifacts import (
     CONFIG_FILE,
     EXPORT_DIR,
     METRICS_FILE,
+    NEAR_DUPLICATES_FILE,
     SPLIT_FILE,
     RunMetrics,
     build_model,
@@ -35,10 +37,14 @@ from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
 from synthvit.data import (
+    NearDuplicate,
     RealData,
     budget_subset,
     describe_split,
     load_real_data,
+    near_duplicates,
+    pairs_record,
+    pairs_text,
     set_pixel_cap,
     split_ids,
 )
@@ -135,6 +141,7 @@ def run(cfg: FinetuneConfig) -> Path:
             log.info("%s", line)
         log.info("%s: %d train images (of %d), %d test; %s frozen parameters", cfg.data, len(train_items),
                  sum(v == "train" for v in split.values()), len(test_items), f"{frozen:,}")
+        _check_near_duplicates(cfg, run_dir, train_items, test_items)
     mean, std = model.input_stats(cfg.in_chans)
     if cfg.steps:
         summary = train(cfg, acc, model, data, train_items, mean.to(acc.device), std.to(acc.device), run_dir, ckpt,
@@ -167,6 +174,33 @@ def _synthetic(cfg: FinetuneConfig, data: RealData, test_ids: set[str]):
     log.info("synthetic: %d samples of %d set(s) mixed in, %d of every %d samples per batch", len(pool),
              len(pool.records), round(cfg.synthetic_share * cfg.batch_size), cfg.batch_size)
     return pool
+
+
+def _check_near_duplicates(cfg: FinetuneConfig, run_dir: Path, train_items, test_items) -> list[NearDuplicate]:
+    """Warn once about the train/test pairs whose perceptual hashes differ in at most ``near_duplicate_distance``
+    bits (the train images this run uses against the test split) and record them all in near_duplicates.json.
+    Zero-shot (``steps=0``) trains on nothing: no check."""
+    path = run_dir / NEAR_DUPLICATES_FILE
+    if not cfg.near_duplicate_distance or not cfg.steps or not test_items:
+        path.unlink(missing_ok=True)  # an earlier run's record would speak for this one
+        return []
+    start = time.perf_counter()
+    bar = progress_bar(total=len(train_items) + len(test_items), desc="near-duplicates", unit="img")
+    split = {**{i.id: "train" for i in train_items}, **{i.id: "test" for i in test_items}}
+    pairs = near_duplicates(train_items + test_items, split, cfg.near_duplicate_distance, bar)
+    bar.close()
+    record = pairs_record(pairs, cfg.near_duplicate_distance, len(train_items), len(test_items))
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    if pairs:
+        log.warning("near-duplicates across the split: %d train/test pair(s) whose pHash differs in <= %d of 64 bits "
+                    "(train ~ test): %s. A resized, re-encoded or shifted copy of a test image in training leaks "
+                    "test content into it and flatters the test metrics; look at them and put each pair on one side "
+                    "(splits.csv). All are in %s", len(pairs), cfg.near_duplicate_distance, pairs_text(pairs), path)
+    else:
+        log.info("near-duplicates across the split: none (pHash, <= %d of 64 bits; %d train x %d test images, "
+                 "%.1f s)", cfg.near_duplicate_distance, len(train_items), len(test_items),
+                 time.perf_counter() - start)
+    return pairs
 
 
 def _build(cfg: FinetuneConfig, data: RealData):

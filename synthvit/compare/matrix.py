@@ -213,7 +213,7 @@ def has_weights(folder: Path) -> bool:
     return any((folder / EXPORT_DIR).glob("*.safetensors"))
 
 
-DOCTOR_DIR = "doctor"  # synthvit doctor's findings on the compare's data, beside the report
+DOCTOR_DIR, DOCTOR_JSON = "doctor", "doctor.json"  # synthvit doctor's findings on the compare's data (finetune/doctor.py)
 CELL_MEMORY_GB = 3.0  # a cell's peak: ~2.3 GB resident evaluating 3840x2160 frames (BENCHMARKS.md), + its loader
 
 

@@ -6,6 +6,7 @@ writes the report.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -19,10 +20,12 @@ from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import (
     CELL_MEMORY_GB,
     DOCTOR_DIR,
+    DOCTOR_JSON,
     PROBE_FILE,
     PROBE_LOG,
     Job,
     available_memory_gb,
+    child_env,
     cpu_cells,
     effective_budgets,
     plan_cells,
@@ -33,12 +36,14 @@ from synthvit.compare.matrix import (
 )
 from synthvit.compare.synthetic import plan_sets
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
-from synthvit.data import has_defect, load_real_data, split_ids
+from synthvit.data import has_defect, load_real_data, near_duplicates, pairs_record, pairs_text, split_ids
 from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
+from synthvit.progress import progress_bar
 from synthvit.ranks import Ranks, join
 
 log = logging.getLogger("synthvit.compare")
+NEAR_DUPLICATES_FILE = "near_duplicates.json"  # the compare folder's list of train/test near-duplicates
 
 
 def _slots(ranks: Ranks, parallel: int) -> list[int | None]:
@@ -86,33 +91,61 @@ def _check_zero_shot(spec, meta: ExportMeta, seg_classes: list[str]) -> None:
         raise SynthvitError(f"{where}: {e}; or remove zero-shot from budgets") from None
 
 
-def _doctor(cfg: CompareConfig, data, folder: Path) -> None:
-    """``synthvit doctor`` on the compare's data for its first model (once: a finished one is kept), so the report
-    shows what the data holds; its problems are printed and reported, they do not stop the compare."""
+def _doctor(cfg: CompareConfig, folder: Path) -> None:
+    """``synthvit doctor`` on the compare's data with its finetune settings and first model, in a child process as
+    the cells run (once: a finished one is kept), so the report shows what the data holds; the problems it finds
+    are printed and reported, they do not stop the compare."""
     import dataclasses
-
-    from finetune.doctor import DOCTOR_JSON, diagnose
+    import subprocess
 
     if (folder / DOCTOR_JSON).is_file():
         return
     spec = cfg.models[0]
-    doctor_cfg = dataclasses.replace(cfg.finetune, data=cfg.data, model=spec.model,
-                                     task=spec.task or cfg.finetune.task, init="", weights="")
-    try:
-        report = diagnose(doctor_cfg, folder, data)
-    except SynthvitError as e:
-        log.warning("compare: the doctor could not examine %s: %s", cfg.data, e)
-        return
-    if report["problems"]:
-        log.warning("compare: the doctor found %d problem(s) in %s (%s); the compare goes on",
-                    len(report["problems"]), cfg.data, folder / DOCTOR_JSON)
+    folder.mkdir(parents=True, exist_ok=True)
+    tree = dataclasses.replace(cfg.finetune, data=cfg.data, model=spec.model, task=spec.task or cfg.finetune.task,
+                               init="", weights="", synthetic=[])
+    atomic_write_text(folder / "doctor.yaml", dump_yaml(tree))
+    argv = [sys.executable, "-m", "synthvit", "doctor", "--config", str(folder / "doctor.yaml"),
+            f"report_dir={folder}", *spec.overrides]
+    res = subprocess.run(argv, env=child_env(None))
+    if res.returncode == 1 and (folder / DOCTOR_JSON).is_file():
+        log.warning("compare: the doctor found problems in %s (%s); the compare goes on", cfg.data,
+                    folder / DOCTOR_JSON)
+    elif res.returncode:
+        log.warning("compare: the doctor could not examine %s (exit %d); the report goes without it", cfg.data,
+                    res.returncode)
 
 
-def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int) -> str:
+def _data_note(cfg: CompareConfig, data, n_train: int, n_test: int, duplicates: str = "") -> str:
     return (f"Data: `{cfg.data}` ({data.fmt} layout): {n_train} train and {n_test} test images; segmentation classes "
             f"{', '.join(data.seg_classes) or 'none'}; image classes {', '.join(data.cls_classes) or 'none'}."
             + (" Budgets count the train images that hold a defect (nested, stratified by class); every "
-               "defect-free train image is in every cell." if cfg.budget_unit == "defective" else ""))
+               "defect-free train image is in every cell." if cfg.budget_unit == "defective" else "")
+            + (f" {duplicates}" if duplicates else ""))
+
+
+def _near_duplicates(cfg: CompareConfig, data, split: dict[str, str], out: Path) -> str:
+    """The report's sentence on train/test pairs of near-identical images (pHash within
+    ``finetune.near_duplicate_distance`` bits), all of them listed in ``near_duplicates.json``; warned once."""
+    distance = cfg.finetune.near_duplicate_distance
+    if not distance:
+        (out / NEAR_DUPLICATES_FILE).unlink(missing_ok=True)
+        return "Near-duplicates across the split: not checked (finetune.near_duplicate_distance=0)."
+    bar = progress_bar(total=len(data.items), desc="near-duplicates", unit="img")
+    pairs = near_duplicates(data.items, split, distance, bar)
+    bar.close()
+    record = pairs_record(pairs, distance, sum(v == "train" for v in split.values()),
+                          sum(v == "test" for v in split.values()))
+    atomic_write_text(out / NEAR_DUPLICATES_FILE, json.dumps(record, indent=2) + "\n")
+    rule = f"pHash, Hamming distance <= {distance} of 64 bits"
+    if not pairs:
+        return f"Near-duplicates across the split: none found ({rule})."
+    log.warning("near-duplicates across the split: %d train/test pair(s) (%s): %s; a cell whose budget takes the "
+                "train image of a pair trains on a copy of a test image (all in %s; each cell's own in its run "
+                "folder)", len(pairs), rule, pairs_text(pairs), out / NEAR_DUPLICATES_FILE)
+    return (f"**Near-duplicates across the split: {len(pairs)} train/test pair(s)** ({rule}; train ~ test): "
+            f"{pairs_text(pairs)}. Such copies leak test content into training and flatter every cell's test "
+            f"metrics; all are listed in `{NEAR_DUPLICATES_FILE}`.")
 
 
 def run(cfg: CompareConfig) -> Path:
@@ -130,10 +163,12 @@ def run(cfg: CompareConfig) -> Path:
         n_train = sum(1 for i in data.items if split[i.id] == "train" and has_defect(i))
         if not n_train:
             raise SynthvitError(f"budget_unit=defective: no train image of {cfg.data} holds a defect")
+    duplicates = ""
     if ranks.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
-        _doctor(cfg, data, out / DOCTOR_DIR)
+        _doctor(cfg, out / DOCTOR_DIR)
+        duplicates = _near_duplicates(cfg, data, split, out)
     cells = plan_cells(cfg, n_train, write=ranks.rank == 0, test_ids={i.id for i in test_items})
     train_items = [i for i in data.items if split[i.id] == "train"]
     sets = plan_sets(cfg, data, train_items, effective_budgets(cfg.train_budgets, n_train), n_train,
@@ -151,7 +186,7 @@ def run(cfg: CompareConfig) -> Path:
     if ranks.rank == 0:
         from synthvit.compare.compose import compose
 
-        report = compose(cfg, cells, test_items, _data_note(cfg, data, n_train, len(test_items)))
+        report = compose(cfg, cells, test_items, _data_note(cfg, data, n_train, len(test_items), duplicates))
         md, page = report.write(out)
         print(f"synthvit compare: report -> {page} (and {md.name})", file=sys.stderr)
     ranks.finish()

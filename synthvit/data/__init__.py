@@ -21,7 +21,8 @@ once: one :class:`DataError` listing the first 20 offending files and the count.
 
 The split, for every format: ``splits.csv`` (``id,split``, split train or test) at the data root, its unlisted ids
 an error or ``split_missing``; else :func:`split_ids` draws a seeded split stratified by image label, or by defect
-presence in the mask when there are no labels.
+presence in the mask when there are no labels. :func:`near_duplicates` (:mod:`synthvit.data.dedup`) lists the
+train/test pairs whose perceptual hashes are within a few bits: copies that leak test content into training.
 """
 from synthvit.data.annotations import IMAGE_EXTS, rle_decode
 from synthvit.data.core import (
@@ -37,6 +38,15 @@ from synthvit.data.core import (
                                 shown_size,
                                 to_array,
                                 why,
+)
+from synthvit.data.dedup import (
+                                NearDuplicate,
+                                cross_split_pairs,
+                                hash_items,
+                                near_duplicates,
+                                pairs_record,
+                                pairs_text,
+                                phash,
 )
 from synthvit.data.formats import FORMATS, detect_format, image_files, load_real_data, register_format, validate
 from synthvit.data.splits import (
@@ -55,4 +65,5 @@ from synthvit.data.splits import (
 __all__ = ["budget_subset", "defect_stratum", "defective_order", "IMAGE_EXTS", "rle_decode", "GOOD_NAMES", "DataError", "Item", "RealData", "bytes_image", "bytes_mask",
            "mask_array", "problems_error", "set_pixel_cap", "shown_size", "to_array", "why", "FORMATS",
            "detect_format", "image_files", "load_real_data", "register_format", "validate", "SPLIT_MISSING",
-           "SPLIT_NAMES", "SPLITS_FILE", "describe_split", "has_defect", "read_splits", "split_ids"]
+           "SPLIT_NAMES", "SPLITS_FILE", "describe_split", "has_defect", "read_splits", "split_ids", "NearDuplicate",
+           "cross_split_pairs", "hash_items", "near_duplicates", "pairs_record", "pairs_text", "phash"]
