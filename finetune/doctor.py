@@ -24,7 +24,19 @@ import numpy as np
 from scipy import ndimage
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
-from synthvit.data import Item, RealData, has_defect, load_real_data, problems_error, shown_size, split_ids, to_array
+from synthvit.data import (
+    Item,
+    RealData,
+    has_defect,
+    load_real_data,
+    near_duplicates,
+    pairs_record,
+    pairs_text,
+    problems_error,
+    shown_size,
+    split_ids,
+    to_array,
+)
 from synthvit.data.formats import validate
 from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.progress import progress_bar
@@ -178,6 +190,11 @@ def examine(cfg, data: RealData | None = None, progress: bool = True) -> dict:
             if len(group) < MIN_INSTANCES:
                 problems.append(f"class {name}: {len(group)} labelled train instance(s) (< {MIN_INSTANCES}): too few "
                                 f"to learn or to measure")
+    pairs = near_duplicates(items, split, cfg.near_duplicate_distance) if cfg.near_duplicate_distance else []
+    if pairs:
+        problems.append(f"{len(pairs)} train/test near-duplicate pair(s) (pHash, Hamming <= "
+                        f"{cfg.near_duplicate_distance} of 64 bits; train ~ test): {pairs_text(pairs)}: test content "
+                        f"leaks into training")
     hit = crop_hit_share(data, train, cfg) if data.has_masks and train else float("nan")
     if hit == hit and hit < MIN_CROP_HIT:
         problems.append(f"only {100 * hit:.1f}% of training crops would hold a defect pixel (crop_size "
@@ -192,6 +209,8 @@ def examine(cfg, data: RealData | None = None, progress: bool = True) -> dict:
         "model": {"name": cfg.model, "stride": stride, "vit": is_vit, "decoder": cfg.decoder,
                   "crop_size": cfg.crop_size, "tile": tile, "defect_crop_prob": cfg.defect_crop_prob},
         "classes": classes, "crop_hit_share": None if hit != hit else round(hit, 4),
+        "near_duplicates": pairs_record(pairs, cfg.near_duplicate_distance, len(train), len(test))
+        if cfg.near_duplicate_distance else None,
         "problems": problems,
     }
     report["advice"] = advise(report, cfg)

@@ -11,6 +11,10 @@ DEFECTS = ("crack", "scratch", "pit", "stain", "inclusion", "dent", "chip")
 # The keys of defects.* (formerly procedural.*, still accepted there: see GenerateConfig.RENAMED_KEYS)
 DEFECT_KEYS = ("classes", "defect_free_prob", "max_defects", "defect_scale", "scale_exponent")
 
+# What defects.fit sets from a real-data folder's labelled train defects (generate.defects.fit)
+FIT_STATS = ("size", "aspect", "orientation", "contrast", "count", "defect_free_prob")
+MAX_COUNT = 32  # the most defects per frame (defects.max_defects, len(defects.count))
+
 BACKGROUND_FORMATS = ("auto", "plain", "canonical", "imagefolder", "labelme", "coco", "hf", "shards")
 BackgroundFit = Literal["crop", "resize"]
 
@@ -29,6 +33,20 @@ def _check_names(name: str, values: list[str], accepted: tuple[str, ...]) -> Non
         raise ConfigError(f"{name}: {bad or values!r} not accepted; choose from {', '.join(accepted)}")
     if len(set(values)) != len(values):
         raise ConfigError(f"{name}: {values!r} lists a name twice")
+
+
+def _check_quantiles(name: str, values: list[float], lo: float, hi: float, low_open: bool = False) -> None:
+    """Empty, or quantiles: non-decreasing numbers in [lo, hi] (``low_open``: above lo)."""
+    if not values:
+        return
+    inside = all((lo < v if low_open else lo <= v) and v <= hi for v in values)
+    if not inside or any(b < a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"{name}: {values} not accepted; give quantiles (non-decreasing numbers) in "
+                          f"{'(' if low_open else '['}{lo:g}, {hi:g}], or [] for the painters' own")
+
+
+COPYPASTE_FORMATS = ("auto", "canonical", "labelme", "coco", "hf", "shards")  # the real-data formats with masks
+SplitMissing = Literal["error", "train", "test"]
 
 
 @dataclass(kw_only=True)
@@ -60,14 +78,56 @@ class DefectsConfig:
     defect_scale: float = field(default=1.0, metadata={"help": "multiplies every defect's size"})
     scale_exponent: float = field(
         default=0.5, metadata={"help": "defect size grows as side**exponent above 256 px (0.5: small in 4K)"})
+    # Fitted distributions (generate.defects.shape): quantiles at evenly spaced levels 0..1; empty: the painters' own
+    size: list[float] = field(default_factory=list, metadata={
+        "help": "quantiles of a defect's length (long side of its moment rectangle), as a share of the frame's "
+                "short side (times defect_scale; scale_exponent unused); empty: the painters' own sizes"})
+    aspect: list[float] = field(default_factory=list, metadata={
+        "help": "quantiles of a defect's short/long side, in (0, 1]; empty: the painters' own shapes"})
+    orientation: list[float] = field(default_factory=list, metadata={
+        "help": "quantiles of a defect's long-axis angle, degrees counter-clockwise from horizontal (mod 180); "
+                "empty: the painters' own"})
+    contrast: list[float] = field(default_factory=list, metadata={
+        "help": "quantiles of a defect's mean grey-level change (0..1 scale; < 0: darker); empty: the painters' own"})
+    count: list[float] = field(default_factory=list, metadata={
+        "help": "probabilities of 1, 2, ... defects per defective frame (replaces 1..max_defects); empty: uniform"})
+    fit: str = field(default="", metadata={
+        "help": "a real-data folder (any format with masks): its labelled train defects set fit_stats (test images "
+                "never read); the numbers land in the keys above, so config.yaml reproduces the run without it"})
+    fit_stats: list[str] = field(default_factory=lambda: list(FIT_STATS), metadata={
+        "help": f"what fit sets: {', '.join(FIT_STATS)} (the others keep their values)"})
+    fit_format: str = field(default="auto", metadata={"help": f"layout of fit: {', '.join(COPYPASTE_FORMATS)}"})
+    fit_test_fraction: float = field(default=0.3, metadata={
+        "help": "the test share of fit's seeded split (no splits.csv): as finetune's test_fraction"})
+    fit_data_seed: int = field(default=0, metadata={"help": "its split seed: as finetune's data_seed"})
+    fit_split_missing: SplitMissing = field(default="error", metadata={
+        "help": "images its splits.csv does not list: an error, or train or test (as finetune's split_missing)"})
+    fitted: str = field(default="", metadata={
+        "help": "what fit read (written by the fit); while set, fit is not read again: the numbers are used as "
+                "they are (clear it to refit)"})
 
     def __post_init__(self):
         _check_names("classes", self.classes, DEFECTS)
         _check_prob("defect_free_prob", self.defect_free_prob)
-        if not 1 <= self.max_defects <= 32:
-            raise ConfigError(f"max_defects: {self.max_defects} not accepted; use 1..32")
+        if not 1 <= self.max_defects <= MAX_COUNT:
+            raise ConfigError(f"max_defects: {self.max_defects} not accepted; use 1..{MAX_COUNT}")
         if self.defect_scale <= 0 or not 0 <= self.scale_exponent <= 1:
             raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
+        _check_quantiles("size", self.size, 0.0, 2.0, low_open=True)
+        _check_quantiles("aspect", self.aspect, 0.0, 1.0, low_open=True)
+        _check_quantiles("orientation", self.orientation, -360.0, 360.0)
+        if self.orientation and self.orientation[-1] - self.orientation[0] > 180:
+            raise ConfigError(f"orientation: {self.orientation} spans more than 180 degrees; angles are mod 180")
+        _check_quantiles("contrast", self.contrast, -1.0, 1.0)
+        if self.count and (len(self.count) > MAX_COUNT or min(self.count) < 0 or abs(sum(self.count) - 1) > 1e-3):
+            raise ConfigError(f"count: {self.count} not accepted; give 1..{MAX_COUNT} probabilities (of 1, 2, ... "
+                              f"defects) that sum to 1")
+        _check_names("fit_stats", self.fit_stats, FIT_STATS)
+        if self.fit_format not in COPYPASTE_FORMATS:
+            raise ConfigError(f"fit_format: {self.fit_format!r} not accepted; use one of "
+                              f"{', '.join(COPYPASTE_FORMATS)}")
+        if not 0 <= self.fit_test_fraction < 1:
+            raise ConfigError(f"fit_test_fraction: {self.fit_test_fraction} not accepted; use [0, 1)")
 
 
 @dataclass(kw_only=True)
@@ -143,10 +203,6 @@ class ContoursConfig:
                               "0 < min_scale <= max_scale <= 2")
         _check_prob("outline_prob", self.outline_prob)
         _check_prob("gray_prob", self.gray_prob)
-
-
-COPYPASTE_FORMATS = ("auto", "canonical", "labelme", "coco", "hf", "shards")  # the real-data formats with masks
-SplitMissing = Literal["error", "train", "test"]
 
 
 @dataclass(kw_only=True)

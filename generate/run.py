@@ -9,6 +9,7 @@ import yaml
 
 from generate.backends import create_backend
 from generate.config import GenerateConfig
+from generate.defects.fit import fit_defects
 from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
 from generate.writer import WrittenShard, plan_shards, remove_stale_temporaries, write_shards
@@ -114,11 +115,13 @@ def _prepare(out: Folder, cfg: GenerateConfig) -> None:
 
 def run(cfg: GenerateConfig) -> Path | str:
     """Render the shards this rank owns (shard k belongs to rank k % world size); rank 0 then writes _info.json.
-    ``out_dir`` is a local folder or an object-store URL (s3://, gs://); returns it (a Path when local)."""
+    ``out_dir`` is a local folder or an object-store URL (s3://, gs://); returns it (a Path when local).
+    ``defects.fit`` is read first: the config recorded (and run) holds its numbers."""
     ranks = join()
     rank, world, barrier = ranks.rank, ranks.world, ranks.barrier
     if cfg.verify:
         return verify(Folder(cfg.out_dir)) if rank == 0 else cfg.out_dir
+    cfg = fit_defects(cfg)
     out = Folder(cfg.out_dir, write=True)
     backend = create_backend(cfg.backend, cfg)
     backend.validate()  # its inputs (backgrounds) read whole, before any shard

@@ -46,6 +46,10 @@ def test_doctor_lists_every_problem_and_exits_1_without_a_traceback(folder, tmp_
     Image.fromarray(np.zeros((48, 64), np.uint8)).save(masks / "im03.png")  # labelled dark, mask empty
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "im05.png")  # another size
     (folder / "images" / "im07.png").write_bytes(b"not a png")
+    (folder / "images" / "im02.png").write_bytes((folder / "images" / "im00.png").read_bytes())  # a copy...
+    test = {"im02", "im09", "im10", "im11", "im12", "im13"}  # ...on the other side of the split
+    (folder / "splits.csv").write_text("id,split\n" + "".join(f"im{i:02d},{'test' if f'im{i:02d}' in test else 'train'}\n"
+                                                             for i in range(24)))
     out = tmp_path / "doc"
     res = run_cli("doctor", f"data={folder}", f"report_dir={out}", *DOCTOR)
     assert_cli_error(res, 1, "problem(s) found", str(out / "doctor.json"))
@@ -54,6 +58,7 @@ def test_doctor_lists_every_problem_and_exits_1_without_a_traceback(folder, tmp_
     assert "im07.png: unreadable image" in text and "im05.png: mask is 10x10, image is 64x48" in text
     assert "im01.png: the mask is defect everywhere" in text
     assert "im03.png: labelled dark but its mask is empty" in text
+    assert "1 train/test near-duplicate pair(s)" in text and "im00 ~ im02 (0 bits)" in text
     assert "PROBLEM" in res.stdout
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, assert_cli_error, run_cli, tiny_overrides
-from generate.config import GenerateConfig
+from generate.config import DEFECT_KEYS, GenerateConfig
 from generate.run import run
 from generate.schema import INFO_FILE, iter_shard
 from synthvit.config import load_config
@@ -193,7 +193,8 @@ def test_dataset_of_the_old_key_layout_resumes(tiny_dataset, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_dataset, old)
     cfg = yaml.safe_load((old / "config.yaml").read_text())
-    cfg["procedural"].update(cfg.pop("defects"))
+    defects = cfg.pop("defects")
+    cfg["procedural"].update({k: defects[k] for k in DEFECT_KEYS})  # the keys of that layout (none added since)
     (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     before = tree_bytes(old)
     with pytest.raises(SynthvitError, match=r"different config \(defects.max_defects: 3 -> 2\)"):

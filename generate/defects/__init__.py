@@ -17,12 +17,13 @@ from PIL import Image
 
 from generate.backgrounds import BackgroundPool
 from generate.defects.painters import DEFECT_PAINTERS, Box, Landed, Light, LocalContrast, Stamp, blur_stamp, composite
+from generate.defects.shape import FittedContrast, defect_count, paint_defect
 from generate.noise import row_strips
 from generate.schema import Sample, main_class_of
 
-__all__ = ["DEFECT_PAINTERS", "Box", "DrawnDefects", "Instance", "Landed", "Light", "LocalContrast", "Stamp",
-           "Substitute", "composite", "draw_defects", "feature_scale", "instance_records", "on_background",
-           "sample_on_surface", "to_uint8"]
+__all__ = ["DEFECT_PAINTERS", "Box", "DrawnDefects", "FittedContrast", "Instance", "Landed", "Light", "LocalContrast",
+           "Stamp", "Substitute", "composite", "defect_count", "draw_defects", "feature_scale", "instance_records",
+           "on_background", "paint_defect", "sample_on_surface", "to_uint8"]
 
 REFERENCE_SIDE = 256
 
@@ -65,15 +66,19 @@ def draw_defects(rng, img: np.ndarray, d, scale: float, sigma: float = 0.0, ligh
     """Draw ``d.defect_free_prob``-gated defects (``d``: the ``defects`` config) into ``img`` (C, H, W) float,
     in place. ``sigma``: the frame's lens blur, applied to each defect; ``light``: its illumination (see
     :func:`composite`); ``substitute``: a share of defects drawn by another painter; ``adjust``: passed to
-    :func:`composite` (defects on real backgrounds)."""
+    :func:`composite` (defects on real backgrounds). Fitted keys of ``d`` (:mod:`generate.defects.shape`) set each
+    defect's count, length, aspect, angle and contrast (a fitted contrast replaces ``adjust``, keeping its sensor
+    noise)."""
     _, H, W = img.shape
     inst = np.zeros((H, W), np.uint8)
     mask = np.zeros((H, W), np.uint8)
     instances: list[Instance] = []
+    if d.contrast:
+        adjust = FittedContrast(rng, d.contrast, noise=adjust is not None)
     if rng.random() >= d.defect_free_prob:
-        for _ in range(int(rng.integers(1, d.max_defects + 1))):
+        for _ in range(defect_count(rng, d)):
             k = int(rng.integers(len(d.classes)))
-            stamp = DEFECT_PAINTERS[d.classes[k]](rng, H, W, img.shape[0], scale)
+            stamp = paint_defect(rng, d, d.classes[k], H, W, img.shape[0], scale)
             cls = k + 1
             if substitute is not None and substitute.share > 0 and rng.random() < substitute.share:
                 cls, stamp = substitute.class_id, substitute.paint(rng, stamp)

@@ -79,8 +79,9 @@ def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp,
     ``light`` (:class:`Light`: the illumination the frame was multiplied by): offsets
     (light a defect reflects, such as a bright scratch) are lit the same way, so drawing defects after lighting
     equals lighting the defective frame.
-    ``adjust(region, change, covered) -> change``: rescales the defect's change of the frame before blending (see
-    :class:`LocalContrast`); the mask is still exactly the covered pixels.
+    ``adjust(region, change, covered, alpha) -> change``: rescales the defect's change of the frame before blending
+    (see :class:`LocalContrast`; ``alpha``: the coverage it is blended with); the mask is still exactly the covered
+    pixels.
     Returns the pixels covered and the clipped patch (:class:`Landed`), or None when nothing landed.
     """
     H, W = inst.shape
@@ -102,7 +103,7 @@ def composite(img: np.ndarray, inst: np.ndarray, mask: np.ndarray, stamp: Stamp,
     new = region * _crop(stamp.gain, (h, w), sl) + offset
     new -= region
     if adjust is not None:
-        new = adjust(region, new, covered)
+        new = adjust(region, new, covered, a)
     new *= a
     region += new
     inst[ys:ye, xs:xe][covered] = inst_id
@@ -119,7 +120,8 @@ class LocalContrast:
     def __init__(self, rng, k: tuple[float, float] = (1.5, 4.0), floor: float = 0.04):
         self.rng, self.k, self.floor = rng, k, floor
 
-    def __call__(self, region: np.ndarray, change: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    def __call__(self, region: np.ndarray, change: np.ndarray, covered: np.ndarray,
+                 alpha: np.ndarray | None = None) -> np.ndarray:
         lum = region.mean(0)
         mu, sd = float(lum.mean()), float(lum.std())
         d = float(change.mean(0)[covered].mean())
@@ -133,11 +135,18 @@ class LocalContrast:
             change = change * (math.copysign(1.0, d) * sign * min(target / abs(d), 10.0))
         else:
             change = np.full_like(change, sign * target)
-        # sensor noise of the background (from neighbour differences: std = mean |diff| * sqrt(pi) / 2)
-        noise = float(np.abs(np.diff(lum, axis=1)).mean()) * 0.886 / math.sqrt(2) if lum.shape[1] > 1 else 0.0
-        if noise > 0:
-            change = change + self.rng.normal(0.0, noise, lum.shape).astype(np.float32)
+        noise = background_noise(self.rng, region)
+        if noise is not None:
+            change = change + noise
         return change
+
+
+def background_noise(rng, region: np.ndarray) -> np.ndarray | None:
+    """(h, w) noise drawn at the sensor noise of ``region`` (C, h, w), estimated from neighbour differences (std =
+    mean |diff| * sqrt(pi) / 2); None where it shows none."""
+    lum = region.mean(0)
+    noise = float(np.abs(np.diff(lum, axis=1)).mean()) * 0.886 / math.sqrt(2) if lum.shape[1] > 1 else 0.0
+    return rng.normal(0.0, noise, lum.shape).astype(np.float32) if noise > 0 else None
 
 
 def _centre(rng, H, W) -> tuple[float, float]:

@@ -29,8 +29,13 @@ DATA_KEYS = {"copypaste": ("copypaste.data", "copypaste.test_fraction", "copypas
                             "procedural.backgrounds_data_seed")}
 
 
-def data_keys(config: str) -> tuple[str, str, str]:
-    """The real-data keys (folder, test fraction, data seed) of the generate config ``config``'s backend."""
+# defects.fit (any backend): the procedural defects fitted to the labelled defects of the same train images
+FIT_KEYS = ("defects.fit", "defects.fit_test_fraction", "defects.fit_data_seed")
+
+
+def data_keys(config: str) -> list[tuple[str, str, str]]:
+    """The real-data keys (folder, test fraction, data seed) of the generate config ``config``'s backend, and
+    ``FIT_KEYS`` when it fits its defects (``defects.fit``)."""
     try:
         tree = yaml.safe_load(Path(config).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
@@ -39,7 +44,8 @@ def data_keys(config: str) -> tuple[str, str, str]:
     if backend not in DATA_KEYS:
         raise ConfigError(f"models.synthetic: {config} uses backend {backend!r}; a set built from a cell's own "
                           f"images needs one that draws on real data: {', '.join(DATA_KEYS)}")
-    return DATA_KEYS[backend]
+    defects = tree.get("defects")
+    return [DATA_KEYS[backend]] + ([FIT_KEYS] if isinstance(defects, dict) and defects.get("fit") else [])
 
 
 def plan_sets(cfg: CompareConfig, data: RealData, train: list[Item], budgets: list[int], n_budget: int,
@@ -50,7 +56,7 @@ def plan_sets(cfg: CompareConfig, data: RealData, train: list[Item], budgets: li
     for spec in cfg.models:
         if not spec.synthetic:
             continue
-        data_key, fraction_key, seed_key = data_keys(spec.synthetic)
+        keys = data_keys(spec.synthetic)
         for budget in budgets:
             shards = synthetic_folder(cfg, spec.synthetic, budget)
             folder = shards.parent  # real_ids.txt and the log beside the set (generate wants a folder of its own)
@@ -62,10 +68,10 @@ def plan_sets(cfg: CompareConfig, data: RealData, train: list[Item], budgets: li
             if write:
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(folder / IDS_FILE, "".join(f"{i.id}\n" for i in items))
+            data_args = [f"{key}={value}" for folder_key, fraction_key, seed_key in keys for key, value in (
+                (folder_key, cfg.data), (fraction_key, cfg.finetune.test_fraction), (seed_key, cfg.finetune.data_seed))]
             argv = [sys.executable, "-m", "synthvit", "generate", "--config", spec.synthetic, f"out_dir={shards}",
-                    f"{data_key}={cfg.data}", f"{fraction_key}={cfg.finetune.test_fraction}",
-                    f"{seed_key}={cfg.finetune.data_seed}", f"real_ids={folder / IDS_FILE}",
-                    f"seed={cfg.finetune.data_seed}"]
+                    *data_args, f"real_ids={folder / IDS_FILE}", f"seed={cfg.finetune.data_seed}"]
             jobs[folder] = Job(f"synthetic {Path(spec.synthetic).stem} {budget_folder(cfg, budget)}", folder, argv,
                                f"{shards.name}/{INFO_FILE}", GENERATE_LOG)
     return list(jobs.values())

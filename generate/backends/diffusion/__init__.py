@@ -32,12 +32,13 @@ from generate.backends.diffusion.backgrounds import make_backgrounds
 from generate.backends.diffusion.loading import load_pipeline
 from generate.backends.torch_util import resolve_dtype, sample_rng, torch_generator
 from generate.defects import (
-    DEFECT_PAINTERS,
     DrawnDefects,
     Instance,
     composite,
+    defect_count,
     feature_scale,
     instance_records,
+    paint_defect,
     sample_on_surface,
 )
 from generate.schema import BACKGROUND, Sample, main_class_of
@@ -140,8 +141,8 @@ class DiffusionBackend(BaseBackend):
             return 0, drawn
         k = int(rng.integers(len(d.classes))) + 1
         scratch = np.zeros((channels, H, W), np.float32)  # composite() rasterises coverage; the look is diffusion's
-        for _ in range(int(rng.integers(1, d.max_defects + 1))):
-            stamp = DEFECT_PAINTERS[self.class_names[k]](rng, H, W, channels, self.scale)
+        for _ in range(defect_count(rng, d)):
+            stamp = paint_defect(rng, d, self.class_names[k], H, W, channels, self.scale)
             landed = composite(scratch, drawn.inst, drawn.mask, stamp, len(drawn.instances) + 1, k)
             if landed:
                 drawn.instances.append(Instance(k, landed.box))
