@@ -252,13 +252,16 @@ def advise(report: dict, cfg) -> list[dict]:
         big = max(sides)  # the 90th-percentile defect side of the largest class
         step = 2 * stride  # an even token grid: DPT decoders halve it once (48 px at patch 16 fails, 64 does not)
         crop = _round_to(max(2 * big, 4 * stride, 64), step, step, 1024)
-        short = min(report["sizes"]["height"].get("min", crop), report["sizes"]["width"].get("min", crop))
-        if short >= step:  # a crop no larger than the smallest frame's shorter side
-            crop = min(crop, step * int(short // step))
+        short = min(report["sizes"]["height"].get("median", crop), report["sizes"]["width"].get("median", crop))
+        capped = short >= step and step * int(short // step) < crop
+        if capped:  # no larger than a typical frame's shorter side (smaller frames are zero-padded)
+            crop = step * int(short // step)
         if crop != cfg.crop_size:
             out.append({"key": "crop_size", "value": crop, "current": cfg.crop_size,
                         "reason": f"the largest class's 90th-percentile defect side is {big:.0f} px: a crop of about "
-                                  f"twice that holds a whole defect with context"})
+                                  f"twice that holds a whole defect with context"
+                                  + (f", capped by the median frame's shorter side ({short:.0f} px)" if capped
+                                     else "")})
         if cfg.tiling.tile and cfg.tiling.tile < crop:
             out.append({"key": "tiling.tile", "value": 0, "current": cfg.tiling.tile,
                         "reason": f"tiles of {cfg.tiling.tile} px cut the defects the {crop} px crop is sized for; 0 "
