@@ -191,6 +191,13 @@ def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, pretrain_ex
         if "cnn/n00005" not in str(p):
             assert p.stat().st_mtime_ns == t
 
+    (out / "cells/cnn/n00005/s0/metrics.json").unlink()  # report_only: a report of what is finished, nothing run
+    (out / "report.md").unlink()
+    look = cli(*args, "report_only=true")
+    assert look.returncode == 0 and "report_only: 4 of 5 cells finished" in look.stderr, look.stderr[-3000:]
+    assert " done in " not in look.stderr and not (out / "cells/cnn/n00005/s0/metrics.json").exists()
+    assert (out / "report.md").is_file()
+
 
 @pytest.mark.slow
 def test_a_row_mixes_in_a_set_built_once_per_budget_from_its_own_train_images(target, tmp_path, cli, monkeypatch):

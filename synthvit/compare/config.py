@@ -82,6 +82,9 @@ class CompareConfig:
     cka_images: int = field(default=64, metadata={"help": "test crops for CKA (0: no CKA)"})
     cka_batch: int = field(default=16, metadata={"help": "minibatch of the unbiased CKA estimator (>= 4)"})
     analysis_size: int = field(default=0, metadata={"help": "crop side for grids and CKA (0: finetune.crop_size)"})
+    report_only: bool = field(default=False, metadata={
+        "help": "write the report from the cells finished so far (and the probes measured so far) and run nothing: "
+                "a look at a matrix still running elsewhere, or one whose cells ran on other machines"})
 
     def __post_init__(self):
         names = [m.name for m in self.models]

@@ -174,15 +174,17 @@ def run(cfg: CompareConfig) -> Path:
     sets = plan_sets(cfg, data, train_items, effective_budgets(cfg.train_budgets, n_train), n_train,
                      write=ranks.rank == 0)
     ranks.barrier()
-    slots = _slots(ranks, cfg.parallel)
-    if sets:  # every cell that mixes a set in needs it first
-        run_jobs(sets[ranks.rank::ranks.world], slots, "synthetic sets")
+    probes = []
+    if not cfg.report_only:
+        slots = _slots(ranks, cfg.parallel)
+        if sets:  # every cell that mixes a set in needs it first
+            run_jobs(sets[ranks.rank::ranks.world], slots, "synthetic sets")
+            ranks.barrier()
+        run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")
         ranks.barrier()
-    run_jobs([c.job for c in cells][ranks.rank::ranks.world], slots, "cells")
-    ranks.barrier()
-    probes = [_probe_job(cfg, c) for c in reference_cells(cells).values()]
-    run_jobs(probes[ranks.rank::ranks.world], slots, "probes")
-    ranks.barrier()
+        probes = [_probe_job(cfg, c) for c in reference_cells(cells).values()]
+        run_jobs(probes[ranks.rank::ranks.world], slots, "probes")
+        ranks.barrier()
     if ranks.rank == 0:
         from synthvit.compare.compose import compose
 
@@ -192,7 +194,10 @@ def run(cfg: CompareConfig) -> Path:
     ranks.finish()
     unfinished = [j for j in sets if not j.done] + [c.job for c in cells if not c.job.done] + [
         p for p in probes if not p.done]
-    if unfinished:
+    if cfg.report_only:
+        print(f"synthvit compare: report_only: {sum(c.job.done for c in cells)} of {len(cells)} cells finished",
+              file=sys.stderr)
+    elif unfinished:
         raise SynthvitError(f"{len(unfinished)} job(s) did not finish: " + "; ".join(
             f"{j.name} (log: {j.log})" for j in unfinished) + ". Re-run the same command to retry just those.")
     return out
