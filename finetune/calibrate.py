@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections import defaultdict
 
 import numpy as np
 import torch
 
-from finetune.train import CropDataset
-from synthvit.data import Item, RealData, has_defect, shown_size, to_array
+from finetune.train import replayed_windows
+from synthvit.data import Item, RealData, has_defect, to_array
 from synthvit.models import Decision
 from synthvit.models.decision import logit_adjust_threshold
 from synthvit.progress import progress_bar
@@ -137,22 +136,10 @@ def calibration_cells(mask: np.ndarray, max_pixels: int, side: int, rng: np.rand
 def sampled_defect_share(data: RealData, items: list[Item], cfg, synthetic=None) -> float:
     """The defect-pixel share of the crops training drew (mixed-in synthetic ones included): the run's own sampler
     replayed for up to :data:`SAMPLED_CROPS` of its sample ids, on masks alone (each mask read once)."""
-    total = max(cfg.steps, 1) * cfg.batch_size
-    ds = CropDataset(data, items, cfg, total, synthetic)
-    ids = range(0, total, max(1, total // SAMPLED_CROPS))
-    by_frame = defaultdict(list)
-    for i in ids:
-        rng, centred, k = ds.draw(i)
-        by_frame[k].append((rng, centred))
     defect = pixels = 0
-    for k, draws in by_frame.items():
-        with ds.item(k).load() as im:
-            size = shown_size(im)
-        mask = ds.mask(k, size)
-        for rng, centred in draws:
-            _, window = ds.window(mask, mask, rng, centred)
-            defect += int(np.count_nonzero(window))
-            pixels += window.size
+    for window in replayed_windows(data, items, cfg, SAMPLED_CROPS, synthetic):
+        defect += int(np.count_nonzero(window))
+        pixels += window.size
     return defect / pixels if pixels else 0.0
 
 

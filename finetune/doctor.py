@@ -83,26 +83,12 @@ def instances(mask: np.ndarray) -> list[dict]:
 
 def crop_hit_share(data: RealData, items: list[Item], cfg) -> float:
     """The share of training crops that hold a defect pixel: the run's own sampler replayed on the masks."""
-    from finetune.train import CropDataset
+    from finetune.train import replayed_windows
 
     if cfg.input != "crop":
         return float("nan")
-    total = max(cfg.steps, 1) * cfg.batch_size
-    ds = CropDataset(data, items, cfg, total)
-    by_frame = defaultdict(list)
-    for i in range(0, total, max(1, total // SAMPLED_CROPS)):
-        rng, centred, k = ds.draw(i)
-        by_frame[k].append((rng, centred))
-    hits = n = 0
-    for k, draws in by_frame.items():
-        with ds.item(k).load() as im:
-            size = shown_size(im)
-        mask = ds.mask(k, size)
-        for rng, centred in draws:
-            _, window = ds.window(mask, mask, rng, centred)
-            hits += bool(window.any())
-            n += 1
-    return hits / n if n else 0.0
+    hits = [bool(window.any()) for window in replayed_windows(data, items, cfg, SAMPLED_CROPS)]
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from PIL import Image
 
 from synthvit.checkpoint import load_checkpoint, read_state, save_checkpoint
 from synthvit.config import config_diff, to_dict
-from synthvit.data import Item, RealData, has_defect, to_array
+from synthvit.data import Item, RealData, has_defect, shown_size, to_array
 from synthvit.io import SynthvitError
 from synthvit.models import Heads
 from synthvit.progress import progress_bar
@@ -113,6 +113,23 @@ class CropDataset(torch.utils.data.Dataset):
         return {"image": torch.from_numpy(np.array(image.transpose(2, 0, 1))),
                 "mask": torch.from_numpy(np.array(mask, dtype=np.int64)),
                 "cls": label}
+
+
+def replayed_windows(data: RealData, items: list[Item], cfg, max_draws: int, synthetic=None):
+    """The mask windows of up to ``max_draws`` of the run's training samples (evenly spread over its sample ids,
+    mixed-in synthetic ones included), its own sampler replayed on masks alone, each mask read once."""
+    total = max(cfg.steps, 1) * cfg.batch_size
+    ds = CropDataset(data, items, cfg, total, synthetic)
+    by_frame = defaultdict(list)
+    for i in range(0, total, max(1, total // max_draws)):
+        rng, centred, k = ds.draw(i)
+        by_frame[k].append((rng, centred))
+    for k, draws in by_frame.items():
+        with ds.item(k).load() as im:
+            size = shown_size(im)
+        mask = ds.mask(k, size)
+        for rng, centred in draws:
+            yield ds.window(mask, mask, rng, centred)[1]
 
 
 def crop_pair(image: np.ndarray, mask: np.ndarray, cfg, rng, centred: bool,
