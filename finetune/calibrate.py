@@ -155,7 +155,7 @@ def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=No
         return None
     hist = DefectHistogram()
     n = sum(len(frames) for _, frames, _ in groups)
-    max_pixels = getattr(cfg.calibrate, "max_pixels", 0)
+    max_pixels = cfg.calibrate.max_pixels
     side = max(CELL, predictor.tiler.tile)
     scored = total = 0
     with progress_bar(total=n, desc="calibrate", unit="img") as bar:

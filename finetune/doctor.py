@@ -99,20 +99,15 @@ def _quantiles(values: list[float]) -> dict[str, float]:
             "p90": round(float(q[2]), 2), "max": float(max(values))}
 
 
-def examine(cfg, data: RealData | None = None, progress: bool = True) -> dict:
+def examine(cfg, data: RealData, progress: bool = True) -> dict:
     """The doctor's findings for ``cfg`` (a FinetuneConfig): a JSON-able dict with ``problems`` and ``advice``."""
     t0 = time.perf_counter()
     problems: list[str] = []
-    if data is None:
-        data = load_real_data(cfg.data, cfg.format, check=False, max_pixels=cfg.max_pixels,
-                              split_missing=cfg.split_missing)
-        problems += validate(data)
-    broken = {p.split(":")[0] for p in problems}
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
     sizes, modes = [], Counter()
     per_item: dict[str, list[dict]] = {}
     suspicious: list[str] = []
-    items = [i for i in data.items if i.source not in broken]
+    items = data.items  # readable ones: diagnose() and finetune's loader have listed the broken
     bar = progress_bar(total=len(items), desc="doctor", unit="img", disable=not progress)
     for item in items:
         with item.load() as im:

@@ -44,7 +44,7 @@ class Predictor:
             model.set_input_size(self.tiler.tile)
         self.model, self.meta, self.device = model.eval(), meta, device
         self.mean, self.std = meta_stats(meta, device)
-        self.autocast = inference_dtype(getattr(tiling, "precision", "auto"), torch.device(device))
+        self.autocast = inference_dtype(tiling.precision, torch.device(device))
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
