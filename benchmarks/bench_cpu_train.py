@@ -9,11 +9,14 @@ Parts (``--parts``):
 - ``infer-*``: tiled inference of one 3840x2160 frame through ``finetune.evaluate.Predictor`` (tiles of 128 px,
   10 % overlap) for ViT-Tiny, ViT-S and DeepLabV3+
 
-Variants: ``bf16`` (autocast on the CPU's oneDNN bf16: training's ``precision=auto`` and tiling's
+Variants (``defaults`` is what synthvit now runs on a CPU with native bf16: bf16 + fused AdamW): ``bf16``
+(autocast on the CPU's oneDNN bf16: training's ``precision=auto`` and tiling's
 ``tiling.precision=auto`` take it where the CPU has native bf16), ``channels_last`` (CNNs), ``fused`` (AdamW's fused
 CPU kernel), ``compile`` (torch.compile, inductor; its one-off compile time is printed apart) and ``all``.
 Each variant's loss after ``--steps`` steps is checked against today's: a speed-up that changes what is learnt is a
-bug (bf16 variants within ``--bf16-tol``, relative; fp32 ones within 1e-4).
+bug (bf16 variants within ``--bf16-tol``, relative; fp32 ones within ``--fp32-tol``: channels_last's conv kernels and
+the fused AdamW sum in another order, which moves DeepLabV3+'s loss by ~4e-4 relative after 5 steps -- rounding
+through batch norm, not another update; the ViT's stays equal to 4 decimals).
 
     python benchmarks/bench_cpu_train.py                                  # everything, 1 and 2 threads
     python benchmarks/bench_cpu_train.py --parts ft-cnn,infer-cnn --threads 1 --no-compile
@@ -38,9 +41,10 @@ TRAIN = {"ft-vit": ("vit_tiny_patch16_224", dict(decoder="dpt-skip", img_size=12
 INFER = {"infer-vit": ("vit_tiny_patch16_224", dict(img_size=128)), "infer-vits": ("vit_small_patch16_224",
          dict(img_size=128)), "infer-cnn": ("deeplabv3plus_resnet50", {})}
 TRAIN_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl=True), "fused": dict(fused=True),
-                  "compile": dict(compile=True), "all": dict(bf16=True, cl=True, fused=True, compile=True)}
+                  "compile": dict(compile=True), "all": dict(bf16=True, cl=True, fused=True, compile=True),
+                  "defaults": dict(bf16=True, fused=True)}  # what synthvit runs now (precision=auto, optim.fused)
 INFER_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl=True), "compile": dict(compile=True),
-                  "all": dict(bf16=True, cl=True, compile=True)}
+                  "all": dict(bf16=True, cl=True, compile=True), "defaults": dict(bf16=True)}
 
 
 def is_cnn(name: str) -> bool:
@@ -121,6 +125,7 @@ def main() -> None:
     ap.add_argument("--frame", default="3840x2160")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--bf16-tol", type=float, default=0.05)
+    ap.add_argument("--fp32-tol", type=float, default=1e-3)
     args = ap.parse_args()
     parts = args.parts.split(",")
     unknown = set(parts) - set(TRAIN) - set(INFER)
@@ -150,7 +155,7 @@ def main() -> None:
                     unit = "frame/s"
                 if base is None:
                     base = (rate, value)
-                tol = args.bf16_tol if v.get("bf16") else 1e-4
+                tol = args.bf16_tol if v.get("bf16") else args.fp32_tol
                 ok = abs(value - base[1]) <= tol * max(abs(base[1]), 1e-6)
                 print(f"{part:10} {threads:>3} {vname:14} {rate:>10.3f} {unit:9} {rate / base[0]:>7.2f}x "
                       f"{comp:>9.1f}  {'ok' if ok else 'DIFFERS'} ({value:.4f} vs {base[1]:.4f})", flush=True)

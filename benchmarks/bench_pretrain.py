@@ -32,18 +32,25 @@ from timm.optim import create_optimizer_v2
 
 from generate.config import GenerateConfig
 from generate.run import run as generate
+from pretrain.config import OptimConfig
 from pretrain.data import StreamSpec, batches_per_epoch, load_sources, make_loader
 from synthvit.models import create_backbone
+from synthvit.training import resolve_precision
 
 
-def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_classes: int) -> float:
+def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_classes: int, precision: str) -> float:
+    """The model alone: forward, backward and the very optimizer the loop uses (AdamW, fused as ``optim.fused``
+    defaults), in the loop's precision, on one fixed batch."""
     torch.manual_seed(0)
     model = create_backbone(model_name, num_classes, size, 3, 0.1)
-    opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05)
+    opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, fused=OptimConfig().fused)
     x = torch.randn(batch, 3, size, size)
     y = torch.randn(batch, num_classes).softmax(-1)
+    bf16 = resolve_precision(precision) == "bf16"
     def step():
-        loss = torch.sum(-y * torch.log_softmax(model(x), -1), -1).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = torch.sum(-y * torch.log_softmax(logits.float(), -1), -1).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -55,11 +62,13 @@ def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_class
     return steps * batch / (time.perf_counter() - t)
 
 
-def full_step_rate(data: str, model_name: str, size: int, batch: int, steps: int, workers: int) -> float:
+def full_step_rate(data: str, model_name: str, size: int, batch: int, steps: int, workers: int,
+                   precision: str) -> float:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "synthvit", "pretrain", f"data=[{data}]", f"out_dir={d}/run",
                f"model={model_name}", f"image_size={size}", f"batch_size={batch}", f"steps={steps}",
-               f"num_workers={workers}", "log_every=10", f"save_every={steps}", "optim.warmup_steps=5"]
+               f"num_workers={workers}", "log_every=10", f"save_every={steps}", "optim.warmup_steps=5",
+               f"precision={precision}"]
         subprocess.run(cmd, check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = records[1:]  # the first window holds start-up (worker spawn, first batches)
@@ -128,6 +137,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--precision", default="auto", help="the loop's precision (and the bare step's): auto, no, bf16")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         data = args.data
@@ -138,9 +148,10 @@ def main(argv=None) -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
         print(f"\n1. loop overhead: {args.model} at {args.size}px, batch {args.batch}, {args.steps} steps, "
-              f"{args.workers} data worker(s)")
-        bare = bare_step_rate(args.model, args.size, args.batch, args.steps, 8)
-        full = full_step_rate(data, args.model, args.size, args.batch, args.steps, args.workers)
+              f"{args.workers} data worker(s), precision {args.precision} "
+              f"({resolve_precision(args.precision)})")
+        bare = bare_step_rate(args.model, args.size, args.batch, args.steps, 8, args.precision)
+        full = full_step_rate(data, args.model, args.size, args.batch, args.steps, args.workers, args.precision)
         print("| bare fwd+bwd+AdamW img/s | full synthvit step img/s | overhead |")
         print("|---|---|---|")
         print(f"| {bare:.1f} | {full:.1f} | {bare / full - 1:+.1%} |")

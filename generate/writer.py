@@ -27,6 +27,9 @@ from synthvit.storage import Folder
 log = logging.getLogger("synthvit.generate")
 
 
+TAR_MTIME = 0  # int, never 0.0: see _write_tar
+
+
 def tune_allocator() -> None:
     """Keep freed frame buffers in the heap instead of returning them to the OS after every sample.
 
@@ -97,8 +100,10 @@ def write_shard(backend: Backend, shard: ShardPlan, out: Folder | Path, cfg, pro
 def _write_tar(backend: Backend, shard: ShardPlan, path: Path, cfg, progress) -> None:
     size = backend.batch_size
     with atomic_open(path) as f:
-        # Fixed mtime/owner: the same samples give the same tar bytes on any machine, any day.
-        writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="synthvit", group="synthvit")
+        # Fixed mtime/owner: the same samples give the same tar bytes on any machine, any day. An *integer* mtime:
+        # Python's tarfile stores a float one in a PAX extended header before every member (+1 KiB each, and a
+        # second header for every reader to parse: the pretraining stream spent a third of its time in tarfile).
+        writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="synthvit", group="synthvit")
         for batch in index_batches(shard.start, shard.stop, size):
             samples = backend.render_batch(batch)
             for i, sample in zip(batch, samples):

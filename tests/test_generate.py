@@ -35,6 +35,40 @@ def test_identical_bytes_for_any_worker_count(tiny_dataset, tmp_path):
     assert (tmp_path / "w2" / INFO_FILE).read_bytes() == (tiny_dataset / INFO_FILE).read_bytes()
 
 
+def test_shards_are_plain_ustar_with_fixed_metadata(tiny_dataset):
+    # one header per member (no PAX extended headers, which a float mtime would add before each: +1 KiB and a
+    # second header for every reader to parse), and nothing of the machine or the day in them
+    import tarfile
+
+    for shard in sorted(tiny_dataset.glob("*.tar")):
+        raw = shard.read_bytes()
+        assert b"PaxHeader" not in raw, shard
+        with tarfile.open(shard) as tar:
+            members = tar.getmembers()
+        assert members and all(m.pax_headers == {} for m in members)
+        assert {(m.mtime, m.uname, m.gname, m.uid, m.gid) for m in members} == {(0, "synthvit", "synthvit", 0, 0)}
+
+
+def test_shards_of_earlier_versions_with_pax_headers_still_read(tiny_dataset, tmp_path):
+    # before 2026-12-04 a float mtime put a PAX header before every member; such shards read to the same samples
+    import tarfile
+
+    import webdataset as wds
+
+    shard = sorted(tiny_dataset.glob("*.tar"))[0]
+    old = tmp_path / shard.name
+    with tarfile.open(shard) as tar, open(old, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0, user="synthvit", group="synthvit")
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        for key in dict.fromkeys(name.split(".", 1)[0] for name, _ in members):
+            writer.write({"__key__": key} | {n.split(".", 1)[1]: b for n, b in members if n.split(".", 1)[0] == key})
+        writer.close()
+    assert b"PaxHeader" in old.read_bytes()
+    def samples(path):
+        return [(s.image.tobytes(), s.mask.tobytes(), s.cls, s.meta) for s in iter_shard(path)]
+    assert samples(old) == samples(shard) and len(samples(old)) > 0
+
+
 def test_samples_do_not_depend_on_shard_size(tiny_dataset, tmp_path):
     generate(tmp_path / "s7", samples_per_shard=7)
     def samples(folder):
