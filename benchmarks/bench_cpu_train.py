@@ -9,7 +9,8 @@ Parts (``--parts``):
 - ``infer-*``: tiled inference of one 3840x2160 frame through ``finetune.evaluate.Predictor`` (tiles of 128 px,
   10 % overlap) for ViT-Tiny, ViT-S and DeepLabV3+
 
-Variants (``defaults`` is what synthvit now runs on a CPU with native bf16: bf16 + fused AdamW): ``bf16``
+Variants (``defaults`` is what synthvit now runs on a CPU with native bf16: bf16 + fused AdamW + math attention):
+``math_attn`` (ViTs: timm's q @ k^T, softmax, @ v instead of torch's fused SDPA CPU kernel; ``attention=auto``), ``bf16``
 (autocast on the CPU's oneDNN bf16: training's ``precision=auto`` and tiling's
 ``tiling.precision=auto`` take it where the CPU has native bf16), ``channels_last`` (CNNs), ``fused`` (AdamW's fused
 CPU kernel), ``compile`` (torch.compile, inductor; its one-off compile time is printed apart) and ``all``.
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from synthvit.models.factory import create_model
-from synthvit.training import cpu_has_bf16
+from synthvit.training import cpu_has_bf16, set_attention
 
 TRAIN = {"ft-vit": ("vit_tiny_patch16_224", dict(decoder="dpt-skip", img_size=128), "seg", 8, 128),
          "ft-cnn": ("deeplabv3plus_resnet50", {}, "seg", 8, 128),
@@ -41,10 +42,13 @@ TRAIN = {"ft-vit": ("vit_tiny_patch16_224", dict(decoder="dpt-skip", img_size=12
 INFER = {"infer-vit": ("vit_tiny_patch16_224", dict(img_size=128)), "infer-vits": ("vit_small_patch16_224",
          dict(img_size=128)), "infer-cnn": ("deeplabv3plus_resnet50", {})}
 TRAIN_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl=True), "fused": dict(fused=True),
-                  "compile": dict(compile=True), "all": dict(bf16=True, cl=True, fused=True, compile=True),
-                  "defaults": dict(bf16=True, fused=True)}  # what synthvit runs now (precision=auto, optim.fused)
-INFER_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl=True), "compile": dict(compile=True),
-                  "all": dict(bf16=True, cl=True, compile=True), "defaults": dict(bf16=True)}
+                  "math_attn": dict(math=True), "compile": dict(compile=True),
+                  "all": dict(bf16=True, cl=True, fused=True, math=True, compile=True),
+                  # what synthvit runs now on such a CPU: precision=auto, optim.fused, attention=auto
+                  "defaults": dict(bf16=True, fused=True, math=True)}
+INFER_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl=True), "math_attn": dict(math=True),
+                  "compile": dict(compile=True), "all": dict(bf16=True, cl=True, math=True, compile=True),
+                  "defaults": dict(bf16=True, math=True)}
 
 
 def is_cnn(name: str) -> bool:
@@ -62,6 +66,7 @@ def train_rate(part: str, v: dict, steps: int, warmup: int) -> tuple[float, floa
     yc = torch.randint(0, 7, (batch,), generator=g)
     if v.get("cl") and is_cnn(name):
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    set_attention(model, "math" if v.get("math") else "sdpa", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if v.get("fused") else {}))
     fwd = torch.compile(model) if v.get("compile") else model
 
@@ -104,7 +109,8 @@ def infer_rate(part: str, v: dict, frame: np.ndarray, repeats: int) -> tuple[flo
                       seg_classes=names, mean=[0.5] * 3, std=[0.5] * 3)
     predictor = Predictor(torch.compile(model) if v.get("compile") else model, meta, torch.device("cpu"),
                           TilingConfig(tile=128, overlap=0.1, batch_size=8,
-                                       precision="bf16" if v.get("bf16") else "fp32"))
+                                       precision="bf16" if v.get("bf16") else "fp32",
+                                       attention="math" if v.get("math") else "sdpa"))
     t = time.perf_counter()
     out = predictor(frame)
     first = time.perf_counter() - t
@@ -145,6 +151,8 @@ def main() -> None:
             name = (TRAIN.get(part) or INFER[part])[0]
             if not is_cnn(name):
                 variants.pop("channels_last")
+            else:
+                variants.pop("math_attn")
             base = None
             for vname, v in variants.items():
                 if part in TRAIN:

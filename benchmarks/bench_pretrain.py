@@ -35,14 +35,15 @@ from generate.run import run as generate
 from pretrain.config import OptimConfig
 from pretrain.data import StreamSpec, batches_per_epoch, load_sources, make_loader
 from synthvit.models import create_backbone
-from synthvit.training import resolve_precision
+from synthvit.training import resolve_precision, set_attention
 
 
 def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_classes: int, precision: str) -> float:
     """The model alone: forward, backward and the very optimizer the loop uses (AdamW, fused as ``optim.fused``
-    defaults), in the loop's precision, on one fixed batch."""
+    defaults), in the loop's precision and attention kernel (``attention=auto``), on one fixed batch."""
     torch.manual_seed(0)
     model = create_backbone(model_name, num_classes, size, 3, 0.1)
+    set_attention(model, "auto", "cpu")
     opt = create_optimizer_v2(model, "adamw", lr=1e-4, weight_decay=0.05, fused=OptimConfig().fused)
     x = torch.randn(batch, 3, size, size)
     y = torch.randn(batch, num_classes).softmax(-1)

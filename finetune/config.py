@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from synthvit.config import ConfigError, Decoder, InChans, Precision
+from synthvit.config import Attention, ConfigError, Decoder, InChans, Precision
 
 Task = Literal["seg", "cls", "both"]
 DataFormat = Literal["auto", "canonical", "imagefolder", "labelme", "coco", "hf", "shards"]
@@ -25,6 +25,9 @@ class TilingConfig:
     precision: InferencePrecision = field(default="auto", metadata={
         "help": "inference arithmetic: auto (bf16 autocast on CUDA and on CPUs with native bf16, avx512_bf16 or AMX: "
                 "1.4-1.7x faster tiled inference on such a CPU, BENCHMARKS.md; else fp32), bf16 or fp32"})
+    attention: Attention = field(default="auto", metadata={
+        "help": "a ViT's attention kernel at inference: auto (timm's math path on a CPU, torch's SDPA elsewhere: "
+                "BENCHMARKS.md), sdpa or math"})
 
     def __post_init__(self):
         if self.tile < 0 or not 0 <= self.overlap < 0.5 or self.batch_size < 1:
@@ -128,6 +131,10 @@ class FinetuneConfig:
     precision: Precision = field(default="auto", metadata={
         "help": "mixed precision through Accelerate; auto: bf16 on a GPU that has it and on a CPU with native bf16 "
                 "(avx512_bf16 or AMX), else no (fp32)"})
+    attention: Attention = field(default="auto", metadata={
+        "help": "a ViT's attention kernel in training: auto (timm's math path on a CPU, where torch's fused SDPA "
+                "kernel is slower: training steps 1.2-1.8x faster in bf16, BENCHMARKS.md; SDPA elsewhere), sdpa or "
+                "math"})
     tiling: TilingConfig = field(default_factory=TilingConfig)
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     cache_mb: int = field(default=2048, metadata={"help": "decoded train frames kept per loader worker, MB"})

@@ -28,7 +28,7 @@ from finetune.tiling import Tiler, inference_dtype
 from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from synthvit.models import ExportMeta, class_map, meta_stats
-from synthvit.training import peak_memory_mb
+from synthvit.training import peak_memory_mb, set_attention
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
 
@@ -45,6 +45,7 @@ class Predictor:
         self.model, self.meta, self.device = model.eval(), meta, device
         self.mean, self.std = meta_stats(meta, device)
         self.autocast = inference_dtype(tiling.precision, torch.device(device))
+        self.attention = set_attention(self.model, tiling.attention, device)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std

@@ -19,7 +19,16 @@ from synthvit.data import Item, RealData, has_defect, shown_size, to_array
 from synthvit.io import SynthvitError
 from synthvit.models import Heads
 from synthvit.progress import progress_bar
-from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, peak_memory_mb, seed_step, set_lr
+from synthvit.training import (
+    MetricsLog,
+    build_adamw,
+    lr_at,
+    optimizer_step,
+    peak_memory_mb,
+    seed_step,
+    set_attention,
+    set_lr,
+)
 
 log = logging.getLogger("synthvit.finetune")
 
@@ -219,6 +228,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step. Checkpoints every
     ``save_every`` steps (and at ``stop_at``); from ``ckpt`` the run continues exactly where it stopped."""
     model.train()
+    attention = set_attention(model, cfg.attention, acc.device)
     optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.layer_decay,
                             fused=cfg.optim.fused)
     model, optimizer = acc.prepare(model, optimizer)
@@ -262,6 +272,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     return {"steps": cfg.steps, "stopped": end < cfg.steps, **resumed, "train_images": len(items),
             "train_wall_s": round(wall, 2),  # this process's part of the training when resumed
             "precision": acc.mixed_precision,  # what precision=auto (the default) resolved to
+            "attention": attention,  # and attention=auto
             "train_peak_mb": peak, "train_peak_kind": kind,
             "train_images_per_s": round((end - start) * cfg.batch_size * acc.num_processes / max(wall, 1e-9), 2),
             "zero_shot": False, "model": acc.unwrap_model(model, keep_fp32_wrapper=False)}

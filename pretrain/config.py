@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from synthvit.config import ConfigError, Decoder, InChans, Precision
+from synthvit.config import Attention, ConfigError, Decoder, InChans, Precision
 
 Objective = Literal["cls", "seg", "cls+seg"]
 LrScale = Literal["linear", "sqrt", "none"]
@@ -88,6 +88,9 @@ class PretrainConfig:
     precision: Precision = field(default="no", metadata={
         "help": "mixed precision through Accelerate; auto: bf16 on a GPU that has it and on a CPU with native bf16 "
                 "(avx512_bf16 or AMX), else no (fp32)"})
+    attention: Attention = field(default="auto", metadata={
+        "help": "a ViT's attention kernel: auto (timm's math path on a CPU, where torch's fused SDPA kernel is "
+                "slower: training steps 1.2-1.8x faster in bf16, BENCHMARKS.md; SDPA elsewhere), sdpa or math"})
     compile: bool = False
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off, e.g. 0.9998)"})
     log_every: int = 10

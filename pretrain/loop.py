@@ -24,7 +24,7 @@ from synthvit import checkpoint
 from synthvit.io import SynthvitError
 from synthvit.models import Heads, save_tensors
 from synthvit.progress import progress_bar
-from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, seed_step, set_lr
+from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, seed_step, set_attention, set_lr
 
 log = logging.getLogger("synthvit.pretrain")
 EMA_FILE = "ema.safetensors"
@@ -42,6 +42,7 @@ class Trainer:
         self.mean, self.std = (t.to(accelerator.device) for t in model.input_stats(cfg.in_chans))
         self.global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.accum_steps
         self.base_lr = scaled_lr(cfg.optim, self.global_batch)
+        self.attention = set_attention(model, cfg.attention, accelerator.device)
         optimizer = build_adamw(model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas,
                                     fused=cfg.optim.fused)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -176,7 +177,7 @@ class Trainer:
                     images_per_s=round(trained / wall, 2) if trained else 0.0,
                     skipped_samples=int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device),
                                                    "sum")),
-                    ranks_in_sync=self.ranks_in_sync())
+                    ranks_in_sync=self.ranks_in_sync(), attention=self.attention)
 
     def ranks_in_sync(self) -> bool:
         """Gather a fingerprint of every rank's parameters and compare them."""

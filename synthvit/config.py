@@ -22,6 +22,7 @@ __all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "dump_yam
 
 CONFIG_FILE = "config.yaml"  # the fully resolved config, in every output folder a stage writes
 # Choice types more than one stage offers
+Attention = Literal["auto", "sdpa", "math"]  # a ViT's attention kernel (auto: synthvit.training.set_attention)
 Precision = Literal["auto", "no", "bf16", "fp16"]  # mixed precision through Accelerate (auto: synthvit.training)
 InChans = Literal[1, 3]  # model input channels (3: grayscale replicated)
 # The dense decoder of a timm model (models/decoders.py): linear head on the last feature map, DPT over 4 blocks,

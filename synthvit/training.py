@@ -40,6 +40,20 @@ def _single_cpu_process_trap() -> bool:
     return asked_many and not launched_many
 
 
+def set_attention(model: torch.nn.Module, mode: str, device) -> str:
+    """Choose the attention kernel of every timm attention module in ``model`` (those with a ``fused_attn`` flag):
+    ``sdpa`` (torch's ``scaled_dot_product_attention``), ``math`` (timm's own q @ k^T, softmax, @ v) or ``auto``:
+    math on a CPU -- where torch's fused CPU kernel is the slower one at the token counts synthvit trains on
+    (ViT-Tiny / ViT-S training steps 1.2-1.8x faster in bf16, ViT-Tiny tiled inference 1.4-1.7x; BENCHMARKS.md) --
+    and sdpa elsewhere. The same function either way (they differ in rounding only). Returns the resolved kernel
+    (a model without such modules is left as it is)."""
+    resolved = mode if mode != "auto" else ("math" if torch.device(device).type == "cpu" else "sdpa")
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = resolved == "sdpa"
+    return resolved
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 natively through oneDNN (avx512_bf16 or AMX); elsewhere bf16 is emulated and slower
     than fp32."""

@@ -120,3 +120,31 @@ def test_a_corrupt_export_is_named_in_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(SynthvitError, match="config.json is not valid JSON"):
         create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, init=str(tmp_path))
+
+
+def test_attention_kernel_choice_keeps_the_function(one_torch_thread):
+    from finetune.config import TilingConfig
+    from finetune.evaluate import Predictor
+    from synthvit.models import Heads
+    from synthvit.training import set_attention
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=32, decoder="dpt-skip").eval()
+    flags = lambda: {m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)}  # noqa: E731
+    x = torch.randn(2, 3, 32, 32)
+    assert set_attention(model, "sdpa", "cpu") == "sdpa" and flags() == {True}
+    with torch.no_grad():
+        fused = model(x)["seg"]
+    assert set_attention(model, "auto", "cpu") == "math" and flags() == {False}  # auto: timm's math path on a CPU
+    with torch.no_grad():
+        math = model(x)["seg"]
+    assert torch.allclose(fused, math, atol=1e-5) and not torch.equal(fused, torch.zeros_like(fused))
+    assert set_attention(model, "auto", torch.device("cuda", 0)) == "sdpa" and flags() == {True}  # no GPU needed
+    cnn = create_model("deeplabv3plus_resnet50", "seg", seg_classes=2)
+    assert set_attention(cnn, "auto", "cpu") == "math"  # nothing to switch: left as it is
+    names = ["background", "defect"]
+    meta = ExportMeta(model="vit_tiny_patch16_224", in_chans=3, img_size=32, heads=Heads.parse("seg"),
+                      class_names=names, seg_classes=names, mean=[0.5] * 3, std=[0.5] * 3)
+    predictor = Predictor(model, meta, torch.device("cpu"), TilingConfig(attention="sdpa"))
+    assert predictor.attention == "sdpa" and flags() == {True}
+    assert Predictor(model, meta, torch.device("cpu"), TilingConfig()).attention == "math" and flags() == {False}

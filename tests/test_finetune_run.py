@@ -52,6 +52,7 @@ def test_finetune_evaluate_predict_end_to_end(real_data, tmp_path, cli):
     assert metrics["image"]["defective"] == metrics["image"]["good"] == 2 and metrics["images"] == 4
     assert len(metrics["classification"]["confusion_matrix"]) == 2
     assert metrics["speed"]["seconds_per_image"] > 0 and metrics["speed"]["peak_rss_mb"] > 0
+    assert metrics["attention"] == "math"  # attention=auto on a CPU
     split = (run / "split.csv").read_text().splitlines()
     assert split[0] == "id,split" and len(split) == 17
     assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors",
