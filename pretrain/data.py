@@ -210,10 +210,11 @@ def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generat
 
 
 def jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Per-image contrast and brightness on a float batch in 0..255: (x - mean) * c + mean * b, clamped."""
+    """Per-image contrast and brightness on a float batch in 0..255: (x - mean) * c + mean * b, clamped -- in place
+    (``x`` is the loop's own float copy of the batch: no whole-batch temporaries on a CPU's critical path)."""
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     c, b = factors[:, 0].view(-1, 1, 1, 1), factors[:, 1].view(-1, 1, 1, 1)
-    return ((x - mean) * c + mean * b).clamp_(0, 255)
+    return x.sub_(mean).mul_(c).add_(mean * b).clamp_(0, 255)
 
 
 def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator, class_maps: dict[str, np.ndarray]) -> dict:

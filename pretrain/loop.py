@@ -81,7 +81,7 @@ class Trainer:
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         cfg, dev = self.cfg, self.acc.device
         x = jitter_batch(batch["image"].to(dev, non_blocking=True).float(), batch["jitter"].to(dev))
-        x = (x - self.mean) / self.std
+        x = x.sub_(self.mean).div_(self.std)
         target = batch["cls"].to(dev, non_blocking=True)
         mask = batch["mask"].to(dev, non_blocking=True).long() if "mask" in batch else None
         soft = None
