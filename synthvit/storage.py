@@ -146,10 +146,31 @@ def with_retries(what: str, url: str, fn: Callable, *args, **kwargs):
             time.sleep(delay)
 
 
+class _OrphanedConnectionErrors(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" record (a traceback) when the exception is a lost
+    connection: aiohttp, under s3fs, leaves a request's write task failing on a transport the server closed. The
+    request it belonged to fails too, and synthvit retries it or reports the store in one line -- the traceback says
+    nothing to fix, and a user must not see one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        lost = isinstance(exc, OSError) or type(exc).__name__.startswith(("ClientConnection", "ServerDisconnected"))
+        return not (lost and "never retrieved" in record.getMessage())
+
+
+def _quiet_lost_connections() -> None:
+    """Installs :class:`_OrphanedConnectionErrors` on the ``asyncio`` logger of this process (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedConnectionErrors) for f in logger.filters):
+        logger.addFilter(_OrphanedConnectionErrors())
+
+
 @functools.lru_cache(maxsize=None)
 def _filesystem(scheme: str, pid: int):
     """One fsspec filesystem per scheme (``file``: local) and process (forked DataLoader workers make their own)."""
     package = SCHEMES.get(scheme, "fsspec")
+    if scheme != "file":
+        _quiet_lost_connections()
     try:
         import fsspec
 

@@ -109,6 +109,30 @@ def test_which_errors_are_retried():
     assert not transient(NoCredentialsError()) and not transient(StorageError("already final"))
 
 
+def test_lost_connection_tracebacks_of_the_s3_client_are_not_shown(caplog):
+    # aiohttp (under s3fs) can leave a write task failing on a transport the server closed; asyncio then logs
+    # "Task exception was never retrieved" with a traceback. The request is retried or reported by synthvit in one
+    # line, so that record is dropped -- and only that one.
+    import asyncio
+    import logging
+
+    from synthvit.storage import _quiet_lost_connections
+
+    _quiet_lost_connections()
+    _quiet_lost_connections()  # once per process, however often filesystems are made
+    assert len(logging.getLogger("asyncio").filters) == 1
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            for exc in (ConnectionResetError("Cannot write to closing transport"), ValueError("a real bug")):
+                loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": exc})
+            loop.call_exception_handler({"message": "an unclosed client session", "exception": ConnectionError()})
+    finally:
+        loop.close()
+    kept = [(r.getMessage(), type(r.exc_info[1])) for r in caplog.records if r.name == "asyncio"]
+    assert kept == [("Task exception was never retrieved", ValueError), ("an unclosed client session", ConnectionError)]
+
+
 def test_shards_read_over_https_are_the_batches_of_the_local_folder(tiny_dataset):
     """A read-only web server holding the dataset (HTTP cannot list: the reader opens what _info.json names)."""
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_dataset.parent))
