@@ -128,6 +128,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="timed frames per inference variant")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="variants are timed in this many interleaved rounds and each keeps its best: on a shared VM "
+                         "two timings of one variant in a row differ by up to ~15 %%, and what runs later in a "
+                         "process is not slowed the same way as what ran first")
     ap.add_argument("--frame", default="3840x2160")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--bf16-tol", type=float, default=0.05)
@@ -153,21 +157,23 @@ def main() -> None:
                 variants.pop("channels_last")
             else:
                 variants.pop("math_attn")
-            base = None
+            best: dict[str, tuple[float, float, float]] = {}
+            for _ in range(args.rounds):
+                for vname, v in variants.items():
+                    if part in TRAIN:
+                        got = train_rate(part, v, args.steps, args.warmup)
+                    else:
+                        got = infer_rate(part, v, frame, args.repeats)
+                    if vname not in best or got[0] > best[vname][0]:
+                        best[vname] = got
+            unit = "img/s" if part in TRAIN else "frame/s"
+            base = best["today"]
             for vname, v in variants.items():
-                if part in TRAIN:
-                    rate, value, comp = train_rate(part, v, args.steps, args.warmup)
-                    unit = "img/s"
-                else:
-                    rate, value, comp = infer_rate(part, v, frame, args.repeats)
-                    unit = "frame/s"
-                if base is None:
-                    base = (rate, value)
+                rate, value, comp = best[vname]
                 tol = args.bf16_tol if v.get("bf16") else args.fp32_tol
                 ok = abs(value - base[1]) <= tol * max(abs(base[1]), 1e-6)
                 print(f"{part:10} {threads:>3} {vname:14} {rate:>10.3f} {unit:9} {rate / base[0]:>7.2f}x "
                       f"{comp:>9.1f}  {'ok' if ok else 'DIFFERS'} ({value:.4f} vs {base[1]:.4f})", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,9 @@
 """Pretraining speed on this machine, side by side in one run.
 
-1. Loop overhead: images/s of the full `synthvit pretrain` step (data workers, CutMix, optimizer, EMA-free,
-   logging) against the bare model's forward + backward + AdamW step on one fixed batch of the same size.
+1. Loop overhead: images/s of the full `synthvit pretrain` step (data loading, CutMix, optimizer, EMA-free,
+   logging) against the bare model's forward + backward + AdamW step on one fixed batch of the same size, for each
+   ``--loaders`` choice (``workers``: DataLoader processes; ``main``: the same roles decoded in the training
+   process; ``auto``: what pretrain picks on this machine), timed in ``--rounds`` interleaved rounds, best kept.
 2. Data pipeline alone: samples/s of the training stream (decode + augment + batch) per worker, against merely
    decoding the same JPEGs (the limit a worker can approach).
 3. Against timm's own training path on the same shards, model, batch, CutMix and workers: timm's wds reader
@@ -10,7 +12,7 @@
    here with timm's public functions).
 
     python benchmarks/bench_pretrain.py [--data shards/demo] [--model vit_tiny_patch16_224] [--size 64]
-                                        [--batch 64] [--steps 60] [--workers 1]
+                                        [--batch 64] [--steps 60] [--workers 2] [--loaders workers,main]
 """
 from __future__ import annotations
 
@@ -64,16 +66,36 @@ def bare_step_rate(model_name: str, size: int, batch: int, steps: int, num_class
 
 
 def full_step_rate(data: str, model_name: str, size: int, batch: int, steps: int, workers: int,
-                   precision: str) -> float:
+                   precision: str, loader: str = "auto") -> float:
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "synthvit", "pretrain", f"data=[{data}]", f"out_dir={d}/run",
                f"model={model_name}", f"image_size={size}", f"batch_size={batch}", f"steps={steps}",
-               f"num_workers={workers}", "log_every=10", f"save_every={steps}", "optim.warmup_steps=5",
+               f"num_workers={workers}", f"loader={loader}", "log_every=10", f"save_every={steps}", "optim.warmup_steps=5",
                f"precision={precision}"]
         subprocess.run(cmd, check=True, capture_output=True)
         records = [json.loads(line) for line in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = records[1:]  # the first window holds start-up (worker spawn, first batches)
     return sum(r["images_per_s"] for r in steady) / len(steady)
+
+
+def tar_member_rates(data: str, rounds: int = 5) -> tuple[float, float]:
+    """Members/s of the dataset's shards (in memory) through webdataset's ``tar_file_iterator`` (Python's tarfile)
+    and through the shard contract's ``tar_members``, interleaved, best of ``rounds``."""
+    import webdataset as wds
+
+    from generate.schema import tar_members
+
+    sources, _ = load_sources([data], [], [])
+    blobs = [Path(u).read_bytes() for u in sources[0].urls]
+    readers = {"tarfile": lambda b: wds.tariterators.tar_file_iterator(io.BytesIO(b)),
+               "tar_members": lambda b: tar_members(io.BytesIO(b))}
+    best = dict.fromkeys(readers, 0.0)
+    for _ in range(rounds):
+        for name, read in readers.items():
+            t = time.perf_counter()
+            n = sum(1 for b in blobs for _ in read(b))
+            best[name] = max(best[name], n / (time.perf_counter() - t))
+    return best["tarfile"], best["tar_members"]
 
 
 def pipeline_rate(data: str, size: int, batch: int, batches: int) -> tuple[float, float]:
@@ -137,7 +159,9 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2, help="num_workers (loader roles; pretrain's default 2)")
+    ap.add_argument("--loaders", default="workers,main", help="loader choices to time side by side")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each rate keeps its best")
     ap.add_argument("--precision", default="auto", help="the loop's precision (and the bare step's): auto, no, bf16")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
@@ -149,19 +173,30 @@ def main(argv=None) -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
         print(f"\n1. loop overhead: {args.model} at {args.size}px, batch {args.batch}, {args.steps} steps, "
-              f"{args.workers} data worker(s), precision {args.precision} "
+              f"num_workers {args.workers}, precision {args.precision} "
               f"({resolve_precision(args.precision)})")
-        bare = bare_step_rate(args.model, args.size, args.batch, args.steps, 8, args.precision)
-        full = full_step_rate(data, args.model, args.size, args.batch, args.steps, args.workers, args.precision)
-        print("| bare fwd+bwd+AdamW img/s | full synthvit step img/s | overhead |")
-        print("|---|---|---|")
-        print(f"| {bare:.1f} | {full:.1f} | {bare / full - 1:+.1%} |")
+        loaders = args.loaders.split(",")
+        bare, full = 0.0, dict.fromkeys(loaders, 0.0)
+        for _ in range(args.rounds):
+            bare = max(bare, bare_step_rate(args.model, args.size, args.batch, args.steps, 8, args.precision))
+            for loader in loaders:
+                full[loader] = max(full[loader], full_step_rate(data, args.model, args.size, args.batch, args.steps,
+                                                                args.workers, args.precision, loader))
+        print("| loader | bare fwd+bwd+AdamW img/s | full synthvit step img/s | overhead |")
+        print("|---|---|---|---|")
+        for loader, rate in full.items():
+            print(f"| {loader} | {bare:.1f} | {rate:.1f} | {bare / rate - 1:+.1%} |")
         stream, decode = pipeline_rate(data, args.size, args.batch, 20)
         print(f"\n2. data pipeline, one worker, {args.size}px crops from 256 px JPEGs")
         print("| stream (decode+augment+batch) samples/s | decode-only samples/s | ratio |")
         print("|---|---|---|")
         print(f"| {stream:.1f} | {decode:.1f} | {stream / decode:.1%} |")
+        old, new = tar_member_rates(data)
+        print("\n| tar members/s: tarfile (webdataset's reader) | tar_members (synthvit's) | ratio |")
+        print("|---|---|---|")
+        print(f"| {old:,.0f} | {new:,.0f} | {new / old:.2f}x |")
         timm_rate = timm_path_rate(data, args.model, args.size, args.batch, args.steps, args.workers)
+        full = full.get("workers", next(iter(full.values())))
         print(f"\n3. same shards, model, batch, CutMix and {args.workers} worker(s): timm's training path vs synthvit")
         print("| timm wds reader + create_loader + Mixup img/s | synthvit pretrain img/s | synthvit / timm |")
         print("|---|---|---|")

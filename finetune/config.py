@@ -122,7 +122,11 @@ class FinetuneConfig:
         "help": "warn about train/test image pairs whose 64-bit perceptual hashes (pHash) differ in at most this many "
                 "bits -- resized, re-encoded or shifted copies that leak test content into training -- and list them "
                 "in the run's near_duplicates.json (0: off)"})
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata={"help": "DataLoader processes that cut and augment the crops"})
+    loader: Literal["auto", "workers", "main"] = field(default="auto", metadata={
+        "help": "where the crops are cut: workers (num_workers processes), main (this process), auto (main on a "
+                "CPU-only machine whose cores do not cover the compute threads plus num_workers, else workers); the "
+                "same crops either way (each is seeded by its own id)"})
     in_chans: InChans = field(default=3, metadata={"help": "input channels (3: grayscale replicated)"})
     drop_path: float = 0.1
     freeze_blocks: int = field(default=0, metadata={"help": "freeze the stem and the first k blocks/stages"})

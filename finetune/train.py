@@ -19,12 +19,14 @@ from synthvit.data import Item, RealData, has_defect, shown_size, to_array
 from synthvit.io import SynthvitError
 from synthvit.models import Heads
 from synthvit.progress import progress_bar
+from synthvit.ranks import local_processes
 from synthvit.training import (
     MetricsLog,
     build_adamw,
     lr_at,
     optimizer_step,
     peak_memory_mb,
+    resolve_loader,
     seed_step,
     set_attention,
     set_lr,
@@ -194,8 +196,8 @@ def losses(out: dict, batch: dict, label_smoothing: float, seg_loss: str = "ce")
 
 
 # keys that do not change what a step computes: a checkpoint resumes across them
-RESUME_FREE_KEYS = ("out_dir", "resume", "stop_at", "save_every", "log_every", "evaluate", "num_workers", "cache_mb",
-                    "tiling", "calibrate", "max_pixels")
+RESUME_FREE_KEYS = ("out_dir", "resume", "stop_at", "save_every", "log_every", "evaluate", "num_workers", "loader",
+                    "cache_mb", "tiling", "calibrate", "max_pixels")
 
 
 def training_config(cfg) -> dict:
@@ -238,8 +240,10 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     ds = CropDataset(data, items, cfg, cfg.steps * b * world, synthetic)
     # rank r takes batch slots r, r + world, ...: disjoint sample ids across ranks, same ids on every rerun
     ids = [(s * world + rank) * b + j for s in range(start, end) for j in range(b)]
-    loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=ids, num_workers=cfg.num_workers,
-                                         persistent_workers=cfg.num_workers > 0)
+    where = resolve_loader(cfg.loader, cfg.num_workers, acc.device, local_processes(world))
+    workers = 0 if where == "main" else cfg.num_workers
+    loader = torch.utils.data.DataLoader(ds, batch_size=b, sampler=ids, num_workers=workers,
+                                         persistent_workers=workers > 0)
     bar = progress_bar(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not acc.is_main_process)
     metrics, t0, window = MetricsLog(run_dir, acc), time.perf_counter(), []
     metrics.truncate_after(start)
@@ -273,6 +277,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
             "train_wall_s": round(wall, 2),  # this process's part of the training when resumed
             "precision": acc.mixed_precision,  # what precision=auto (the default) resolved to
             "attention": attention,  # and attention=auto
+            "loader": where,  # and loader=auto
             "train_peak_mb": peak, "train_peak_kind": kind,
             "train_images_per_s": round((end - start) * cfg.batch_size * acc.num_processes / max(wall, 1e-9), 2),
             "zero_shot": False, "model": acc.unwrap_model(model, keep_fp32_wrapper=False)}

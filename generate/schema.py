@@ -13,6 +13,7 @@ Each sample (key: 8 digits, the global sample index) holds:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -103,23 +104,127 @@ def decode_sample(members: dict[str, bytes]) -> Sample:
     return Sample(image, mask, int(members[CLS_KEY]), json.loads(members[META_KEY]))
 
 
+TAR_BLOCK = 512
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-once stream with bytes already read from it put back in front (for the tarfile fallback)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if not self.head:
+            data = self.stream.read(len(buf))
+        else:
+            data, self.head = self.head[:len(buf)], self.head[len(buf):]
+        buf[:len(data)] = data
+        return len(data)
+
+
+def _read_exact(stream, n: int, what: str) -> bytes:
+    """``n`` bytes (a remote stream may return fewer per call); a short read is a truncated archive."""
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            raise tarfile.ReadError(f"unexpected end of data in {what}: {got} of {n} bytes")
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read_block(stream) -> bytes:
+    """The next 512-byte block (fewer bytes only at the end of the stream; a remote one may return less per call)."""
+    block = stream.read(TAR_BLOCK)
+    while block and len(block) < TAR_BLOCK:
+        more = stream.read(TAR_BLOCK - len(block))
+        if not more:
+            break
+        block += more
+    return block
+
+
+def _octal(field: bytes, what: str) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 (sizes over 8 GiB)
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise tarfile.ReadError(f"bad {what} field {field!r} in a tar header") from None
+
+
+def tar_members(stream):
+    """``(name, bytes)`` of every regular file of a tar archive read front to back from a binary ``stream``.
+
+    Python's ``tarfile`` costs ~75 us per member in pure-Python header parsing (about half of a pretraining worker's
+    time on 64 px crops: BENCHMARKS.md); synthvit's shards are plain ustar (``generate.writer``), so this parses the
+    512-byte headers directly: checksum verified, ustar prefix, PAX ``path`` records and GNU long names (shards of
+    other writers) honoured, directories and links skipped. An archive that does not start with a ustar header
+    (compressed, v7) is read by ``tarfile`` instead. A truncated or damaged archive raises ``tarfile.ReadError`` at
+    the member it reaches -- after yielding every whole member before it, as ``tarfile`` does."""
+    head = _read_block(stream)
+    if any(head) and (len(head) < TAR_BLOCK or head[257:262] != b"ustar"):  # not plain ustar: tarfile reads it
+        with tarfile.open(fileobj=io.BufferedReader(_Prefixed(head, stream)), mode="r|*") as tar:
+            for info in tar:
+                if info.isfile():
+                    yield info.name, tar.extractfile(info).read()
+        return
+    long_name = None
+    header = head
+    while True:
+        if len(header) < TAR_BLOCK:
+            if header:
+                raise tarfile.ReadError(f"unexpected end of data in a tar header: {len(header)} of 512 bytes")
+            return  # no end-of-archive blocks: tolerated, as tarfile does
+        if not any(header):
+            return  # end of archive
+        if header[257:262] != b"ustar":
+            raise tarfile.ReadError("bad tar header (no ustar magic) after the previous member")
+        stored = _octal(header[148:156], "checksum")
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise tarfile.ReadError("bad checksum in a tar header")
+        size, kind = _octal(header[124:136], "size"), header[156:157]
+        name = header[:100].split(b"\0", 1)[0]
+        prefix = header[345:500].split(b"\0", 1)[0]
+        data = _read_exact(stream, size, name.decode("utf-8", "replace")) if size else b""
+        if size % TAR_BLOCK:
+            _read_exact(stream, TAR_BLOCK - size % TAR_BLOCK, "padding")
+        if kind == b"x":  # PAX extended header: "<len> key=value\n" records; only the path matters here
+            for record in data.split(b"\n"):
+                key, _, value = record.partition(b" ")[2].partition(b"=")
+                if key == b"path":
+                    long_name = value.decode("utf-8")
+        elif kind == b"L":  # GNU long name
+            long_name = data.rstrip(b"\0").decode("utf-8")
+        elif kind in (b"0", b"\0", b"7"):
+            full = long_name or ((prefix + b"/" + name) if prefix else name).decode("utf-8")
+            long_name = None
+            yield full, data
+        elif kind != b"g":  # directories, links, global headers: no file content
+            long_name = None
+        header = _read_block(stream)
+
+
 def iter_members(path):
     """Raw members of each sample of one shard, in order: ``{"__key__": key, "jpg": bytes, ...}``.
     ``path``: a local file, or an open binary stream (read once, front to back: a remote object)."""
     members: dict[str, bytes] = {}
     key = None
-    opened = tarfile.open(path, "r") if isinstance(path, (str, Path)) else tarfile.open(fileobj=path, mode="r|*")
-    with opened as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            base = info.name.rsplit("/", 1)[-1]
+    opened = open(path, "rb") if isinstance(path, (str, Path)) else contextlib.nullcontext(path)
+    with opened as stream:
+        for name, data in tar_members(stream):
+            base = name.rsplit("/", 1)[-1]
             k, ext = base.split(".", 1)
             if key is not None and k != key:
                 yield {"__key__": key, **members}
                 members = {}
             key = k
-            members[ext] = tar.extractfile(info).read()
+            members[ext] = data
     if key is not None:
         yield {"__key__": key, **members}
 

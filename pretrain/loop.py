@@ -24,7 +24,17 @@ from synthvit import checkpoint
 from synthvit.io import SynthvitError
 from synthvit.models import Heads, save_tensors
 from synthvit.progress import progress_bar
-from synthvit.training import MetricsLog, build_adamw, lr_at, optimizer_step, seed_step, set_attention, set_lr
+from synthvit.ranks import local_processes, usable_cores
+from synthvit.training import (
+    MetricsLog,
+    build_adamw,
+    lr_at,
+    optimizer_step,
+    resolve_loader,
+    seed_step,
+    set_attention,
+    set_lr,
+)
 
 log = logging.getLogger("synthvit.pretrain")
 EMA_FILE = "ema.safetensors"
@@ -136,7 +146,13 @@ class Trainer:
                           cfg.resample, cfg.shuffle_buffer,
                           batches_per_epoch(total, cfg.batch_size, acc.num_processes, workers),
                           start_batch=self.step * cfg.optim.accum_steps)
-        batches = iter(make_loader(spec, cfg.num_workers))
+        self.loader = resolve_loader(cfg.loader, cfg.num_workers, acc.device, local_processes(acc.num_processes))
+        batches = iter(make_loader(spec, cfg.num_workers, in_process=self.loader == "main"))
+        if cfg.loader == "auto" and cfg.num_workers and acc.is_main_process:
+            log.info("loader=auto: %s (%d core(s) for %d process(es) x %d compute thread(s) + %d loader role(s))",
+                     "decoding the roles in this process" if self.loader == "main" else f"{cfg.num_workers} worker "
+                     "processes", usable_cores(), local_processes(acc.num_processes), torch.get_num_threads(),
+                     cfg.num_workers)
         metrics, keys = MetricsLog(self.run_dir, acc), KeyLog(self.run_dir, acc.process_index, cfg.record_keys)
         metrics.truncate_after(self.step)
         keys.truncate_after(self.step)
@@ -177,7 +193,7 @@ class Trainer:
                     images_per_s=round(trained / wall, 2) if trained else 0.0,
                     skipped_samples=int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device),
                                                    "sum")),
-                    ranks_in_sync=self.ranks_in_sync(), attention=self.attention)
+                    ranks_in_sync=self.ranks_in_sync(), attention=self.attention, loader=self.loader)
 
     def ranks_in_sync(self) -> bool:
         """Gather a fingerprint of every rank's parameters and compare them."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable
 
-__all__ = ["Ranks", "join", "WAIT_HOURS"]
+__all__ = ["Ranks", "join", "usable_cores", "local_processes", "WAIT_HOURS"]
 
 WAIT_HOURS = 7 * 24  # how long ranks that finished wait in a barrier for the others (cells can run for days)
 
@@ -60,3 +60,17 @@ def join() -> Ranks:
             dist.destroy_process_group()
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.barrier,
                  finish)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def local_processes(world: int) -> int:
+    """Processes of this job on this machine: the launcher's LOCAL_WORLD_SIZE (torchrun, ``accelerate launch``),
+    else all ``world`` of them."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthvit.ranks import usable_cores
+
 log = logging.getLogger("synthvit.training")
 
 METRICS_LOG = "metrics.jsonl"  # one JSON record per logged step, in every training run folder
@@ -52,6 +54,22 @@ def set_attention(model: torch.nn.Module, mode: str, device) -> str:
         if isinstance(getattr(m, "fused_attn", None), bool):
             m.fused_attn = resolved == "sdpa"
     return resolved
+
+
+def resolve_loader(loader: str, num_workers: int, device: torch.device, processes_here: int) -> str:
+    """``main`` or ``workers`` for a config's ``loader`` (pretrain and finetune): ``auto`` loads in this process on a
+    CPU-only machine whose cores do not cover every local process's compute threads plus its ``num_workers`` loader
+    processes -- there a worker preempts a compute thread, which stalls the other threads at the next barrier (on 2
+    cores pretraining's loop overhead over a bare step was +32 % with two workers, +5 % in process: BENCHMARKS.md) --
+    and in worker processes elsewhere. Both loops give the same batches either way."""
+    if num_workers == 0:
+        return "main"
+    if loader != "auto":
+        return loader
+    if torch.device(device).type != "cpu":
+        return "workers"
+    need = processes_here * (torch.get_num_threads() + num_workers)
+    return "main" if need > usable_cores() else "workers"
 
 
 def cpu_has_bf16() -> bool:

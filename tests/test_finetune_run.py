@@ -53,6 +53,7 @@ def test_finetune_evaluate_predict_end_to_end(real_data, tmp_path, cli):
     assert len(metrics["classification"]["confusion_matrix"]) == 2
     assert metrics["speed"]["seconds_per_image"] > 0 and metrics["speed"]["peak_rss_mb"] > 0
     assert metrics["attention"] == "math"  # attention=auto on a CPU
+    assert metrics["loader"] == "main"  # num_workers=0
     split = (run / "split.csv").read_text().splitlines()
     assert split[0] == "id,split" and len(split) == 17
     assert sorted(p.name for p in (run / "export").iterdir()) == ["config.json", "model.safetensors",
@@ -309,7 +310,8 @@ def test_a_stopped_finetune_resumes_to_the_same_export_and_log(real_data, tmp_pa
     bad = cli("finetune", *common, f"out_dir={parts}", "optim.lr=0.5")
     assert bad.returncode != 0 and "optim.lr: 0.0001 -> 0.5" in bad.stderr and "resume=none" in bad.stderr
     assert (parts / "config.yaml").read_text() == config
-    res = cli("finetune", *common, f"out_dir={parts}", "num_workers=1")  # the loader's workers do not matter
+    # the loader's worker processes do not matter (loader=workers: auto would cut crops in process on 2 cores)
+    res = cli("finetune", *common, f"out_dir={parts}", "num_workers=1", "loader=workers")
     assert res.returncode == 0 and " 3/6 [" in res.stderr, res.stderr[-2000:]  # its bar starts at step 3
     assert not (parts / "checkpoints").exists()  # removed once the export is written
     a, b = export_tensors(whole / "export"), export_tensors(parts / "export")

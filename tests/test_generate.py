@@ -1,5 +1,6 @@
 import errno
 import glob
+import io
 import json
 import logging
 import os
@@ -286,3 +287,68 @@ def test_atomic_open_removes_partial_file(tmp_path):
             f.write(b"half")
             raise RuntimeError("crash")
     assert list(tmp_path.iterdir()) == []
+
+
+def _archive(fmt, members, compression=""):
+    """A tar archive in ``fmt`` holding ``members`` (name -> bytes) and a directory entry, as bytes."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compression}", format=fmt) as tar:
+        d = tarfile.TarInfo("a-directory")
+        d.type = tarfile.DIRTYPE
+        tar.addfile(d)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5  # a float mtime: a PAX record in PAX_FORMAT
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+class _Trickle(io.RawIOBase):
+    """A stream that returns at most 100 bytes per read, as a remote object may."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buf):
+        out = self.data[self.pos:self.pos + min(len(buf), 100)]
+        buf[:len(out)] = out
+        self.pos += len(out)
+        return len(out)
+
+
+@pytest.mark.parametrize("fmt", ["USTAR", "PAX", "GNU"])
+@pytest.mark.parametrize("compression", ["", "gz"])
+def test_tar_members_reads_what_tarfile_reads(fmt, compression):
+    """The ustar reader of the shard contract gives tarfile's regular members -- ustar prefixes, PAX paths, GNU long
+    names, a compressed archive (read by tarfile), a stream that trickles -- and skips directories."""
+    import tarfile
+
+    from generate.schema import tar_members
+
+    long = "d" * 60 + "/" + "e" * 80 + ".jpg"  # over 100 characters: prefix (ustar), path record (PAX), L (GNU)
+    members = {"00000000.jpg": b"\xff" * 700, "00000000.cls": b"3", long: bytes(range(256)) * 3, "empty.txt": b""}
+    data = _archive(getattr(tarfile, f"{fmt}_FORMAT"), members, compression)
+    assert list(tar_members(io.BytesIO(data))) == list(members.items())
+    assert list(tar_members(io.BufferedReader(_Trickle(data), 64))) == list(members.items())
+
+
+def test_tar_members_of_a_damaged_archive_raise_after_the_whole_members():
+    import tarfile
+
+    from generate.schema import tar_members
+
+    data = _archive(tarfile.USTAR_FORMAT, {"a.jpg": b"x" * 1000, "b.jpg": b"y" * 1000})
+    got = []
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        for member in tar_members(io.BytesIO(data[:512 * 5 + 100])):  # cut inside b.jpg's content
+            got.append(member)
+    assert got == [("a.jpg", b"x" * 1000)]
+    bad = bytearray(data)
+    bad[512 + 10] ^= 1  # a bit of a.jpg's name (its header follows the directory's, which has no content)
+    with pytest.raises(tarfile.ReadError, match="checksum|magic"):
+        list(tar_members(io.BytesIO(bytes(bad))))

@@ -17,8 +17,8 @@ def spec_for(folder, **kw) -> StreamSpec:
     return StreamSpec(**base)
 
 
-def take(spec, num_workers, n):
-    it = iter(make_loader(spec, num_workers))
+def take(spec, num_workers, n, in_process=False):
+    it = iter(make_loader(spec, num_workers, in_process=in_process))
     return [next(it) for _ in range(n)]
 
 
@@ -41,6 +41,33 @@ def test_stream_resumes_exactly_where_it_stopped(tiny_dataset, start):
     resumed = take(dataclasses.replace(spec, start_batch=start), 2, 24 - start)
     assert all(same(a, b) for a, b in zip(full[start:], resumed))
     assert not same(full[0], full[1])
+
+
+@pytest.mark.parametrize("start", [0, 9])
+def test_roles_decoded_in_process_give_the_batches_of_worker_processes(tiny_dataset, start):
+    """loader=main: the two roles of num_workers=2 in the training process -- the same batches, in the same order,
+    as two DataLoader workers (also when resuming mid-epoch), so the choice never changes what is learnt."""
+    spec = dataclasses.replace(spec_for(tiny_dataset), start_batch=start)
+    workers, main = take(spec, 2, 12), take(spec, 2, 12, in_process=True)
+    assert all(same(a, b) and a["skipped"] == b["skipped"] for a, b in zip(workers, main))
+    assert len({tuple(b["keys"]) for b in main}) == 12
+    one_role = take(dataclasses.replace(spec, workers=1, batches_per_epoch=batches_per_epoch(40, 4, 1, 1)), 0, 12)
+    assert not all(same(a, b) for a, b in zip(one_role, main))  # the role count, not the process count, matters
+
+
+def test_loader_auto_decodes_in_process_where_workers_would_share_the_compute_cores(monkeypatch):
+    from synthvit import training as loop
+
+    monkeypatch.setattr(loop, "usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert loop.resolve_loader("auto", 2, torch.device("cpu"), 1) == "main"  # 2 threads + 2 workers > 2 cores
+    assert loop.resolve_loader("auto", 2, torch.device("cuda"), 1) == "workers"  # workers beside an accelerator
+    assert loop.resolve_loader("workers", 2, torch.device("cpu"), 1) == "workers"
+    assert loop.resolve_loader("auto", 0, torch.device("cpu"), 1) == "main"
+    monkeypatch.setattr(loop, "usable_cores", lambda: 16)
+    assert loop.resolve_loader("auto", 2, torch.device("cpu"), 1) == "workers"  # 2 + 2 <= 16
+    assert loop.resolve_loader("auto", 2, torch.device("cpu"), 4) == "workers"  # 4 x (2 + 2) <= 16
+    assert loop.resolve_loader("auto", 2, torch.device("cpu"), 5) == "main"  # 5 x (2 + 2) > 16
 
 
 def test_ranks_read_disjoint_shards(tiny_dataset):

@@ -25,6 +25,7 @@ from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from synthvit.config import ConfigError, config_diff, dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text
 from synthvit.progress import progress_bar
+from synthvit.ranks import usable_cores
 
 CELL_CONFIG = "cell.yaml"  # a cell's resolved finetune config (the child's --config)
 PROBE_FILE = "probe.json"  # a model's cost, written by ``python -m compare.probe`` into its largest cell
@@ -215,14 +216,6 @@ def has_weights(folder: Path) -> bool:
 
 DOCTOR_DIR, DOCTOR_JSON = "doctor", "doctor.json"  # synthvit doctor's findings on the compare's data (finetune/doctor.py)
 CELL_MEMORY_GB = 3.0  # a cell's peak: ~2.3 GB resident evaluating 3840x2160 frames (BENCHMARKS.md), + its loader
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        return os.cpu_count() or 1
 
 
 def available_memory_gb() -> float | None:

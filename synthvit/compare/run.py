@@ -31,7 +31,6 @@ from synthvit.compare.matrix import (
     plan_cells,
     reference_cells,
     run_jobs,
-    usable_cores,
     zero_shot_reason,
 )
 from synthvit.compare.synthetic import plan_sets
@@ -40,7 +39,7 @@ from synthvit.data import has_defect, load_real_data, near_duplicates, pairs_rec
 from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.progress import progress_bar
-from synthvit.ranks import Ranks, join
+from synthvit.ranks import Ranks, join, usable_cores
 
 log = logging.getLogger("synthvit.compare")
 NEAR_DUPLICATES_FILE = "near_duplicates.json"  # the compare folder's list of train/test near-duplicates
