@@ -50,7 +50,7 @@ class Predictor:
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: autocast caches a weight's low-precision copy only outside it
     def __call__(self, image: np.ndarray) -> dict:
         frame = torch.from_numpy(np.array(image[..., None] if image.ndim == 2 else image)).permute(
             2, 0, 1).to(self.device)

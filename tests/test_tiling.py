@@ -114,3 +114,33 @@ def test_bf16_inference_is_close_to_fp32_and_fp32_is_exact():
     assert torch.allclose(probs["fp32"][:, :20, :20], exact[:, :20, :20], atol=1e-5)  # away from the blended band
     assert not torch.equal(probs["fp32"], probs["bf16"])  # the key changes the arithmetic...
     assert (probs["fp32"] - probs["bf16"]).abs().max() < 0.05  # ...within bf16's precision
+
+
+def test_bf16_tiling_casts_each_weight_once_per_frame_with_the_same_output():
+    """Under bf16 autocast a frame's weights are cast once, not once per batch of tiles (autocast's cast cache lives
+    for one region and never under inference_mode), and the output is what a region per batch gives."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 1)  # a weight of shape (5, 3, 1, 1): its casts are easy to count
+    frame = torch.rand(3, 200, 300)
+    tiler = Tiler(tile=64, overlap=0.1, batch_size=2)
+    assert tiler.num_tiles(200, 300) // 2 >= 5  # several batches
+
+    def casts_of_the_weight(prof):
+        return sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                   if e.key == "aten::_to_copy" and e.input_shapes and e.input_shapes[0] == [5, 3, 1, 1])
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = tiler(frame, lambda t: conv(t).float().softmax(1), 5, autocast_dtype=torch.bfloat16)
+    assert casts_of_the_weight(prof) == 1
+    by_batch = torch.zeros_like(out)  # the old way: an autocast region per batch, under inference_mode
+    with torch.inference_mode():
+        for positions, tiles in tiler.batches(frame):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = conv(tiles).float().softmax(1)
+            for (y, x), p in zip(positions, pred):
+                by_batch[:, y:y + 64, x:x + 64] += p * ramp_window(64, 6)[:, None] * ramp_window(64, 6)[None, :]
+    _, sum_y = tiler._axis_weights(200, "cpu")
+    _, sum_x = tiler._axis_weights(300, "cpu")
+    torch.testing.assert_close(out, by_batch / (sum_y[:, None] * sum_x[None, :]), rtol=0, atol=1e-6)
