@@ -495,6 +495,34 @@ def test_cpu_compare_runs_one_cell_per_core_within_memory_and_says_so(monkeypatc
     assert "3 cell(s) at once on 8 CPU core(s), 2 compute thread(s) each (parallel=3)" in capsys.readouterr().err
 
 
+def test_cpu_jobs_at_once_are_pinned_to_their_own_cores(tmp_path, monkeypatch):
+    """Cells x threads x loader processes never exceed the cores: each CPU job run at once gets its own cores."""
+    import os
+    import sys
+
+    from synthvit.compare.matrix import Job, core_shares, run_jobs
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("no process affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(7)))
+    assert core_shares(3) == [{0, 1, 2}, {3, 4}, {5, 6}] and core_shares(1) == [] and core_shares(8) == []
+    monkeypatch.undo()
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: nothing to share")
+    jobs = []
+    for k in range(2):
+        folder = tmp_path / f"job{k}"
+        folder.mkdir()
+        # reads its cores after a moment (it is pinned right after it starts), then marks itself done
+        code = (f"import json, os, time; time.sleep(0.5); open({str(folder / 'cores.json')!r}, 'w').write("
+                f"json.dumps(sorted(os.sched_getaffinity(0)))); open({str(folder / 'done')!r}, 'w').close()")
+        jobs.append(Job(f"job{k}", folder, [sys.executable, "-c", code], "done"))
+    assert run_jobs(jobs, [None, None], "test") == []
+    seen = [json.loads((job.folder / "cores.json").read_text()) for job in jobs]
+    assert sorted(c for s in seen for c in s) == cores and not set(seen[0]) & set(seen[1])
+
+
 def test_cpu_jobs_at_once_share_the_cores_unless_the_user_set_threads(monkeypatch):
     from synthvit.compare.matrix import child_env
 

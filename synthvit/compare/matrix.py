@@ -249,10 +249,31 @@ def child_env(gpu: int | None, cpu_jobs: int = 1) -> dict[str, str]:
     return env
 
 
+def core_shares(cpu_jobs: int) -> list[set[int]]:
+    """Disjoint sets of this process's cores, one per CPU job run at once (sizes differ by at most one); empty when
+    there is one job or the platform cannot pin processes to cores."""
+    if cpu_jobs <= 1 or not hasattr(os, "sched_setaffinity"):
+        return []
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < cpu_jobs:
+        return []
+    per, extra = divmod(len(cores), cpu_jobs)
+    shares, start = [], 0
+    for k in range(cpu_jobs):
+        size = per + (k < extra)
+        shares.append(set(cores[start:start + size]))
+        start += size
+    return shares
+
+
 def run_jobs(jobs: list[Job], slots: list[int | None], desc: str) -> list[Job]:
-    """Run the unfinished ``jobs``, one per slot at a time (a slot is a GPU index or None); returns failures."""
+    """Run the unfinished ``jobs``, one per slot at a time (a slot is a GPU index or None); returns failures. CPU
+    jobs run at once are each pinned to their own cores (:func:`core_shares`): their compute threads and loader
+    processes never compete with another job's, and a job's ``loader=auto`` sees the cores it really has."""
     todo = [j for j in jobs if not j.done]
     cpu_jobs = sum(s is None for s in slots)
+    shares = core_shares(cpu_jobs)
+    cpu_index = {slot: k for k, slot in enumerate(i for i, s in enumerate(slots) if s is None)}
     if len(todo) < len(jobs):
         print(f"{desc}: {len(jobs) - len(todo)} of {len(jobs)} already finished, skipped", file=sys.stderr)
     failed: list[Job] = []
@@ -269,6 +290,11 @@ def run_jobs(jobs: list[Job], slots: list[int | None], desc: str) -> list[Job]:
                         log.flush()
                         proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT,
                                                 env=child_env(slots[slot], cpu_jobs))
+                    if shares and slot in cpu_index:  # before the child starts its threads (torch's import)
+                        try:
+                            os.sched_setaffinity(proc.pid, shares[cpu_index[slot]])
+                        except OSError:  # it has already ended: its exit is read below
+                            pass
                     running[slot] = (job, proc, time.perf_counter())
             time.sleep(0.2)
             for slot, (job, proc, t0) in list(running.items()):

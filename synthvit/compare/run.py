@@ -59,7 +59,8 @@ def _slots(ranks: Ranks, parallel: int) -> list[int | None]:
     print(f"compare: {n} cell(s) at once on {cores} CPU core(s), {threads} compute thread(s) each"
           + (" (parallel=0: one cell per core, at most one per "
              f"{CELL_MEMORY_GB:g} GB of available memory)" if not parallel else f" (parallel={parallel})")
-          + "; each cell's loader workers take no compute threads", file=sys.stderr)
+          + ("; each pinned to its own core(s), where a cell's loader=auto cuts its crops in process unless its "
+             "cores cover its threads plus num_workers" if n > 1 and n <= cores else ""), file=sys.stderr)
     return [None] * n
 
 
