@@ -106,6 +106,9 @@ class FinetuneConfig:
     synthetic: list[str] = field(default_factory=list, metadata={
         "help": "synthvit shard folders or URLs mixed into every batch (e.g. the copypaste backend's defects in "
                 "your own frames); their classes map into the data's by name"})
+    synthetic_classes: list[str] = field(default_factory=list, metadata={
+        "help": "SYNTHETIC=REAL pairs for synthetic defect classes whose names the data lacks (e.g. [pit=pin-hole, "
+                "crack=open]): those classes train as the named real ones; the others still map by name"})
     synthetic_share: float = field(default=0.5, metadata={
         "help": "share of each batch drawn from the synthetic sets (round(share * batch_size) samples)"})
     seg_loss: SegLoss = field(default="ce+dice", metadata={"help": "ce+dice: Dice over defect classes added"})

@@ -170,7 +170,7 @@ def _synthetic(cfg: FinetuneConfig, data: RealData, test_ids: set[str]):
     class mapped."""
     if not cfg.synthetic:
         return None
-    pool = load_synthetic(cfg.synthetic, data, test_ids)
+    pool = load_synthetic(cfg.synthetic, data, test_ids, cfg.synthetic_classes)
     log.info("synthetic: %d samples of %d set(s) mixed in, %d of every %d samples per batch", len(pool),
              len(pool.records), round(cfg.synthetic_share * cfg.batch_size), cfg.batch_size)
     return pool
@@ -305,7 +305,7 @@ def run_calibrate(cfg: CalibrateRunConfig) -> Path:
     fcfg = dataclasses.replace(run.cfg, calibrate=CalibrateConfig(rule=cfg.rule, max_images=cfg.max_images,
                                                                      max_pixels=cfg.max_pixels))
     test_ids = {i for i, s in split.items() if s == "test"}
-    synthetic = load_synthetic(fcfg.synthetic, data, test_ids) if fcfg.synthetic else None  # its crops count too
+    synthetic = load_synthetic(fcfg.synthetic, data, test_ids, fcfg.synthetic_classes) if fcfg.synthetic else None  # its crops count too
     decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg, synthetic)
     write_export_meta(run.folder / EXPORT_DIR, dataclasses.replace(run.meta, decision=decision))
     log.info("calibrate: %s/%s holds the decision (%s); `synthvit evaluate checkpoint=%s` scores it",

@@ -53,19 +53,38 @@ def check_leak(source: str, used: dict[str, set[str]], data: RealData, test_ids:
     return mine
 
 
-def class_lut(names: list[str], real: list[str], folder: str) -> np.ndarray:
-    """Synthetic mask id -> real mask id (uint8 lookup table) from the class names (background first in both)."""
+def parse_class_pairs(pairs: list[str], key: str = "synthetic_classes") -> dict[str, str]:
+    """``["pit=pin-hole", ...]`` -> ``{"pit": "pin-hole"}``; a malformed or repeated pair is an error naming it."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, real = (part.strip() for part in str(pair).partition("="))
+        if not sep or not name or not real or name in out:
+            raise SynthvitError(f"{key}: {pair!r} is not a SYNTHETIC=REAL pair of class names"
+                                + (f" ({name} is given twice)" if name in out else "") + f"; e.g. {key}=[pit=pin-hole]")
+        out[name] = real
+    return out
+
+
+def class_lut(names: list[str], real: list[str], folder: str, pairs: dict[str, str] | None = None) -> np.ndarray:
+    """Synthetic mask id -> real mask id (uint8 lookup table) from the class names (background first in both):
+    ``pairs`` (synthetic name -> real name, ``synthetic_classes``) first, then equal names."""
+    pairs = pairs or {}
     lut = np.zeros(256, np.uint8)
+    unknown = [f"{n}={r}" for n, r in pairs.items() if r not in real[1:]]
+    if unknown:
+        raise SynthvitError(f"synthetic_classes: {', '.join(unknown)} name(s) no defect class of the real data "
+                            f"({', '.join(real[1:])})")
     if len(real) == 2:  # binary real masks: every synthetic defect class is "the" defect
         lut[1:len(names)] = 1
         return lut
-    missing = [n for n in names[1:] if n not in real[1:]]
+    missing = [n for n in names[1:] if n not in pairs and n not in real[1:]]
     if missing:
         raise SynthvitError(f"synthetic: {folder} has defect classes {', '.join(names[1:])}; the real data's are "
                             f"{', '.join(real[1:])}: {', '.join(missing)} match none of them by name. Generate the "
-                            f"set with the real classes (the copypaste backend keeps them), or use binary masks")
+                            f"set with the real classes (the copypaste backend keeps them), map them "
+                            f"(synthetic_classes=[{missing[0]}=<real class>, ...]), or use binary masks")
     for k, name in enumerate(names[1:], start=1):
-        lut[k] = real.index(name)
+        lut[k] = real.index(pairs.get(name, name))
     return lut
 
 
@@ -80,9 +99,11 @@ class SyntheticPool:
         return len(self.items)
 
 
-def load_synthetic(folders: list[str], data: RealData, test_ids: set[str]) -> SyntheticPool:
+def load_synthetic(folders: list[str], data: RealData, test_ids: set[str],
+                   class_pairs: list[str] | None = None) -> SyntheticPool:
     """The samples of ``folders`` for mixing into training on ``data``; every set checked for leakage and class
-    mapping before training starts."""
+    mapping (by name, after the ``class_pairs`` of ``synthetic_classes``) before training starts."""
+    pairs, paired = parse_class_pairs(class_pairs or []), set()
     if not data.has_masks:
         raise SynthvitError(f"synthetic: {data.root} has no masks; mixed batches train the dense head (task=seg)")
     pool = SyntheticPool()
@@ -97,10 +118,15 @@ def load_synthetic(folders: list[str], data: RealData, test_ids: set[str]) -> Sy
         syn = load_real_data(folder, "shards")
         if not syn.items:
             raise SynthvitError(f"synthetic: {folder} holds no samples")
-        lut = class_lut(syn.seg_classes, data.seg_classes, folder)
+        own = {n: r for n, r in pairs.items() if n in syn.seg_classes[1:]}  # the pairs naming this set's classes
+        paired |= own.keys()
+        lut = class_lut(syn.seg_classes, data.seg_classes, folder, own)
         pool.items += syn.items
         pool.luts += [lut] * len(syn.items)
         pool.records.append({"folder": str(folder), "samples": len(syn.items), "classes": syn.seg_classes,
                              "mapped_to": [data.seg_classes[lut[k]] for k in range(len(syn.seg_classes))],
                              "backend": info.generator.get("backend"), "real_ids": mine})
+    if pairs.keys() - paired:
+        raise SynthvitError(f"synthetic_classes: {', '.join(sorted(pairs.keys() - paired))} name(s) no defect class "
+                            f"of the synthetic sets ({', '.join(sorted({c for r in pool.records for c in r['classes'][1:]}))})")
     return pool

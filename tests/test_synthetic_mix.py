@@ -27,6 +27,33 @@ def test_class_lut_maps_by_name_or_onto_a_binary_defect():
         class_lut(["background", "crack", "open"], ["background", "open", "short", "spur"], "s")
 
 
+
+def test_synthetic_classes_pairs_map_what_names_cannot(real, tiny_dataset):
+    from finetune.synthetic import parse_class_pairs
+
+    multi = ["background", "open", "short", "spur"]
+    lut = class_lut(["background", "crack", "open", "pit"], multi, "s", {"crack": "short", "pit": "spur"})
+    assert lut.tolist()[:4] == [0, 2, 1, 3]  # pairs first, then equal names
+    # on binary real data a pair's target must be the defect class
+    assert class_lut(["background", "crack"], ["background", "defect"], "s", {"crack": "defect"}).tolist()[:2] == [0, 1]
+    with pytest.raises(SynthvitError, match=r"crack=bridge name\(s\) no defect class of the real data \(open, "
+                                            r"short, spur\)"):
+        class_lut(["background", "crack"], multi, "s", {"crack": "bridge"})
+    with pytest.raises(SynthvitError, match=r"map them \(synthetic_classes=\[pit=<real class>"):
+        class_lut(["background", "pit"], multi, "s", {})
+    assert parse_class_pairs(["pit = pin-hole", "crack=open"]) == {"pit": "pin-hole", "crack": "open"}
+    for bad in (["pit"], ["=open"], ["pit=a", "pit=b"]):
+        with pytest.raises(SynthvitError, match="not a SYNTHETIC=REAL pair"):
+            parse_class_pairs(bad)
+    data = load_real_data(real)  # binary; the tiny set's classes are procedural ones
+    names = read_info(tiny_dataset).class_names
+    pool = load_synthetic([str(tiny_dataset)], data, set(), [f"{names[1]}=defect"])
+    assert pool.records[0]["mapped_to"][1] == "defect"
+    with pytest.raises(SynthvitError, match=r"synthetic_classes: nothing name\(s\) no defect class of the synthetic "
+                                            r"sets \(" + ", ".join(sorted(names[1:]))):
+        load_synthetic([str(tiny_dataset)], data, set(), ["nothing=defect"])
+
+
 @pytest.fixture
 def real(tmp_path):
     return make_real_data(tmp_path / "real", 12, (48, 64), lambda rng: DEFECT)
