@@ -82,7 +82,7 @@ class PretrainConfig:
         "help": "where the num_workers roles decode: workers (that many DataLoader processes), main (this process, "
                 "round-robin: the same batches in the same order), auto (main on a CPU-only machine whose cores do "
                 "not cover the compute threads plus num_workers -- there worker processes preempt the compute "
-                "threads: loop overhead +32 % against +5 % on 2 cores, BENCHMARKS.md -- else workers)"})
+                "threads -- else workers)"})
     shuffle_buffer: int = 1000
     resample: bool = field(default=True, metadata={"help": "draw shards with replacement (false: one pass each)"})
     scale: list[float] = field(default_factory=lambda: [0.25, 1.0], metadata={"help": "random-resized-crop area"})

@@ -60,8 +60,8 @@ def resolve_loader(loader: str, num_workers: int, device: torch.device, processe
     """``main`` or ``workers`` for a config's ``loader`` (pretrain and finetune): ``auto`` loads in this process on a
     CPU-only machine whose cores do not cover every local process's compute threads plus its ``num_workers`` loader
     processes -- there a worker preempts a compute thread, which stalls the other threads at the next barrier (on 2
-    cores pretraining's loop overhead over a bare step was +32 % with two workers, +5 % in process: BENCHMARKS.md) --
-    and in worker processes elsewhere. Both loops give the same batches either way."""
+    cores, ViT-Tiny pretraining at 64 px: loop overhead +30-38 % in process against +36-51 % with two workers in
+    three runs; BENCHMARKS.md) -- and in worker processes elsewhere. Both loops give the same batches either way."""
     if num_workers == 0:
         return "main"
     if loader != "auto":
