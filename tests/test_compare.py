@@ -327,12 +327,12 @@ def test_defective_budgets_set_defective_limit_in_their_own_folders(tmp_path):
     assert trees["vit/d00009/s0"]["defective_limit"] == 0  # all of them
 
 
-def _finish(cell, defect: float, auroc: float) -> None:
+def _finish(cell, defect: float, auroc: float, ap: float = 0.4) -> None:
     """Fake a finished cell: metrics.json and the export's config.json."""
     iou = {"background": 0.9, "crack": defect, "pit": defect / 2}
     metrics = {"images": 4, "model_name": cell.spec.model, "task": "seg", "steps": 0 if cell.zero_shot else 500, "train_images": cell.budget,
                "train_wall_s": 0.0 if cell.zero_shot else 10.0 + cell.seed, "parameters": 5_000_000,
-               "pixel": {"iou": iou, "miou": sum(iou.values()) / 3, "mdice": 0.5, "defect_ap": 0.4},
+               "pixel": {"iou": iou, "miou": sum(iou.values()) / 3, "mdice": 0.5, "defect_ap": ap},
                "image": {"auroc": auroc, "ap": 0.7}}
     (cell.folder / "metrics.json").write_text(json.dumps(metrics))
     (cell.folder / "export").mkdir()
@@ -435,10 +435,60 @@ def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):
     assert "| syn | zero-shot | 1 (seed-independent) |" in md
     assert series(loaded)["defect IoU"]["syn"][0][0] == "zero-shot"
     lines = difference_lines(loaded)
-    assert [ln.split(",")[0] for ln in lines] == ["syn vs vit (synthetic-pretrained vs scratch)"] * 2 + [
+    assert [ln.split(",")[0] for ln in lines] == [
+        "syn vs vit (synthetic-pretrained vs scratch)", "syn: the share of vit's gap to cnn it closes"] * 2 + [
         "vit vs cnn (ViT vs CNN)"] * 2 + ["syn vs cnn (ViT vs CNN)"] * 2
     assert "**syn higher**" in lines[0] and "image AUROC 0.8050 vs 0.8050: within noise" in lines[0]
-    assert "2 vs 1 seeds" in lines[2] and "cannot be told from noise (one seed)" in lines[2]
+    assert "2 vs 1 seeds" in lines[4] and "cannot be told from noise (one seed)" in lines[4]
+    # budget 5, defect IoU 0.75 x (base + seed noise + 0.005): vit 0.2325, syn 0.3825, cnn 0.24375 (seed 0 only)
+    assert lines[1].endswith("5 train images (seed means): defect IoU +1333 % of 0.0113, pixel AP no gap "
+                             "(0.4000 vs 0.4000)")
+
+
+def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_much_gap_they_close(tmp_path):
+    """A row mixing synthetic sets is tested against its own model without them (never across models), its
+    backend named in results.csv and the trade-off table, and its share of the scratch ViT's gap to the scratch
+    CNN stated on the seed means."""
+    from synthvit.compare.config import CompareConfig, ModelSpec
+    from synthvit.compare.matrix import plan_cells, reference_cells
+    from synthvit.compare.report import Report
+    from synthvit.compare.results import load_rows
+    from synthvit.compare.tables import difference_lines, tradeoff_table
+
+    cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5], seeds=[0, 1, 2], models=[
+        ModelSpec(name="vit", model="vit_tiny_patch16_224"),
+        ModelSpec(name="vit-cp", model="vit_tiny_patch16_224", synthetic="configs/generate/copypaste-cell.yaml"),
+        ModelSpec(name="cnn", model="deeplabv3plus_resnet50"),
+        ModelSpec(name="cnn-cp", model="deeplabv3plus_resnet50", synthetic="configs/generate/copypaste-cell.yaml")])
+    cells = plan_cells(cfg, n_train=14)
+    iou = {"vit": 0.30, "vit-cp": 0.32, "cnn": 0.34, "cnn-cp": 0.30}  # defect IoU: 0.75 x these
+    ap = {"vit": 0.10, "vit-cp": 0.20, "cnn": 0.50, "cnn-cp": 0.55}
+    for c in cells:
+        if c.spec.name == "cnn-cp" and c.seed == 2:
+            continue  # never ran: named from its row's generate config
+        _finish(c, iou[c.spec.name] + 0.01 * c.seed, 0.8, ap[c.spec.name] + 0.01 * c.seed)
+        if c.spec.synthetic:
+            (c.folder / "synthetic.json").write_text(json.dumps({"share": 0.5, "sets": [
+                {"folder": "runs/x/synthetic/copypaste-cell/n00005/shards", "backend": "copypaste"}]}))
+    rows = load_rows(cells, reference_cells(cells))
+    assert {(r.name, r.seed): r.synthetic for r in rows if r.synthetic} == {
+        ("vit-cp", 0): "copypaste", ("vit-cp", 1): "copypaste", ("vit-cp", 2): "copypaste",
+        ("cnn-cp", 0): "copypaste", ("cnn-cp", 1): "copypaste", ("cnn-cp", 2): "copypaste-cell"}
+    lines = difference_lines(rows)
+    heads = [ln.split(":")[0] for ln in lines]
+    assert heads[:3] == ["vit-cp vs vit (mixed synthetic vs real only), 5 train images, 3 vs 3 seeds", "vit-cp",
+                         "cnn-cp vs cnn (mixed synthetic vs real only), 5 train images, 2 vs 3 seeds"]
+    assert "vit-cp vs cnn-cp (mixed" not in " ".join(lines) and "cnn-cp:" not in " ".join(heads)
+    assert "defect IoU 0.2475 vs 0.2325: within noise" in lines[0] and "**vit-cp higher** by 0.1000" in lines[0]
+    # against the scratch CNN: half the IoU gap (0.015 of 0.030), a quarter of the AP gap (0.10 of 0.40); the
+    # mixed CNN is no scratch CNN to close a gap to: its own line says what the CNN row is behind or ahead of
+    assert lines[1].endswith("the share of vit's gap to cnn it closes, 5 train images (seed means): "
+                             "defect IoU +50 % of 0.0300, pixel AP +25 % of 0.4000")
+    assert "the share of vit's gap to cnn-cp" not in " ".join(lines)
+    md = Report("t")
+    md.add("table", tradeoff_table(rows, {}, "96x64"))
+    assert "| vit-cp | scratch + mixed copypaste | seg |" in md.markdown()
+    assert "| vit | scratch | seg |" in md.markdown()
 
 
 def test_mean_std_and_the_two_std_noise_rule():

@@ -64,8 +64,9 @@ def differences(rows: list[Row], report: Report) -> None:
     if lines:
         report.add("ul", lines)
     else:
-        report.add("p", "No pair to compare: no synthetic-pretrained model with a scratch model of its "
-                        "architecture, and no ViT beside a CNN, finished a budget together.")
+        report.add("p", "No pair to compare: no model mixing synthetic sets beside the same model without them, no "
+                        "synthetic-pretrained model with a scratch model of its architecture, and no ViT beside a "
+                        "CNN, finished a budget together.")
 
 
 def _analysis(cfg: CompareConfig, references: dict[str, Cell], test_items, out: Path, report: Report) -> dict:

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from finetune.artifacts import EXPORT_DIR, read_metrics
+from finetune.synthetic import SYNTHETIC_FILE
 from synthvit.compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
 from synthvit.compare.report import read_json
 from synthvit.io import atomic_write_text
@@ -30,6 +31,7 @@ class Row:
     model: str  # the finetune model (timm name or segmentation baseline)
     family: str  # vit (ViTs and conv-stem hybrids) or cnn
     init: str  # the pretrain export it started from ("": scratch)
+    synthetic: str  # the backends of the synthetic sets mixed into its batches, "+"-joined ("": real data only)
     decoder: str | None  # the effective dense decoder of a timm model; None for the CNN segmentation baselines
     task: str
     budget: int | str  # train images, or "zero-shot"
@@ -86,6 +88,16 @@ def defect_iou(iou: dict | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def mixed_in(cell: Cell) -> str:
+    """What the cell mixed into its batches: the backends its ``synthetic.json`` records (a finished or started
+    run), else the stem of its row's ``synthetic`` generate config (a cell that never started), else ""."""
+    record = read_json(cell.folder / SYNTHETIC_FILE) or {}
+    sets = record.get("sets") if isinstance(record, dict) else None
+    if sets:
+        return "+".join(dict.fromkeys(str(s.get("backend") or Path(str(s.get("folder", "?"))).name) for s in sets))
+    return Path(cell.spec.synthetic).stem if cell.spec.synthetic else ""
+
+
 def cell_row(cell: Cell, probe: dict) -> Row:
     m = read_metrics(cell.folder)
     planned = yaml.safe_load((cell.folder / CELL_CONFIG).read_text()) if (cell.folder / CELL_CONFIG).is_file() else {}
@@ -95,7 +107,7 @@ def cell_row(cell: Cell, probe: dict) -> Row:
     argmax = pixel.get("argmax") or pixel  # metrics of synthvit <= 0.1.0 hold argmax figures only
     params = probe.get("parameters", m and m.parameters)
     return Row(name=cell.spec.name, model=cell.spec.model, family=model_family(cell.spec.model),
-               init=cell.spec.init, decoder=export and export.decoder, task=m.task if m else planned.get("task", ""),
+               init=cell.spec.init, synthetic=mixed_in(cell), decoder=export and export.decoder, task=m.task if m else planned.get("task", ""),
                budget=cell.label, seed=cell.seed, status="done" if m else "failed",
                steps=m.steps if m else planned.get("steps"),
                train_images=m and m.train_images, miou=pixel.get("miou"), defect_iou=defect_iou(pixel.get("iou")),

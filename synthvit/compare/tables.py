@@ -22,6 +22,9 @@ PROBE_COSTS = [("params M", "params_m", False), ("GFLOPs/512 tile", "gflops_per_
                ("{frame} inference peak MB", "inference_peak_mb", False)]
 # what the differences section tests, and the data-efficiency plot's panels
 COMPARED = [("defect IoU", "defect_iou"), ("mIoU", "miou"), ("pixel AP", "pixel_ap"), ("image AUROC", "image_auroc")]
+# the share of a scratch ViT's gap to a scratch CNN that synthetic data closes, on these
+GAP_METRICS = [("defect IoU", "defect_iou"), ("pixel AP", "pixel_ap")]
+MIXED, PRETRAINED = "mixed synthetic vs real only", "synthetic-pretrained vs scratch"
 
 
 def budget_order(budget: int | str) -> int:
@@ -60,7 +63,8 @@ def tradeoff_table(rows: list[Row], agreement: dict[str, Agreement], frame: str)
     body = []
     for name, rs in largest(rows).items():
         first, look = rs[0], agreement.get(name)
-        body.append([name, "synthetic" if first.init else "scratch", first.task, first.decoder, first.budget,
+        init = ("synthetic" if first.init else "scratch") + (f" + mixed {first.synthetic}" if first.synthetic else "")
+        body.append([name, init, first.task, first.decoder, first.budget,
                      len(rs)] + [summary(rs, a) for _, a in METRICS] + [summary(rs, a) for _, a, _ in TRAIN_COSTS]
                     + [getattr(first, a) for _, a, _ in PROBE_COSTS]
                     + [look.auroc if look else None, look.mass if look else None])
@@ -99,20 +103,41 @@ def series(rows: list[Row]) -> dict[str, dict[str, list[tuple[int | str, float, 
 
 
 def compared_pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
-    """(a, b, why): each synthetic-pretrained model against each scratch model of the same architecture, then
-    each ViT against each CNN."""
+    """(a, b, why): each model with synthetic sets mixed into its batches against the same model, init and no
+    sets; each synthetic-pretrained model against each scratch model of the same architecture mixing the same;
+    then each ViT against each CNN."""
     info = {r.name: r for r in rows}
     names = list(dict.fromkeys(r.name for r in rows if not r.zero_shot))
-    pairs = [(a, b, "synthetic-pretrained vs scratch") for a in names if info[a].init
-             for b in names if not info[b].init and info[b].model == info[a].model]
-    return pairs + [(a, b, "ViT vs CNN") for a in names if info[a].family == "vit"
-                    for b in names if info[b].family == "cnn"]
+    mixed = [(a, b, MIXED) for a in names if info[a].synthetic
+             for b in names if not info[b].synthetic and (info[b].model, info[b].init) == (info[a].model, info[a].init)]
+    pretrained = [(a, b, PRETRAINED) for a in names if info[a].init
+                  for b in names if not info[b].init and info[b].model == info[a].model
+                  and info[b].synthetic == info[a].synthetic]
+    return mixed + pretrained + [(a, b, "ViT vs CNN") for a in names if info[a].family == "vit"
+                                 for b in names if info[b].family == "cnn"]
+
+
+def gap_closed(a: list[Row], b: list[Row], cnn: list[Row]) -> str:
+    """How much of scratch ViT ``b``'s gap to CNN ``cnn`` synthetic ViT ``a`` closes, on the seed means of
+    :data:`GAP_METRICS`: (a - b) / (cnn - b), where the CNN is ahead."""
+    parts = []
+    for metric, attr in GAP_METRICS:
+        sa, sb, sc = summary(a, attr), summary(b, attr), summary(cnn, attr)
+        if not (sa and sb and sc):
+            continue
+        gap = sc.mean - sb.mean
+        parts.append(f"{metric} {100 * (sa.mean - sb.mean) / gap:+.0f} % of {gap:.4f}" if gap > 0 else
+                     f"{metric} no gap ({sb.mean:.4f} vs {sc.mean:.4f})")
+    return ", ".join(parts)
 
 
 def difference_lines(rows: list[Row]) -> list[str]:
     """One line per compared pair and train budget that both models finished: each of :data:`COMPARED` that both
-    have, as :meth:`Difference.text` words it."""
+    have, as :meth:`Difference.text` words it; for a synthetic ViT against its scratch ViT, also the share of the
+    scratch ViT's gap to each scratch CNN (no init, no mixed sets) of that budget that it closes."""
     by_cell, lines = groups(rows), []
+    info = {r.name: r for r in rows}
+    cnns = [n for n, r in info.items() if r.family == "cnn" and not r.init and not r.synthetic]
     for a, b, why in compared_pairs(rows):
         for name, budget in by_cell:
             if name != a or isinstance(budget, str) or (b, budget) not in by_cell:
@@ -123,4 +148,11 @@ def difference_lines(rows: list[Row]) -> list[str]:
             if parts:
                 seeds = f"{sum(r.done for r in ra)} vs {sum(r.done for r in rb)} seeds"
                 lines.append(f"{a} vs {b} ({why}), {budget} train images, {seeds}: " + "; ".join(parts))
+            if why == "ViT vs CNN" or info[a].family != "vit":
+                continue
+            for c in cnns:
+                closed = gap_closed(ra, rb, by_cell.get((c, budget), []))
+                if closed:
+                    lines.append(f"{a}: the share of {b}'s gap to {c} it closes, {budget} train images (seed "
+                                 f"means): {closed}")
     return lines
