@@ -167,7 +167,7 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
     rows = load_rows(cells, references)
     write_results(rows, out / RESULTS_FILE)
     looks, agreement = _looks(cfg, references, test_items, out)
-    report = Report("synthvit compare: ViT or CNN, and does synthetic pretraining pay?")
+    report = Report("synthvit compare: ViT or CNN, and does synthetic data pay?")
     report.add("p", data_note)
     _doctor_section(out, report)
     report.add("h2", "Trade-offs (each model at its largest budget)")
