@@ -453,7 +453,7 @@ def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_mu
     from synthvit.compare.matrix import plan_cells, reference_cells
     from synthvit.compare.report import Report
     from synthvit.compare.results import load_rows
-    from synthvit.compare.tables import difference_lines, tradeoff_table
+    from synthvit.compare.tables import budget_unit_text, difference_lines, tradeoff_table
 
     cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5], seeds=[0, 1, 2], models=[
         ModelSpec(name="vit", model="vit_tiny_patch16_224"),
@@ -489,6 +489,12 @@ def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_mu
     md.add("table", tradeoff_table(rows, {}, "96x64"))
     assert "| vit-cp | scratch + mixed copypaste | seg |" in md.markdown()
     assert "| vit | scratch | seg |" in md.markdown()
+    unit = budget_unit_text("defective")  # budgets that count defective train images say so
+    assert difference_lines(rows, unit)[1].startswith("vit-cp: the share of vit's gap to cnn it closes, 5 defective "
+                                                      "train images (seed means)")
+    md = Report("t")
+    md.add("table", tradeoff_table(rows, {}, "96x64", unit))
+    assert "| model | init | task | decoder | defective train images | seeds |" in md.markdown()
 
 
 def test_mean_std_and_the_two_std_noise_rule():

@@ -12,7 +12,7 @@ from synthvit.compare.matrix import CELL_CONFIG, DOCTOR_DIR, Cell, reference_cel
 from synthvit.compare.report import Report, Table, environment, read_json
 from synthvit.compare.results import RESULTS_FILE, Row, load_rows, write_results
 from synthvit.compare.stats import NO_SEEDS, NOISE_RULE
-from synthvit.compare.tables import cells_table, difference_lines, groups, series, tradeoff_table
+from synthvit.compare.tables import budget_unit_text, cells_table, difference_lines, groups, series, tradeoff_table
 from synthvit.config import dump_yaml
 
 log = logging.getLogger("synthvit.compare")
@@ -55,9 +55,9 @@ def decision_note(rows: list[Row]) -> str:
             "p(defect) > 0.5; pixel AP is threshold-free. The differences below use the decision's figures.")
 
 
-def differences(rows: list[Row], report: Report) -> None:
+def differences(rows: list[Row], report: Report, unit: str = "train images") -> None:
     report.add("h2", "Differences")
-    lines = difference_lines(rows)
+    lines = difference_lines(rows, unit)
     one_seed = all(sum(r.done for r in rs) <= 1 for (_, budget), rs in groups(rows).items() if budget != ZERO_SHOT)
     report.add("p", NOISE_RULE + (" " + NO_SEEDS if one_seed else ""))
     report.add("p", decision_note(rows))
@@ -176,8 +176,9 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
                     f"{cfg.probe_size} frame (median of {cfg.probe_repeats}); training peak memory is the training "
                     "process's (CUDA allocated on GPU, resident set on CPU). Decoder: the dense head of a timm "
                     "model (— for the CNN segmentation baselines, which bring their own).")
-    report.add("table", tradeoff_table(rows, agreement, cfg.probe_size))
-    differences(rows, report)
+    unit = budget_unit_text(cfg.budget_unit)
+    report.add("table", tradeoff_table(rows, agreement, cfg.probe_size, unit))
+    differences(rows, report, unit)
     report.add("h2", "Equal budgets")
     report.add("p", budget_text(cfg))
     report.add("h2", "Data efficiency")
@@ -186,7 +187,7 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
     report.add("img", "data_efficiency.png", "metric against the number of real training images")
     report.add("h2", "Every cell")
     report.add("p", f"Mean ± std over seeds; `{RESULTS_FILE}` beside this report holds one row per cell and seed.")
-    report.add("table", cells_table(rows))
+    report.add("table", cells_table(rows, unit))
     report.blocks += looks.blocks
     report.add("h2", "Machine and versions")
     report.add("table", Table(["", "value"], environment(), [None, None]))

@@ -56,8 +56,14 @@ def largest(rows: list[Row]) -> dict[str, list[Row]]:
     return best
 
 
-def tradeoff_table(rows: list[Row], agreement: dict[str, Agreement], frame: str) -> Table:
-    header = ["model", "init", "task", "decoder", "train images", "seeds"] + [c for c, _ in METRICS] + [
+def budget_unit_text(budget_unit: str) -> str:
+    """What a budget counts, for the report: ``train images`` or ``defective train images``."""
+    return "defective train images" if budget_unit == "defective" else "train images"
+
+
+def tradeoff_table(rows: list[Row], agreement: dict[str, Agreement], frame: str,
+                   unit: str = "train images") -> Table:
+    header = ["model", "init", "task", "decoder", unit, "seeds"] + [c for c, _ in METRICS] + [
         c for c, _, _ in TRAIN_COSTS] + [c.format(frame=frame) for c, _, _ in PROBE_COSTS] + [
         "saliency AUROC", "saliency in mask"]
     body = []
@@ -80,8 +86,8 @@ def _seeds_text(rs: list[Row]) -> str:
     return text + (f"; FAILED: seed {', '.join(failed)} (see log.txt)" if failed else "")
 
 
-def cells_table(rows: list[Row]) -> Table:
-    header = ["model", "train images", "seeds"] + [c for c, _ in METRICS] + ["train s", "folder"]
+def cells_table(rows: list[Row], unit: str = "train images") -> Table:
+    header = ["model", unit, "seeds"] + [c for c, _ in METRICS] + ["train s", "folder"]
     body = []
     for (name, budget), rs in groups(rows).items():
         folder = Path(rs[0].folder) if rs[0].zero_shot else Path(rs[0].folder).parent
@@ -131,7 +137,7 @@ def gap_closed(a: list[Row], b: list[Row], cnn: list[Row]) -> str:
     return ", ".join(parts)
 
 
-def difference_lines(rows: list[Row]) -> list[str]:
+def difference_lines(rows: list[Row], unit: str = "train images") -> list[str]:
     """One line per compared pair and train budget that both models finished: each of :data:`COMPARED` that both
     have, as :meth:`Difference.text` words it; for a synthetic ViT against its scratch ViT, also the share of the
     scratch ViT's gap to each scratch CNN (no init, no mixed sets) of that budget that it closes."""
@@ -147,12 +153,12 @@ def difference_lines(rows: list[Row]) -> list[str]:
             parts = [Difference(sa, sb).text(metric, a, b) for metric, sa, sb in tested if sa and sb]
             if parts:
                 seeds = f"{sum(r.done for r in ra)} vs {sum(r.done for r in rb)} seeds"
-                lines.append(f"{a} vs {b} ({why}), {budget} train images, {seeds}: " + "; ".join(parts))
+                lines.append(f"{a} vs {b} ({why}), {budget} {unit}, {seeds}: " + "; ".join(parts))
             if why == "ViT vs CNN" or info[a].family != "vit":
                 continue
             for c in cnns:
                 closed = gap_closed(ra, rb, by_cell.get((c, budget), []))
                 if closed:
-                    lines.append(f"{a}: the share of {b}'s gap to {c} it closes, {budget} train images (seed "
+                    lines.append(f"{a}: the share of {b}'s gap to {c} it closes, {budget} {unit} (seed "
                                  f"means): {closed}")
     return lines
