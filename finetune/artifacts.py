@@ -40,9 +40,11 @@ from synthvit.training import METRICS_LOG
 SPLIT_FILE = "split.csv"
 NEAR_DUPLICATES_FILE = "near_duplicates.json"
 METRICS_FILE = "metrics.json"
+SYNTHETIC_FILE = "synthetic.json"  # the synthetic sets a run mixed into its batches (finetune.synthetic)
 # Keys that run folders of synthvit <= 0.1.0 hold in config.yaml although finetune never read them
 RETIRED_KEYS = ("optim.accum_steps", "optim.lr_base_batch", "optim.lr_scale")
 __all__ = ["CONFIG_FILE", "SPLIT_FILE", "NEAR_DUPLICATES_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE",
+           "SYNTHETIC_FILE",
            "FinetuneRun", "RunMetrics", "MetricsFileError", "build_model", "load_run", "objective_of", "read_metrics",
            "read_split", "write_metrics"]
 

@@ -20,6 +20,7 @@ from finetune.artifacts import (
     METRICS_FILE,
     NEAR_DUPLICATES_FILE,
     SPLIT_FILE,
+    SYNTHETIC_FILE,
     RunMetrics,
     build_model,
     load_run,
@@ -31,7 +32,7 @@ from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig,
 from finetune.doctor import ADVICE_FILE, apply_advice, examine
 from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
-from finetune.synthetic import SYNTHETIC_FILE, check_leak, load_synthetic
+from finetune.synthetic import check_leak, load_synthetic
 from finetune.train import check_resumable, train
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume

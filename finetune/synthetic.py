@@ -26,7 +26,6 @@ from synthvit.io import SynthvitError
 log = logging.getLogger("synthvit.finetune")
 
 SHOWN = 10
-SYNTHETIC_FILE = "synthetic.json"  # in the run folder: the sets a run mixed in
 
 
 class LeakError(SynthvitError):

@@ -14,8 +14,7 @@ import timm
 import torch
 import yaml
 
-from finetune.artifacts import EXPORT_DIR, read_metrics
-from finetune.synthetic import SYNTHETIC_FILE
+from finetune.artifacts import EXPORT_DIR, SYNTHETIC_FILE, read_metrics
 from synthvit.compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
 from synthvit.compare.report import read_json
 from synthvit.io import atomic_write_text
