@@ -26,13 +26,18 @@ from test_pretrain_data import same, spec_for, take
 KILL_RUN = dict(num_samples=1200, samples_per_shard=20, image_size=256, num_workers=2, preview=0)  # 60 shards
 
 
-def objects(s3, prefix: str) -> dict[str, bytes]:
+def object_paths(s3, prefix: str) -> list[str]:
+    """The objects under ``prefix`` as the server lists them now (no cached listing)."""
     fs = s3.filesystem()
     try:
-        names = fs.ls(f"{s3.bucket}/{prefix}")
+        return [p for p in fs.ls(f"{s3.bucket}/{prefix}", refresh=True) if not p.endswith("/")]
     except FileNotFoundError:
-        return {}
-    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in names if not p.endswith("/")}
+        return []
+
+
+def objects(s3, prefix: str) -> dict[str, bytes]:
+    fs = s3.filesystem()
+    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in object_paths(s3, prefix)}
 
 
 def upload(s3, folder: Path, prefix: str) -> str:
@@ -67,7 +72,7 @@ def started(out_url: str, s3, prefix: str, log: Path, **extra) -> subprocess.Pop
         proc = subprocess.Popen(args, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
-    while sum(n.endswith(".tar") for n in objects(s3, prefix)) < 3:
+    while sum(n.endswith(".tar") for n in object_paths(s3, prefix)) < 3:  # a listing: a poll must stay short
         assert proc.poll() is None, log.read_text()[-2000:]
         assert time.monotonic() < deadline, "no shard uploaded in 180 s"
         time.sleep(0.1)
