@@ -441,7 +441,7 @@ def test_results_csv_has_a_row_per_cell_and_seed_and_tables_read_rows(tmp_path):
     assert "**syn higher**" in lines[0] and "image AUROC 0.8050 vs 0.8050: within noise" in lines[0]
     assert "2 vs 1 seeds" in lines[4] and "cannot be told from noise (one seed)" in lines[4]
     # budget 5, defect IoU 0.75 x (base + seed noise + 0.005): vit 0.2325, syn 0.3825, cnn 0.24375 (seed 0 only)
-    assert lines[1].endswith("5 train images (seed means): defect IoU +1333 % of 0.0113, pixel AP no gap "
+    assert lines[1].endswith("5 train images (seed means): defect IoU +1333 % of 0.0113 (past the CNN), pixel AP no gap "
                              "(0.4000 vs 0.4000)")
 
 
@@ -453,7 +453,7 @@ def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_mu
     from synthvit.compare.matrix import plan_cells, reference_cells
     from synthvit.compare.report import Report
     from synthvit.compare.results import load_rows
-    from synthvit.compare.tables import budget_unit_text, difference_lines, tradeoff_table
+    from synthvit.compare.tables import budget_unit_text, difference_lines, gap_closed, tradeoff_table
 
     cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5], seeds=[0, 1, 2], models=[
         ModelSpec(name="vit", model="vit_tiny_patch16_224"),
@@ -485,6 +485,9 @@ def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_mu
     assert lines[1].endswith("the share of vit's gap to cnn it closes, 5 train images (seed means): "
                              "defect IoU +50 % of 0.0300, pixel AP +25 % of 0.4000")
     assert "the share of vit's gap to cnn-cp" not in " ".join(lines)
+    of = {n: [r for r in rows if r.name == n] for n in ("vit", "vit-cp", "cnn")}  # a ViT that widens the gap
+    assert gap_closed(of["vit"], of["vit-cp"], of["cnn"]) == ("defect IoU -100 % of 0.0150 (wider), "
+                                                              "pixel AP -33 % of 0.3000 (wider)")
     md = Report("t")
     md.add("table", tradeoff_table(rows, {}, "96x64"))
     assert "| vit-cp | scratch + mixed copypaste | seg |" in md.markdown()

@@ -132,8 +132,12 @@ def gap_closed(a: list[Row], b: list[Row], cnn: list[Row]) -> str:
         if not (sa and sb and sc):
             continue
         gap = sc.mean - sb.mean
-        parts.append(f"{metric} {100 * (sa.mean - sb.mean) / gap:+.0f} % of {gap:.4f}" if gap > 0 else
-                     f"{metric} no gap ({sb.mean:.4f} vs {sc.mean:.4f})")
+        if gap <= 0:
+            parts.append(f"{metric} no gap ({sb.mean:.4f} vs {sc.mean:.4f})")
+            continue
+        share = (sa.mean - sb.mean) / gap
+        parts.append(f"{metric} {100 * share:+.0f} % of {gap:.4f}" + (" (past the CNN)" if share > 1 else
+                                                                        " (wider)" if share < 0 else ""))
     return ", ".join(parts)
 
 
