@@ -26,9 +26,9 @@ from test_pretrain_data import same, spec_for, take
 KILL_RUN = dict(num_samples=1200, samples_per_shard=20, image_size=256, num_workers=2, preview=0)  # 60 shards
 
 
-def object_paths(s3, prefix: str) -> list[str]:
+def object_paths(s3, prefix: str, fs=None) -> list[str]:
     """The objects under ``prefix`` as the server lists them now (no cached listing)."""
-    fs = s3.filesystem()
+    fs = fs or s3.filesystem()
     try:
         return [p for p in fs.ls(f"{s3.bucket}/{prefix}", refresh=True) if not p.endswith("/")]
     except FileNotFoundError:
@@ -37,7 +37,7 @@ def object_paths(s3, prefix: str) -> list[str]:
 
 def objects(s3, prefix: str) -> dict[str, bytes]:
     fs = s3.filesystem()
-    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in object_paths(s3, prefix)}
+    return {p.rsplit("/", 1)[-1]: fs.cat_file(p) for p in object_paths(s3, prefix, fs)}
 
 
 def upload(s3, folder: Path, prefix: str) -> str:

@@ -93,7 +93,7 @@ def mixed_in(cell: Cell) -> str:
     record = read_json(cell.folder / SYNTHETIC_FILE) or {}
     sets = record.get("sets") if isinstance(record, dict) else None
     if sets:
-        return "+".join(dict.fromkeys(str(s.get("backend") or Path(str(s.get("folder", "?"))).name) for s in sets))
+        return "+".join(dict.fromkeys(s.get("backend") or Path(s["folder"]).name for s in sets))
     return Path(cell.spec.synthetic).stem if cell.spec.synthetic else ""
 
 
@@ -106,7 +106,8 @@ def cell_row(cell: Cell, probe: dict) -> Row:
     argmax = pixel.get("argmax") or pixel  # metrics of synthvit <= 0.1.0 hold argmax figures only
     params = probe.get("parameters", m and m.parameters)
     return Row(name=cell.spec.name, model=cell.spec.model, family=model_family(cell.spec.model),
-               init=cell.spec.init, synthetic=mixed_in(cell), decoder=export and export.decoder, task=m.task if m else planned.get("task", ""),
+               init=cell.spec.init, synthetic=mixed_in(cell), decoder=export and export.decoder,
+               task=m.task if m else planned.get("task", ""),
                budget=cell.label, seed=cell.seed, status="done" if m else "failed",
                steps=m.steps if m else planned.get("steps"),
                train_images=m and m.train_images, miou=pixel.get("miou"), defect_iou=defect_iou(pixel.get("iou")),

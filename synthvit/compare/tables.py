@@ -108,17 +108,22 @@ def series(rows: list[Row]) -> dict[str, dict[str, list[tuple[int | str, float, 
     return out
 
 
+def by_name(rows: list[Row]) -> dict[str, Row]:
+    """A row of each model (its last): what the pairings read of a model (model, init, family, synthetic)."""
+    return {r.name: r for r in rows}
+
+
 def compared_pairs(rows: list[Row]) -> list[tuple[str, str, str]]:
     """(a, b, why): each model with synthetic sets mixed into its batches against the same model, init and no
     sets; each synthetic-pretrained model against each scratch model of the same architecture mixing the same;
     then each ViT against each CNN."""
-    info = {r.name: r for r in rows}
+    info = by_name(rows)
     names = list(dict.fromkeys(r.name for r in rows if not r.zero_shot))
     mixed = [(a, b, MIXED) for a in names if info[a].synthetic
              for b in names if not info[b].synthetic and (info[b].model, info[b].init) == (info[a].model, info[a].init)]
     pretrained = [(a, b, PRETRAINED) for a in names if info[a].init
                   for b in names if not info[b].init and info[b].model == info[a].model
-                  and info[b].synthetic == info[a].synthetic]
+                  and bool(info[b].synthetic) == bool(info[a].synthetic)]
     return mixed + pretrained + [(a, b, "ViT vs CNN") for a in names if info[a].family == "vit"
                                  for b in names if info[b].family == "cnn"]
 
@@ -146,7 +151,7 @@ def difference_lines(rows: list[Row], unit: str = "train images") -> list[str]:
     have, as :meth:`Difference.text` words it; for a synthetic ViT against its scratch ViT, also the share of the
     scratch ViT's gap to each scratch CNN (no init, no mixed sets) of that budget that it closes."""
     by_cell, lines = groups(rows), []
-    info = {r.name: r for r in rows}
+    info = by_name(rows)
     cnns = [n for n, r in info.items() if r.family == "cnn" and not r.init and not r.synthetic]
     for a, b, why in compared_pairs(rows):
         for name, budget in by_cell:
