@@ -1,6 +1,7 @@
 """synthvit compare: CKA estimator properties, saliency maps, and a tiny 2 models x 2 budgets matrix end to end."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -454,6 +455,7 @@ def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_mu
     from synthvit.compare.report import Report
     from synthvit.compare.results import load_rows
     from synthvit.compare.tables import budget_unit_text, difference_lines, gap_closed, tradeoff_table
+    from synthvit.io import SynthvitError
 
     cfg = CompareConfig(data="data", out_dir=str(tmp_path), budgets=[5], seeds=[0, 1, 2], models=[
         ModelSpec(name="vit", model="vit_tiny_patch16_224"),
@@ -488,6 +490,14 @@ def test_mixed_rows_are_compared_with_the_same_model_without_sets_and_say_how_mu
     of = {n: [r for r in rows if r.name == n] for n in ("vit", "vit-cp", "cnn")}  # a ViT that widens the gap
     assert gap_closed(of["vit"], of["vit-cp"], of["cnn"]) == ("defect IoU -100 % of 0.0150 (wider), "
                                                               "pixel AP -33 % of 0.3000 (wider)")
+    for bad, says in (("{\"sets\": [", "not a readable JSON record"), ('{"sets": 3}', "key 'sets' is 3")):
+        cell = next(c for c in cells if c.spec.name == "vit-cp")  # a damaged record names itself and what to do
+        record = cell.folder / "synthetic.json"
+        kept, _ = record.read_text(), record.write_text(bad)
+        with pytest.raises(SynthvitError, match=f"{re.escape(str(record))}: {re.escape(says)}.*remove "
+                                                f"{re.escape(str(cell.folder))}"):
+            load_rows(cells, reference_cells(cells))
+        record.write_text(kept)
     md = Report("t")
     md.add("table", tradeoff_table(rows, {}, "96x64"))
     assert "| vit-cp | scratch + mixed copypaste | seg |" in md.markdown()

@@ -17,7 +17,7 @@ import yaml
 from finetune.artifacts import EXPORT_DIR, SYNTHETIC_FILE, read_metrics
 from synthvit.compare.matrix import CELL_CONFIG, PROBE_FILE, Cell
 from synthvit.compare.report import read_json
-from synthvit.io import atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.models import EXPORT_CONFIG, SEG_BASELINES, ExportMeta, is_vit_backbone
 
 RESULTS_FILE = "results.csv"
@@ -90,8 +90,17 @@ def defect_iou(iou: dict | None) -> float | None:
 def mixed_in(cell: Cell) -> str:
     """What the cell mixed into its batches: the backends its ``synthetic.json`` records (a finished or started
     run), else the stem of its row's ``synthetic`` generate config (a cell that never started), else ""."""
-    record = read_json(cell.folder / SYNTHETIC_FILE) or {}
+    path = cell.folder / SYNTHETIC_FILE
+    try:
+        record = read_json(path) or {}
+    except (ValueError, OSError) as e:
+        raise SynthvitError(f"{path}: not a readable JSON record ({e}); remove {cell.folder} to run the cell "
+                            f"again") from e
     sets = record.get("sets") if isinstance(record, dict) else None
+    if sets is not None and not (isinstance(sets, list) and all(isinstance(s, dict) and "folder" in s
+                                                                 for s in sets)):
+        raise SynthvitError(f"{path}: key 'sets' is {sets!r:.200}; expected a list of objects with a 'folder' "
+                            f"(finetune writes it); remove {cell.folder} to run the cell again")
     if sets:
         return "+".join(dict.fromkeys(s.get("backend") or Path(s["folder"]).name for s in sets))
     return Path(cell.spec.synthetic).stem if cell.spec.synthetic else ""
