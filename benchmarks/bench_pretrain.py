@@ -13,14 +13,19 @@
 
     python benchmarks/bench_pretrain.py [--data shards/demo] [--model vit_tiny_patch16_224] [--size 64]
                                         [--batch 64] [--steps 60] [--workers 2] [--loaders workers,main]
+
+``--profile-stream`` does none of that: it times one loader role's stream in this process and prints cProfile's
+own time per function over as many batches again -- where a sample's data time goes.
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
 import io
 import json
 import os
 import platform
+import pstats
 import subprocess
 import sys
 import tarfile
@@ -98,12 +103,34 @@ def tar_member_rates(data: str, rounds: int = 5) -> tuple[float, float]:
     return best["tarfile"], best["tar_members"]
 
 
-def pipeline_rate(data: str, size: int, batch: int, batches: int) -> tuple[float, float]:
+def one_role_stream(data: str, size: int, batch: int):
+    """Pretrain's stream of one loader role in this process (no IPC), its first batch taken; and the sources."""
     sources, _ = load_sources([data], [], [])
     spec = StreamSpec(sources, batch, size, 3, (0.25, 1.0), 0.2, False, 0, 0, 1, 1, True, 1000,
                       batches_per_epoch(sources[0].num_samples, batch, 1, 1))
-    it = iter(make_loader(spec, 0))  # in this process: one worker's work, no IPC
+    it = iter(make_loader(spec, 0))
     next(it)
+    return it, sources
+
+
+def profile_stream(data: str, size: int, batch: int, batches: int = 20, top: int = 15) -> None:
+    """Samples/s of one role's stream, then cProfile's own time per function over as many batches again."""
+    it, _ = one_role_stream(data, size, batch)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    print(f"one role's stream, unprofiled: {batches * batch / (time.perf_counter() - t):,.0f} samples/s")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(batches):
+        next(it)
+    prof.disable()
+    print(f"cProfile over {batches * batch} samples (its own overhead included), by own time:")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
+def pipeline_rate(data: str, size: int, batch: int, batches: int) -> tuple[float, float]:
+    it, sources = one_role_stream(data, size, batch)  # in this process: one worker's work, no IPC
     t = time.perf_counter()
     for _ in range(batches):
         next(it)
@@ -163,6 +190,8 @@ def main(argv=None) -> None:
     ap.add_argument("--loaders", default="workers,main", help="loader choices to time side by side")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each rate keeps its best")
     ap.add_argument("--precision", default="auto", help="the loop's precision (and the bare step's): auto, no, bf16")
+    ap.add_argument("--profile-stream", action="store_true",
+                    help="only profile one loader role's stream (where a sample's data time goes), then stop")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
         data = args.data
@@ -172,6 +201,8 @@ def main(argv=None) -> None:
                                     num_workers=2, preview=0))
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+        if args.profile_stream:
+            return profile_stream(data, args.size, args.batch)
         print(f"\n1. loop overhead: {args.model} at {args.size}px, batch {args.batch}, {args.steps} steps, "
               f"num_workers {args.workers}, precision {args.precision} "
               f"({resolve_precision(args.precision)})")
