@@ -83,6 +83,10 @@ class PretrainConfig:
                 "round-robin: the same batches in the same order), auto (main on a CPU-only machine whose cores do "
                 "not cover the compute threads plus num_workers -- there worker processes preempt the compute "
                 "threads -- else workers)"})
+    cache_mb: int = field(default=1024, metadata={
+        "help": "samples kept in memory per loader role, MB: each shard read whole and cleanly, with the images "
+                "decoded from it, so later epochs neither read nor decode them again (the same batches; BENCHMARKS.md); "
+                "0: off"})
     shuffle_buffer: int = 1000
     resample: bool = field(default=True, metadata={"help": "draw shards with replacement (false: one pass each)"})
     scale: list[float] = field(default_factory=lambda: [0.25, 1.0], metadata={"help": "random-resized-crop area"})
@@ -112,8 +116,9 @@ class PretrainConfig:
         if self.data_weights and (len(self.data_weights) != len(self.data) or min(self.data_weights) <= 0):
             raise ConfigError(f"data_weights: {self.data_weights} needs one positive weight per data folder "
                               f"({len(self.data)})")
-        if self.steps < 1 or self.batch_size < 1 or self.image_size < 16 or self.num_workers < 0:
-            raise ConfigError("steps >= 1, batch_size >= 1, image_size >= 16 and num_workers >= 0 required")
+        if self.steps < 1 or self.batch_size < 1 or self.image_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
+            raise ConfigError("steps >= 1, batch_size >= 1, image_size >= 16, num_workers >= 0 and cache_mb >= 0 "
+                              "required")
         if self.mix.active and self.batch_size % 2:
             raise ConfigError(f"batch_size: {self.batch_size} is odd; CutMix pairs each image with another in the "
                               f"batch and needs an even per-process batch (or set mix.prob=0)")

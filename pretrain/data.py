@@ -99,6 +99,7 @@ class StreamSpec:
     shuffle_buffer: int
     batches_per_epoch: int  # per rank, a multiple of workers
     start_batch: int = 0  # batches this rank had consumed before (resume)
+    cache_bytes: int = 0  # per role: samples kept in memory across epochs (``SampleCache``; 0: off)
 
     @property
     def slots(self) -> int:
@@ -135,11 +136,59 @@ class SkipCounter:
         return True
 
 
-def tar_samples(handler):
+class SampleCache:
+    """One loader role's samples kept in memory across epochs, up to ``budget`` bytes.
+
+    A shard enters whole or not at all: its samples are collected as they stream by and kept only if the shard was
+    read to its end without a skip (a damaged shard is read, and counted, again every epoch, as without the cache)
+    and its bytes fit. Each kept sample also keeps the images decoded from it (``decoded``, keyed by mode and the
+    JPEG's DCT scale: exactly what decoding it again would give), charged to the same budget. Nothing is evicted: an
+    epoch visits every shard, so evicting would only trade one miss for another. A cached shard is yielded as the
+    very dicts first read, so a later epoch's batches are the uncached ones, byte for byte.
+
+    On a CPU with no core to spare for loading, reading the tar and decoding its JPEGs is most of a sample's data
+    time (BENCHMARKS.md); a set that fits is then read and decoded once per run instead of once per epoch.
+    """
+
+    def __init__(self, budget: int):
+        self.budget, self.used = budget, 0
+        self.shards: dict[str, list[dict]] = {}
+
+    def charge(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        return True
+
+    def through(self, src, read, skipped: SkipCounter):
+        """Samples of the shards named by ``src`` (``{"url": ...}`` dicts): from memory, or ``read`` one shard at a
+        time (``read(iterable of one source)`` -> samples) and keep it when it was whole and fits."""
+        for source in src:
+            url = source["url"]
+            if url in self.shards:
+                yield from self.shards[url]
+                continue
+            kept, size, errors = [], 0, skipped.count
+            for sample in read([source]):
+                if kept is not None:
+                    size += sum(len(v) for v in sample.values() if isinstance(v, bytes))
+                    if self.used + size <= self.budget:
+                        kept.append(sample)
+                    else:
+                        kept = None
+                yield sample
+            if kept is not None and skipped.count == errors and self.charge(size):
+                for sample in kept:  # the very dicts yielded: those still waiting to be decoded get a memo too
+                    sample["__decoded__"] = {}
+                self.shards[url] = kept
+
+
+def tar_samples(handler, cache: SampleCache | None = None):
     """``webdataset.tarfile_to_samples`` with synthvit's opener -- local files as webdataset opens them, remote
     objects through :func:`synthvit.storage.open_stream` (fsspec, retried with backoff, resumed at the byte
     reached) -- and :func:`generate.schema.tar_members` for Python's ``tarfile`` (~4x less time per member). An error
-    that outlives the retries, or a damaged archive, reaches ``handler``: the rest of that shard is skipped, counted."""
+    that outlives the retries, or a damaged archive, reaches ``handler``: the rest of that shard is skipped, counted.
+    With ``cache`` (and ``handler`` a :class:`SkipCounter`), shards read whole before come from memory."""
     def opened(src):
         stream = None
         try:
@@ -171,9 +220,9 @@ def tar_samples(handler):
                     raise
             yield {}  # the end of a shard: no sample spans two
 
-    def stage(src):
+    def read(src):
         return wds.tariterators.group_by_keys(expand(opened(src)), handler=handler)
-    return stage
+    return read if cache is None else lambda src: cache.through(src, read, handler)
 
 
 def _shard_urls(spec: StreamSpec, slot: int, epoch: int):
@@ -191,10 +240,14 @@ def _shard_urls(spec: StreamSpec, slot: int, epoch: int):
             yield {"url": url}
 
 
-def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generator, spec: StreamSpec):
+def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generator, spec: StreamSpec,
+            decoded: dict | None = None, charge=None):
     """Random resized crop at the model size, 90-degree rotations and flips; the mask gets the same crop
     (nearest), rotation and flip. Brightness/contrast jitter factors are drawn here and applied batch-wise on the
     device (``jitter_batch``). JPEGs are decoded at the smallest DCT scale that still covers the crop.
+
+    ``decoded`` (a cached sample's memo) holds the image already decoded at a (mode, DCT scale) and the mask; what
+    is missing is decoded and kept there when ``charge(nbytes)`` allows.
 
     Returns uint8 (C, S, S), uint8 (S, S) or None, and (contrast, brightness).
     """
@@ -209,7 +262,8 @@ def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generat
         image.draft(mode, (math.ceil(W * size[0] / w), math.ceil(H * size[1] / h)))
     fx, fy = image.size[0] / W, image.size[1] / H
     box = (x0 * fx, y0 * fy, (x0 + w) * fx, (y0 + h) * fy)
-    arr = np.asarray(image.convert(mode).resize(size, Image.BILINEAR, box=box))
+    arr = np.asarray(_decoded(decoded, (mode, image.size), image.convert, mode, charge).resize(
+        size, Image.BILINEAR, box=box))
     k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
     jitter = (1 + rng.uniform(-spec.jitter, spec.jitter), 1 + rng.uniform(-spec.jitter, spec.jitter)) \
         if spec.jitter else (1.0, 1.0)
@@ -218,8 +272,21 @@ def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generat
     arr = np.ascontiguousarray(arr[:, :, ::-1] if flip else arr)
     if mask is None:
         return arr, None, jitter
+    mask = _decoded(decoded, "mask", mask.copy, None, charge) if decoded is not None else mask
     m = np.rot90(np.asarray(mask.resize(size, Image.NEAREST, box=mask_box)), k)
     return arr, np.ascontiguousarray(m[:, ::-1] if flip else m), jitter
+
+
+def _decoded(memo: dict | None, key, decode, arg, charge) -> Image.Image:
+    """``memo[key]``, or ``decode(arg)`` (``decode()`` when ``arg`` is None), kept in ``memo`` if ``charge`` allows."""
+    if memo is not None and key in memo:
+        return memo[key]
+    image = decode() if arg is None else decode(arg)
+    if memo is not None:
+        image.load()
+        if charge(image.width * image.height * len(image.getbands())):
+            memo[key] = image
+    return image
 
 
 def jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -230,14 +297,15 @@ def jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return x.sub_(mean).mul_(c).add_(mean * b).clamp_(0, 255)
 
 
-def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator, class_maps: dict[str, np.ndarray]) -> dict:
+def _decode(sample: dict, spec: StreamSpec, rng: np.random.Generator, class_maps: dict[str, np.ndarray],
+            cache: SampleCache | None = None) -> dict:
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None or CLS_KEY not in sample or (spec.with_mask and MASK_KEY not in sample):
         raise SynthvitError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks jpg|png, cls or "
                             f"mask.png")
     with Image.open(io.BytesIO(sample[key])) as im:
         mask = Image.open(io.BytesIO(sample[MASK_KEY])) if spec.with_mask else None
-        image, m, jitter = augment(im, mask, rng, spec)
+        image, m, jitter = augment(im, mask, rng, spec, sample.get("__decoded__"), cache and cache.charge)
     cls, lut = int(sample[CLS_KEY]), class_maps.get(sample["__url__"])
     if lut is not None:  # a dataset mixed over a union of classes: its ids -> the run's
         cls, m = int(lut[cls]), (lut[m] if m is not None else None)
@@ -275,23 +343,25 @@ class TrainStream(torch.utils.data.IterableDataset):
         epoch, within = divmod(spec.start_batch, spec.batches_per_epoch)
         done = max(0, math.ceil((within - role) / spec.workers))  # batches this role served in the epoch
         skipped = SkipCounter()
+        cache = SampleCache(spec.cache_bytes) if spec.cache_bytes > 0 else None
         while True:
             if per_role > done:  # with_epoch(0) would mean "no limit"
-                yield from self._epoch(slot, role, epoch, done, per_role - done, skipped)
+                yield from self._epoch(slot, role, epoch, done, per_role - done, skipped, cache)
             epoch, done = epoch + 1, 0
 
-    def _epoch(self, slot: int, role: int, epoch: int, skip_batches: int, num_batches: int, skipped: SkipCounter):
+    def _epoch(self, slot: int, role: int, epoch: int, skip_batches: int, num_batches: int, skipped: SkipCounter,
+               cache: SampleCache | None = None):
         spec = self.spec
         counter = iter(range(skip_batches * spec.batch_size, 1 << 62))
         maps = {u: np.asarray(s.class_map, np.uint8) for s in spec.sources if s.class_map for u in s.urls}
         pipeline = wds.DataPipeline(
             lambda: _shard_urls(spec, slot, epoch),
-            tar_samples(skipped),
+            tar_samples(skipped, cache),
             wds.shuffle(spec.shuffle_buffer, min(spec.shuffle_buffer, 100),
                         rng=random.Random(f"synthvit-shuffle/{spec.seed}/{epoch}/{slot}")),
             lambda src: islice(src, skip_batches * spec.batch_size, None),  # resume: skip before decoding
-            wds.map(lambda s: _decode(s, spec, np.random.default_rng((spec.seed, epoch, slot, next(counter))), maps),
-                    handler=skipped),
+            wds.map(lambda s: _decode(s, spec, np.random.default_rng((spec.seed, epoch, slot, next(counter))), maps,
+                                      cache), handler=skipped),
             wds.batched(spec.batch_size, collation_fn=lambda b: _collate(b, skipped, role), partial=False),
         )
         return pipeline.with_epoch(num_batches)

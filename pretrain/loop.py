@@ -145,7 +145,7 @@ class Trainer:
                           Heads.parse(cfg.objective).has_seg, cfg.seed, acc.process_index, acc.num_processes, workers,
                           cfg.resample, cfg.shuffle_buffer,
                           batches_per_epoch(total, cfg.batch_size, acc.num_processes, workers),
-                          start_batch=self.step * cfg.optim.accum_steps)
+                          start_batch=self.step * cfg.optim.accum_steps, cache_bytes=cfg.cache_mb << 20)
         self.loader = resolve_loader(cfg.loader, cfg.num_workers, acc.device, local_processes(acc.num_processes))
         batches = iter(make_loader(spec, cfg.num_workers, in_process=self.loader == "main"))
         if cfg.loader == "auto" and cfg.num_workers and acc.is_main_process:

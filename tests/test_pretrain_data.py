@@ -79,14 +79,48 @@ def test_ranks_read_disjoint_shards(tiny_dataset):
     assert shards[0] and shards[1] and not shards[0] & shards[1]
 
 
-def test_corrupt_shard_is_skipped_and_counted(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
+def test_corrupt_shard_is_skipped_and_counted(tiny_dataset, tmp_path, cache_bytes):
+    """A damaged shard is skipped and counted every epoch, with or without the sample cache (never kept in it)."""
     ds = tmp_path / "ds"
     shutil.copytree(tiny_dataset, ds)
     victim = ds / "synthvit-000002.tar"
     victim.write_bytes(victim.read_bytes()[:3000])  # truncated mid-sample
-    batches = take(spec_for(ds, resample=False, workers=1, batches_per_epoch=20), 0, 20)
-    assert len(batches) == 20 and batches[-1]["skipped"][1] >= 1
+    spec = spec_for(ds, resample=False, workers=1, batches_per_epoch=8)  # 4 good shards: 8 batches of 4
+    batches = take(dataclasses.replace(spec, cache_bytes=cache_bytes), 0, 24)
+    skips = [b["skipped"][1] for b in batches]
+    assert skips[0] >= 1 and skips[-1] >= skips[7] + 2  # counted again in every later pass
     assert {k.split("/")[0] for b in batches for k in b["keys"]} >= {"synthvit-000000.tar", "synthvit-000004.tar"}
+    if cache_bytes:
+        plain = take(spec, 0, 24)
+        assert all(same(a, b) and a["skipped"] == b["skipped"] for a, b in zip(batches, plain))
+
+
+def test_sample_cache_reads_and_decodes_each_sample_once_and_keeps_the_batches(tiny_dataset, monkeypatch):
+    """cache_bytes: after the first epoch a role's shards come from memory, their images already decoded -- and the
+    batches are those of the uncached stream, byte for byte (two roles in process, three epochs, masks). A budget
+    too small for one shard caches nothing and changes nothing."""
+    from PIL import Image
+
+    from pretrain import data
+
+    opens, converts = [], []
+    real_open, real_convert = data.open_stream, Image.Image.convert
+    monkeypatch.setattr(data, "open_stream", lambda url: opens.append(url) or real_open(url))
+    monkeypatch.setattr(Image.Image, "convert", lambda im, *a, **k: converts.append(1) or real_convert(im, *a, **k))
+    spec = spec_for(tiny_dataset)  # 40 samples in 5 shards, 2 roles: 10 batches of 4 an epoch
+    runs = {}
+    for budget in (0, 1 << 30, 1000):
+        opens.clear(), converts.clear()
+        runs[budget] = (take(dataclasses.replace(spec, cache_bytes=budget), 2, 30, in_process=True),
+                        len(opens), len(converts))
+    plain, cached, tiny = runs[0], runs[1 << 30], runs[1000]
+    assert all(same(a, b) and a["skipped"] == b["skipped"] for a, b in zip(plain[0], cached[0]))
+    assert all(same(a, b) for a, b in zip(plain[0], tiny[0]))
+    assert plain[1] >= 15 and plain[2] >= 120  # 3 epochs: every sample decoded each time it is drawn
+    # each sample decoded at most once; a shard opened again only where an epoch ended inside it (kept only whole)
+    assert cached[1] <= 10 < plain[1] and cached[2] <= 40, cached[1:]
+    assert tiny[1:] == plain[1:]
 
 
 def test_bad_sources(tiny_dataset, tmp_path):

@@ -60,6 +60,26 @@ def test_bad_tiler_arguments():
         Tiler(overlap=0.6)
     with pytest.raises(ValueError, match="tile"):
         Tiler(tile=4)
+    with pytest.raises(ValueError, match="batch_size: -1"):
+        Tiler(batch_size=-1)
+
+
+def test_auto_tile_batch_fills_half_a_megapixel_and_keeps_the_output():
+    """batch_size=0: small tiles go in batches of 0.5 Mpx, large ones in 8 (never fewer); what is predicted per
+    pixel does not depend on how the tiles were batched."""
+    assert [Tiler(tile=t).batch_size for t in (64, 128, 256, 512, 1024)] == [128, 32, 8, 8, 8]
+    assert Tiler(tile=128, batch_size=5).batch_size == 5
+    g = torch.Generator().manual_seed(0)
+    frame = torch.randint(0, 256, (3, 700, 1300), dtype=torch.uint8, generator=g)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    seen = []
+
+    def predict(t):
+        seen.append(len(t))
+        return conv(t / 255)
+    auto = Tiler(tile=128, overlap=0.1)(frame, predict, num_outputs=2)
+    assert max(seen) == 32 and sum(seen) == Tiler(tile=128).num_tiles(700, 1300) > 32
+    assert torch.allclose(auto, Tiler(tile=128, overlap=0.1, batch_size=8)(frame, predict, num_outputs=2), atol=1e-6)
 
 
 def test_8k_frame_is_processed_one_batch_of_tiles_at_a_time():
