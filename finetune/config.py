@@ -22,8 +22,8 @@ class TilingConfig:
     tile: int = field(default=0, metadata={"help": "tile size for full-resolution inference (0: crop_size)"})
     overlap: float = 0.1
     batch_size: int = field(default=0, metadata={
-        "help": "tiles per batch (0: auto, at least 8 and as many as make 0.5 Mpx: 32 tiles of 128 px, 1.15-1.2x "
-                "faster 4K inference on a CPU than 8, BENCHMARKS.md)"})
+        "help": "tiles per batch (0: auto -- a ViT or hybrid at least 8 and as many as make 0.5 Mpx, 32 tiles of 128 "
+                "px: 1.16x faster 4K inference on a 2-core CPU than 8; a CNN 8, where 32 were slower; BENCHMARKS.md)"})
     precision: InferencePrecision = field(default="auto", metadata={
         "help": "inference arithmetic: auto (bf16 autocast on CUDA and on CPUs with native bf16, avx512_bf16 or AMX: "
                 "1.4-1.7x faster tiled inference on such a CPU, BENCHMARKS.md; else fp32), bf16 or fp32"})

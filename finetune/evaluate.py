@@ -24,11 +24,11 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
-from finetune.tiling import Tiler, inference_dtype
+from finetune.tiling import Tiler, auto_tile_batch, inference_dtype
 from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from synthvit.models import ExportMeta, class_map, meta_stats
-from synthvit.training import peak_memory_mb, set_attention
+from synthvit.training import has_attention, peak_memory_mb, set_attention
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
 
@@ -37,7 +37,8 @@ class Predictor:
     """Full-resolution inference of one model on uint8 frames: tiled segmentation, whole-image classification."""
 
     def __init__(self, model, meta: ExportMeta, device, tiling):
-        self.tiler = Tiler(tiling.tile or meta.img_size, tiling.overlap, tiling.batch_size)
+        tile = tiling.tile or meta.img_size
+        self.tiler = Tiler(tile, tiling.overlap, tiling.batch_size or auto_tile_batch(tile, has_attention(model)))
         check_input_size(model, self.tiler.tile)
         if self.tiler.tile != meta.img_size:  # a ViT resamples its position embeddings: on its own copy
             model = copy.deepcopy(model)

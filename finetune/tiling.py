@@ -60,28 +60,28 @@ AUTO_BATCH_PIXELS = 1 << 19  # 0.5 Mpx: 32 tiles of 128 px, 8 of 256 or 512 (the
 MIN_AUTO_BATCH = 8
 
 
-def auto_tile_batch(tile: int) -> int:
-    """Tiles per batch for ``batch_size=0``: at least 8, and as many as make 0.5 Mpx. Small tiles in batches of 8
-    leave a CPU's matmuls small (ViT-Tiny at 128 px: 8 x 65 tokens) and pay the per-batch call overhead ~80 times a
-    4K frame; 32 of them ran a 4K frame 1.15-1.2x faster at two threads (BENCHMARKS.md). Tiles of 256 px and more
-    keep 8, the memory they always had."""
-    return max(MIN_AUTO_BATCH, AUTO_BATCH_PIXELS // (tile * tile))
+def auto_tile_batch(tile: int, attention: bool) -> int:
+    """Tiles per batch for ``tiling.batch_size=0``: a model with attention blocks (a ViT, a hybrid) takes at least 8
+    and as many as make 0.5 Mpx, others 8. Small tiles in batches of 8 leave a ViT's matmuls small on a CPU
+    (ViT-Tiny at 128 px: 8 x 65 tokens) and pay the per-batch call overhead ~80 times a 4K frame: 32 of them ran
+    ViT-Tiny 1.16x faster at two threads; a CNN's convolutions are large already, and DeepLabV3+ in batches of 32
+    ran 0.75x in fp32 (BENCHMARKS.md). Tiles of 256 px and more keep 8, the memory they always had."""
+    return max(MIN_AUTO_BATCH, AUTO_BATCH_PIXELS // (tile * tile)) if attention else MIN_AUTO_BATCH
 
 
 @dataclass
 class Tiler:
     tile: int = 512
     overlap: float = 0.1
-    batch_size: int = 0  # tiles per batch; 0: auto_tile_batch(tile)
+    batch_size: int = 8
 
     def __post_init__(self):
         if self.tile < 8:
             raise ValueError(f"tile: {self.tile} is too small; use >= 8 px")
         if not 0.0 <= self.overlap < 0.5:
             raise ValueError(f"overlap: {self.overlap} must be in [0, 0.5)")
-        if self.batch_size < 0:
-            raise ValueError(f"batch_size: {self.batch_size} must be >= 1 (or 0: auto)")
-        self.batch_size = self.batch_size or auto_tile_batch(self.tile)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size} must be >= 1")
 
     def grid(self, height: int, width: int) -> list[tuple[int, int]]:
         """(y, x) of every tile, row by row (for a frame already padded to at least one tile)."""

@@ -24,7 +24,7 @@ from synthvit import checkpoint
 from synthvit.io import SynthvitError
 from synthvit.models import Heads, save_tensors
 from synthvit.progress import progress_bar
-from synthvit.ranks import local_processes, usable_cores
+from synthvit.ranks import available_memory_gb, local_processes, usable_cores
 from synthvit.training import (
     MetricsLog,
     build_adamw,
@@ -38,6 +38,17 @@ from synthvit.training import (
 
 log = logging.getLogger("synthvit.pretrain")
 EMA_FILE = "ema.safetensors"
+
+
+def cache_budget(cache_mb: int, roles: int, processes: int) -> int:
+    """Bytes each loader role may keep in its sample cache: ``cache_mb``, and all the roles of all this machine's
+    processes together at most a quarter of its available memory (a node of 8 ranks x 8 workers is not handed
+    64 GB by default)."""
+    if cache_mb <= 0:
+        return 0
+    memory = available_memory_gb()
+    share = int(memory * 2**30) // (4 * roles * processes) if memory is not None else cache_mb << 20
+    return min(cache_mb << 20, share)
 
 
 def scaled_lr(optim_cfg, global_batch: int) -> float:
@@ -145,7 +156,9 @@ class Trainer:
                           Heads.parse(cfg.objective).has_seg, cfg.seed, acc.process_index, acc.num_processes, workers,
                           cfg.resample, cfg.shuffle_buffer,
                           batches_per_epoch(total, cfg.batch_size, acc.num_processes, workers),
-                          start_batch=self.step * cfg.optim.accum_steps, cache_bytes=cfg.cache_mb << 20)
+                          start_batch=self.step * cfg.optim.accum_steps,
+                          cache_bytes=cache_budget(cfg.cache_mb, workers, local_processes(acc.num_processes)))
+        self.cache_mb = spec.cache_bytes >> 20
         self.loader = resolve_loader(cfg.loader, cfg.num_workers, acc.device, local_processes(acc.num_processes))
         batches = iter(make_loader(spec, cfg.num_workers, in_process=self.loader == "main"))
         if cfg.loader == "auto" and cfg.num_workers and acc.is_main_process:
@@ -193,7 +206,8 @@ class Trainer:
                     images_per_s=round(trained / wall, 2) if trained else 0.0,
                     skipped_samples=int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device),
                                                    "sum")),
-                    ranks_in_sync=self.ranks_in_sync(), attention=self.attention, loader=self.loader)
+                    ranks_in_sync=self.ranks_in_sync(), attention=self.attention, loader=self.loader,
+                    cache_mb_per_role=self.cache_mb)
 
     def ranks_in_sync(self) -> bool:
         """Gather a fingerprint of every rank's parameters and compare them."""

@@ -70,6 +70,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def available_memory_gb() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
 def local_processes(world: int) -> int:
     """Processes of this job on this machine: the launcher's LOCAL_WORLD_SIZE (torchrun, ``accelerate launch``),
     else all ``world`` of them."""

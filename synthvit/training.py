@@ -42,6 +42,11 @@ def _single_cpu_process_trap() -> bool:
     return asked_many and not launched_many
 
 
+def has_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has timm attention modules (a ViT or a hybrid; not a CNN)."""
+    return any(isinstance(getattr(m, "fused_attn", None), bool) for m in model.modules())
+
+
 def set_attention(model: torch.nn.Module, mode: str, device) -> str:
     """Choose the attention kernel of every timm attention module in ``model`` (those with a ``fused_attn`` flag):
     ``sdpa`` (torch's ``scaled_dot_product_attention``), ``math`` (timm's own q @ k^T, softmax, @ v) or ``auto``:

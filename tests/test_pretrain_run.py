@@ -44,19 +44,23 @@ def test_resume_equals_uninterrupted(tiny_dataset, tmp_path):
     common = ("steps=12", "num_workers=2", "save_every=3", "objective=cls+seg", "ema_decay=0.9")
     a, b = tmp_path / "a", tmp_path / "b"
     one_thread = {"OMP_NUM_THREADS": "1"}  # every run alike; the uninterrupted one runs beside the other two
-    # where the two loader roles decode (worker processes or this one) is not part of what is learnt: the
-    # uninterrupted run and the first leg use worker processes, the resumed leg decodes in its own process
+    # where the two loader roles decode (worker processes or this one), and whether they keep samples in memory, is
+    # not part of what is learnt: the uninterrupted run and the first leg use worker processes and the sample cache,
+    # the resumed leg decodes in its own process and every sample afresh
     uninterrupted = start_cli(*pretrain_args(tiny_dataset, b, *common, "loader=workers"), log=tmp_path / "b.log",
                               env=one_thread)
     first = run_cli(*pretrain_args(tiny_dataset, a, *common, "stop_at=5", "loader=workers"), env=one_thread,
                     check=True)
     assert "stopped at step 5 of 12" in first.stderr and not (a / "export").exists()
     assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step_00000003", "step_00000005"]
-    second = run_cli(*pretrain_args(tiny_dataset, a, *common, "loader=main"), env=one_thread, check=True)
+    second = run_cli(*pretrain_args(tiny_dataset, a, *common, "loader=main", "cache_mb=0"), env=one_thread,
+                     check=True)
     assert "resumed from" in second.stderr and "step_00000005" in second.stderr
-    assert json.loads((a / "summary.json").read_text())["loader"] == "main"
+    summary_a = json.loads((a / "summary.json").read_text())
+    assert summary_a["loader"] == "main" and summary_a["cache_mb_per_role"] == 0
     assert "resumed from" not in finish(uninterrupted, tmp_path / "b.log")
-    assert json.loads((b / "summary.json").read_text())["loader"] == "workers"
+    summary_b = json.loads((b / "summary.json").read_text())
+    assert summary_b["loader"] == "workers" and summary_b["cache_mb_per_role"] > 0
     wa, wb = load_file(a / "export" / "model.safetensors"), load_file(b / "export" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:

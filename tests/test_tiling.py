@@ -60,26 +60,33 @@ def test_bad_tiler_arguments():
         Tiler(overlap=0.6)
     with pytest.raises(ValueError, match="tile"):
         Tiler(tile=4)
-    with pytest.raises(ValueError, match="batch_size: -1"):
-        Tiler(batch_size=-1)
+    with pytest.raises(ValueError, match="batch_size: 0"):
+        Tiler(batch_size=0)
 
 
-def test_auto_tile_batch_fills_half_a_megapixel_and_keeps_the_output():
-    """batch_size=0: small tiles go in batches of 0.5 Mpx, large ones in 8 (never fewer); what is predicted per
-    pixel does not depend on how the tiles were batched."""
-    assert [Tiler(tile=t).batch_size for t in (64, 128, 256, 512, 1024)] == [128, 32, 8, 8, 8]
-    assert Tiler(tile=128, batch_size=5).batch_size == 5
-    g = torch.Generator().manual_seed(0)
-    frame = torch.randint(0, 256, (3, 700, 1300), dtype=torch.uint8, generator=g)
-    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
-    seen = []
+def test_auto_tile_batch_fills_half_a_megapixel_for_vits_and_keeps_the_output():
+    """tiling.batch_size=0: a ViT's small tiles go in batches of 0.5 Mpx, large ones in 8 (never fewer); a CNN's in 8.
+    What is predicted per pixel does not depend on how the tiles were batched."""
+    from finetune.config import TilingConfig
+    from finetune.evaluate import Predictor
+    from finetune.tiling import auto_tile_batch
+    from synthvit.models import ExportMeta, Heads, create_model
 
-    def predict(t):
-        seen.append(len(t))
-        return conv(t / 255)
-    auto = Tiler(tile=128, overlap=0.1)(frame, predict, num_outputs=2)
-    assert max(seen) == 32 and sum(seen) == Tiler(tile=128).num_tiles(700, 1300) > 32
-    assert torch.allclose(auto, Tiler(tile=128, overlap=0.1, batch_size=8)(frame, predict, num_outputs=2), atol=1e-6)
+    assert [auto_tile_batch(t, True) for t in (64, 128, 256, 512, 1024)] == [128, 32, 8, 8, 8]
+    assert [auto_tile_batch(t, False) for t in (64, 128, 512)] == [8, 8, 8]
+    names = ["background", "defect"]
+    torch.manual_seed(0)
+    vit = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=64).eval()
+    cnn = create_model("resnet18", "seg", seg_classes=2).eval()
+    frame = torch.randint(0, 256, (300, 500, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for model, name, want in ((vit, "vit_tiny_patch16_224", 128), (cnn, "resnet18", 8)):
+        meta = ExportMeta(model=name, in_chans=3, img_size=64, heads=Heads.parse("seg"), class_names=names,
+                          seg_classes=names, mean=[0.5] * 3, std=[0.5] * 3)
+        auto = Predictor(model, meta, "cpu", TilingConfig(precision="fp32"))
+        assert auto.tiler.batch_size == want
+        fixed = Predictor(model, meta, "cpu", TilingConfig(precision="fp32", batch_size=3))
+        assert fixed.tiler.batch_size == 3
+        assert torch.allclose(auto(frame.numpy())["probs"], fixed(frame.numpy())["probs"], atol=1e-5)
 
 
 def test_8k_frame_is_processed_one_batch_of_tiles_at_a_time():

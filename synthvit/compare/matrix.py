@@ -218,18 +218,6 @@ DOCTOR_DIR, DOCTOR_JSON = "doctor", "doctor.json"  # synthvit doctor's findings 
 CELL_MEMORY_GB = 3.0  # a cell's peak: ~2.3 GB resident evaluating 3840x2160 frames (BENCHMARKS.md), + its loader
 
 
-def available_memory_gb() -> float | None:
-    """MemAvailable from /proc/meminfo (Linux); None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
 def cpu_cells(cores: int, memory_gb: float | None) -> int:
     """Cells at once on a CPU-only machine: one per core with one compute thread each (on 2 cores two one-thread
     cells finish a compare ~1.4x sooner than one two-thread cell, BENCHMARKS.md), never more than memory holds."""

@@ -24,7 +24,6 @@ from synthvit.compare.matrix import (
     PROBE_FILE,
     PROBE_LOG,
     Job,
-    available_memory_gb,
     child_env,
     cpu_cells,
     effective_budgets,
@@ -39,7 +38,7 @@ from synthvit.data import has_defect, load_real_data, near_duplicates, pairs_rec
 from synthvit.io import SynthvitError, atomic_write_text
 from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.progress import progress_bar
-from synthvit.ranks import Ranks, join, usable_cores
+from synthvit.ranks import Ranks, available_memory_gb, join, usable_cores
 
 log = logging.getLogger("synthvit.compare")
 NEAR_DUPLICATES_FILE = "near_duplicates.json"  # the compare folder's list of train/test near-duplicates
