@@ -10,12 +10,13 @@ Parts (``--parts``):
   10 % overlap) for ViT-Tiny, ViT-S and DeepLabV3+
 
 Variants (``defaults`` is what synthvit now runs on a CPU with native bf16: bf16 + fused AdamW + math attention, and
-for inference the auto tile batch: 32 tiles for a ViT, 8 for a CNN):
+for inference the auto tile batch -- 32 tiles for a ViT, 8 for a CNN -- and the auto streams):
 ``math_attn`` (ViTs: timm's q @ k^T, softmax, @ v instead of torch's fused SDPA CPU kernel; ``attention=auto``), ``bf16``
 (autocast on the CPU's oneDNN bf16: training's ``precision=auto`` and tiling's
 ``tiling.precision=auto`` take it where the CPU has native bf16), ``channels_last`` (CNNs), ``fused`` (AdamW's fused
 CPU kernel), ``tile_batch`` (inference: tiles of 128 px in batches of 32 instead of 8; ``tiling.batch_size=0`` takes it for
-ViTs, not for CNNs),
+ViTs, not for CNNs), ``streams`` (inference: ``tiling.streams=0``, two threads each running every other batch of
+tiles with half the compute threads, where the process runs two or more),
 ``compile`` (torch.compile, inductor; its one-off compile time is printed apart) and ``all``.
 Each variant's loss after ``--steps`` steps is checked against today's: a speed-up that changes what is learnt is a
 bug (bf16 variants within ``--bf16-tol``, relative; fp32 ones within ``--fp32-tol``: channels_last's conv kernels and
@@ -50,9 +51,9 @@ TRAIN_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl
                   # what synthvit runs now on such a CPU: precision=auto, optim.fused, attention=auto
                   "defaults": dict(bf16=True, fused=True, math=True)}
 INFER_VARIANTS = {"today": {}, "bf16": dict(bf16=True), "channels_last": dict(cl=True), "math_attn": dict(math=True),
-                  "tile_batch": dict(batch=True), "compile": dict(compile=True),
-                  "all": dict(bf16=True, cl=True, math=True, batch=True, compile=True),
-                  "defaults": dict(bf16=True, math=True, batch="auto")}
+                  "tile_batch": dict(batch=True), "streams": dict(streams=True), "compile": dict(compile=True),
+                  "all": dict(bf16=True, cl=True, math=True, batch=True, streams=True, compile=True),
+                  "defaults": dict(bf16=True, math=True, batch="auto", streams=True)}
 
 
 def is_cnn(name: str) -> bool:
@@ -114,6 +115,7 @@ def infer_rate(part: str, v: dict, frame: np.ndarray, repeats: int) -> tuple[flo
     predictor = Predictor(torch.compile(model) if v.get("compile") else model, meta, torch.device("cpu"),
                           TilingConfig(tile=128, overlap=0.1,
                                        batch_size={True: 32, "auto": 0}.get(v.get("batch"), 8),
+                                       streams=0 if v.get("streams") else 1,
                                        precision="bf16" if v.get("bf16") else "fp32",
                                        attention="math" if v.get("math") else "sdpa"))
     t = time.perf_counter()

@@ -24,6 +24,10 @@ class TilingConfig:
     batch_size: int = field(default=0, metadata={
         "help": "tiles per batch (0: auto -- a ViT or hybrid at least 8 and as many as make 0.5 Mpx, 32 tiles of 128 "
                 "px: 1.16x faster 4K inference on a 2-core CPU than 8; a CNN 8, where 32 were slower; BENCHMARKS.md)"})
+    streams: int = field(default=0, metadata={
+        "help": "threads that each run every n-th batch of tiles with a share of the compute threads, blended in "
+                "order (0: auto -- 2 on a CPU running >= 2 compute threads: DeepLabV3+ 4K inference at two threads "
+                "1.59x -> 1.80x the fp32 path, BENCHMARKS.md; else 1)"})
     precision: InferencePrecision = field(default="auto", metadata={
         "help": "inference arithmetic: auto (bf16 autocast on CUDA and on CPUs with native bf16, avx512_bf16 or AMX: "
                 "1.4-1.7x faster tiled inference on such a CPU, BENCHMARKS.md; else fp32), bf16 or fp32"})
@@ -32,9 +36,10 @@ class TilingConfig:
                 "BENCHMARKS.md), sdpa or math"})
 
     def __post_init__(self):
-        if self.tile < 0 or not 0 <= self.overlap < 0.5 or self.batch_size < 0:
-            raise ConfigError(f"tiling.tile >= 0, tiling.overlap in [0, 0.5) and tiling.batch_size >= 0 (0: auto) "
-                              f"required; got tile={self.tile}, overlap={self.overlap}, batch_size={self.batch_size}")
+        if self.tile < 0 or not 0 <= self.overlap < 0.5 or self.batch_size < 0 or self.streams < 0:
+            raise ConfigError(f"tiling.tile >= 0, tiling.overlap in [0, 0.5), tiling.batch_size >= 0 and "
+                              f"tiling.streams >= 0 (0: auto) required; got tile={self.tile}, overlap={self.overlap}, "
+                              f"batch_size={self.batch_size}, streams={self.streams}")
 
 
 @dataclass(kw_only=True)

@@ -24,7 +24,7 @@ from torchmetrics.classification import (
     MulticlassJaccardIndex,
 )
 
-from finetune.tiling import Tiler, auto_tile_batch, inference_dtype
+from finetune.tiling import Tiler, auto_tile_batch, inference_dtype, tile_streams
 from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from synthvit.models import ExportMeta, class_map, meta_stats
@@ -46,6 +46,7 @@ class Predictor:
         self.model, self.meta, self.device = model.eval(), meta, device
         self.mean, self.std = meta_stats(meta, device)
         self.autocast = inference_dtype(tiling.precision, torch.device(device))
+        self.streams = tiling.streams or tile_streams(torch.device(device))
         self.attention = set_attention(self.model, tiling.attention, device)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,8 @@ class Predictor:
         if self.meta.heads.has_seg:
             k = len(self.meta.seg_classes)
             out["probs"] = self.tiler(frame, lambda t: self.model(t)["seg"].float().softmax(1), k,
-                                      transform=self.normalise, autocast_dtype=self.autocast)
+                                      transform=self.normalise, autocast_dtype=self.autocast,
+                                      streams=self.streams)
             out["score"] = float(1 - out["probs"][0].min())
         if self.meta.heads.has_cls:
             s = self.meta.img_size

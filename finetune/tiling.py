@@ -15,6 +15,9 @@ importance map and pads the input, which is what ``benchmarks/bench_tiling.py`` 
 """
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -54,6 +57,12 @@ def ramp_window(tile: int, ramp: int, floor: float = 1e-3) -> torch.Tensor:
     i = torch.arange(tile, dtype=torch.float64)
     edge = torch.minimum(i + 0.5, tile - i - 0.5)
     return (edge / ramp).clamp(floor, 1.0).float()
+
+
+def tile_streams(device: torch.device) -> int:
+    """Streams for ``tiling.streams=0``: two on a CPU running two or more compute threads (each stream then half of
+    them), one elsewhere -- a GPU, or a CPU process of one thread (a compare cell)."""
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
 
 
 AUTO_BATCH_PIXELS = 1 << 19  # 0.5 Mpx: 32 tiles of 128 px, 8 of 256 or 512 (the floor)
@@ -97,22 +106,30 @@ class Tiler:
             total[s:s + self.tile] += window
         return window, total
 
+    def chunks(self, frame: torch.Tensor) -> list[list[tuple[int, int]]]:
+        """The positions of each batch of tiles of a padded (C, H, W) frame."""
+        positions = self.grid(frame.shape[-2], frame.shape[-1])
+        return [positions[i:i + self.batch_size] for i in range(0, len(positions), self.batch_size)]
+
+    def stack(self, frame: torch.Tensor, chunk: list[tuple[int, int]]) -> torch.Tensor:
+        """The tiles at ``chunk`` as one float32 batch (B, C, tile, tile)."""
+        return torch.stack([frame[:, y:y + self.tile, x:x + self.tile] for y, x in chunk]).float()
+
     def batches(self, frame: torch.Tensor) -> Iterator[tuple[list[tuple[int, int]], torch.Tensor]]:
         """Yield (positions, tiles (B, C, tile, tile) as float32) for a padded (C, H, W) frame."""
-        positions = self.grid(frame.shape[-2], frame.shape[-1])
-        for i in range(0, len(positions), self.batch_size):
-            chunk = positions[i:i + self.batch_size]
-            tiles = torch.stack([frame[:, y:y + self.tile, x:x + self.tile] for y, x in chunk])
-            yield chunk, tiles.float()
+        for chunk in self.chunks(frame):
+            yield chunk, self.stack(frame, chunk)
 
     @torch.no_grad()  # not inference_mode: autocast caches a weight's low-precision copy only outside it
     def __call__(self, frame: torch.Tensor, predict: Predictor, num_outputs: int,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 autocast_dtype: torch.dtype | None = None, streams: int = 1) -> torch.Tensor:
         """Blend ``predict`` over the tiles of ``frame`` (C, H, W), any dtype; returns (num_outputs, H, W) float32.
 
         ``transform`` maps a float tile batch to the model's input (e.g. normalisation), on the frame's device.
-        ``autocast_dtype`` (e.g. torch.bfloat16 on GPU) runs the model under autocast.
+        ``autocast_dtype`` (e.g. torch.bfloat16 on GPU) runs the model under autocast. ``streams`` > 1 (a CPU):
+        that many threads each run every ``streams``-th batch with an equal share of torch's compute threads, and
+        the predictions are blended in batch order, as with one stream (see :meth:`_streamed`).
         """
         C, H, W = frame.shape
         pad_h, pad_w = max(0, self.tile - H), max(0, self.tile - W)
@@ -123,19 +140,74 @@ class Tiler:
         win_x, sum_x = self._axis_weights(Wp, frame.device)
         window = win_y[:, None] * win_x[None, :]
         out = torch.zeros(num_outputs, Hp, Wp, device=frame.device)
-        # one autocast region for the whole frame, under no_grad: autocast keeps the low-precision copy of each
-        # weight for as long as its region lasts (never under inference_mode), so the weights are cast once per
-        # frame, not once per layer call (re-casting them was ~9 % of a ViT-Tiny 4K frame on a CPU)
-        with torch.autocast(frame.device.type, dtype=autocast_dtype or torch.bfloat16,
-                            enabled=autocast_dtype is not None):
-            for positions, tiles in self.batches(frame):
-                if transform is not None:
-                    tiles = transform(tiles)
-                pred = predict(tiles).float() * window
-                for (y, x), p in zip(positions, pred):
+        chunks = self.chunks(frame)
+
+        def run(chunk_list):
+            # one autocast region for all of a stream's batches, under no_grad: autocast keeps the low-precision
+            # copy of each weight for as long as its region lasts (never under inference_mode), so the weights are
+            # cast once per frame and stream, not once per layer call (that was ~9 % of a ViT-Tiny 4K frame on a CPU)
+            with torch.no_grad(), torch.autocast(frame.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                                 enabled=autocast_dtype is not None):
+                for chunk in chunk_list:
+                    tiles = self.stack(frame, chunk)
+                    yield predict(transform(tiles) if transform is not None else tiles).float() * window
+
+        preds = run(chunks) if streams <= 1 or len(chunks) < 2 else self._streamed(run, chunks, streams)
+        with contextlib.closing(preds):  # a stream's threads end, and torch's thread count returns, even on error
+            for chunk, pred in zip(chunks, preds):
+                for (y, x), p in zip(chunk, pred):
                     out[:, y:y + self.tile, x:x + self.tile] += p
         out /= sum_y[:, None] * sum_x[None, :]
         return out[:, :H, :W]
+
+    @staticmethod
+    def _streamed(run, chunks: list, streams: int) -> Iterator[torch.Tensor]:
+        """The predictions of ``run`` over ``chunks``, in order, computed by ``streams`` threads: thread k runs chunks
+        k, k + streams, ... with ``torch.get_num_threads() // streams`` compute threads (torch's ops release the
+        GIL). On a CPU two one-thread streams overlap what one two-thread stream runs serially (Python, pooling,
+        the blend): DeepLabV3+ on a 4K frame at two threads 1.59x -> 1.80x the fp32 path (BENCHMARKS.md). Each
+        stream holds at most two batches ahead; an error in one is raised here."""
+        streams = min(streams, len(chunks))
+        threads = torch.get_num_threads()
+        stop = threading.Event()
+        queues = [queue.Queue(maxsize=2) for _ in range(streams)]
+
+        def put(k: int, item) -> bool:
+            while not stop.is_set():
+                try:
+                    queues[k].put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work(k: int) -> None:
+            try:
+                for pred in run(chunks[k::streams]):
+                    if not put(k, pred):
+                        return
+            except BaseException as e:  # handed to the consumer, raised there
+                put(k, e)
+
+        torch.set_num_threads(max(1, threads // streams))
+        workers = [threading.Thread(target=work, args=(k,), name=f"tiler-stream-{k}", daemon=True)
+                   for k in range(streams)]
+        try:
+            for w in workers:
+                w.start()
+            for i in range(len(chunks)):
+                pred = queues[i % streams].get()
+                if isinstance(pred, BaseException):
+                    raise pred
+                yield pred
+        finally:
+            stop.set()
+            for q in queues:  # unblock a producer waiting on a full queue
+                while not q.empty():
+                    q.get_nowait()
+            for w in workers:
+                w.join()
+            torch.set_num_threads(threads)
 
     def num_tiles(self, height: int, width: int) -> int:
         return len(tile_starts(max(height, self.tile), self.tile, self.overlap)) * len(

@@ -66,14 +66,23 @@ def test_bad_tiler_arguments():
 
 def test_auto_tile_batch_fills_half_a_megapixel_for_vits_and_keeps_the_output():
     """tiling.batch_size=0: a ViT's small tiles go in batches of 0.5 Mpx, large ones in 8 (never fewer); a CNN's in 8.
-    What is predicted per pixel does not depend on how the tiles were batched."""
+    tiling.streams=0: two streams on a CPU with two or more compute threads, else one. What is predicted per pixel
+    depends on neither."""
     from finetune.config import TilingConfig
     from finetune.evaluate import Predictor
-    from finetune.tiling import auto_tile_batch
+    from finetune.tiling import auto_tile_batch, tile_streams
     from synthvit.models import ExportMeta, Heads, create_model
 
     assert [auto_tile_batch(t, True) for t in (64, 128, 256, 512, 1024)] == [128, 32, 8, 8, 8]
     assert [auto_tile_batch(t, False) for t in (64, 128, 512)] == [8, 8, 8]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert tile_streams(torch.device("cpu")) == 2 and tile_streams(torch.device("cuda")) == 1
+        torch.set_num_threads(1)
+        assert tile_streams(torch.device("cpu")) == 1
+    finally:
+        torch.set_num_threads(threads)
     names = ["background", "defect"]
     torch.manual_seed(0)
     vit = create_model("vit_tiny_patch16_224", "seg", seg_classes=2, img_size=64).eval()
@@ -171,3 +180,48 @@ def test_bf16_tiling_casts_each_weight_once_per_frame_with_the_same_output():
     _, sum_y = tiler._axis_weights(200, "cpu")
     _, sum_x = tiler._axis_weights(300, "cpu")
     torch.testing.assert_close(out, by_batch / (sum_y[:, None] * sum_x[None, :]), rtol=0, atol=1e-6)
+
+
+def test_streams_run_alternate_batches_in_threads_with_a_share_of_the_cores_and_blend_the_same():
+    """tiling.streams=2: two threads run every other batch, each with half of torch's compute threads; the map is
+    the one-stream map; torch's thread count is restored afterwards."""
+    import threading
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(0)
+        frame = torch.randint(0, 256, (3, 300, 517), dtype=torch.uint8, generator=g)
+        seen = []
+
+        def predict(t):
+            seen.append((threading.current_thread().name, torch.get_num_threads(), len(t)))
+            return torch.cat([t / 255, (t[:, :1] * 0.5).sin()], 1)
+        tiler = Tiler(tile=64, overlap=0.1, batch_size=3)
+        one = tiler(frame, predict, num_outputs=4)
+        assert {name for name, _, _ in seen} == {threading.current_thread().name}
+        seen.clear()
+        two = tiler(frame, predict, num_outputs=4, streams=2)
+        assert torch.equal(one, two)
+        assert {name for name, _, _ in seen} == {"tiler-stream-0", "tiler-stream-1"}
+        assert {n for _, n, _ in seen} == {1} and sum(b for _, _, b in seen) == tiler.num_tiles(300, 517)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_error_in_a_stream_is_raised_and_the_streams_end():
+    import threading
+
+    threads = torch.get_num_threads()
+    calls = []
+
+    def predict(t):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("tile model failed")
+        return t
+    with pytest.raises(RuntimeError, match="tile model failed"):
+        Tiler(tile=32, overlap=0.0, batch_size=1)(torch.zeros(1, 320, 320), predict, num_outputs=1, streams=2)
+    assert torch.get_num_threads() == threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("tiler-stream")]
