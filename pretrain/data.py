@@ -262,7 +262,7 @@ def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generat
         image.draft(mode, (math.ceil(W * size[0] / w), math.ceil(H * size[1] / h)))
     fx, fy = image.size[0] / W, image.size[1] / H
     box = (x0 * fx, y0 * fy, (x0 + w) * fx, (y0 + h) * fy)
-    arr = np.asarray(_decoded(decoded, (mode, image.size), image.convert, mode, charge).resize(
+    arr = np.asarray(_decoded(decoded, (mode, image.size), lambda: image.convert(mode), charge).resize(
         size, Image.BILINEAR, box=box))
     k, flip = int(rng.integers(4)), bool(rng.random() < 0.5)
     jitter = (1 + rng.uniform(-spec.jitter, spec.jitter), 1 + rng.uniform(-spec.jitter, spec.jitter)) \
@@ -272,16 +272,16 @@ def augment(image: Image.Image, mask: Image.Image | None, rng: np.random.Generat
     arr = np.ascontiguousarray(arr[:, :, ::-1] if flip else arr)
     if mask is None:
         return arr, None, jitter
-    mask = _decoded(decoded, "mask", mask.copy, None, charge) if decoded is not None else mask
+    mask = _decoded(decoded, "mask", mask.copy, charge) if decoded is not None else mask
     m = np.rot90(np.asarray(mask.resize(size, Image.NEAREST, box=mask_box)), k)
     return arr, np.ascontiguousarray(m[:, ::-1] if flip else m), jitter
 
 
-def _decoded(memo: dict | None, key, decode, arg, charge) -> Image.Image:
-    """``memo[key]``, or ``decode(arg)`` (``decode()`` when ``arg`` is None), kept in ``memo`` if ``charge`` allows."""
+def _decoded(memo: dict | None, key, decode, charge) -> Image.Image:
+    """``memo[key]``, or ``decode()`` -- kept in ``memo`` (when given) if ``charge`` allows its bytes."""
     if memo is not None and key in memo:
         return memo[key]
-    image = decode() if arg is None else decode(arg)
+    image = decode()
     if memo is not None:
         image.load()
         if charge(image.width * image.height * len(image.getbands())):

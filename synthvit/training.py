@@ -42,9 +42,14 @@ def _single_cpu_process_trap() -> bool:
     return asked_many and not launched_many
 
 
+def _attention_modules(model: torch.nn.Module):
+    """timm's attention modules in ``model``: those with a ``fused_attn`` flag."""
+    return (m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool))
+
+
 def has_attention(model: torch.nn.Module) -> bool:
     """Whether ``model`` has timm attention modules (a ViT or a hybrid; not a CNN)."""
-    return any(isinstance(getattr(m, "fused_attn", None), bool) for m in model.modules())
+    return any(True for _ in _attention_modules(model))
 
 
 def set_attention(model: torch.nn.Module, mode: str, device) -> str:
@@ -55,9 +60,8 @@ def set_attention(model: torch.nn.Module, mode: str, device) -> str:
     and sdpa elsewhere. The same function either way (they differ in rounding only). Returns the resolved kernel
     (a model without such modules is left as it is)."""
     resolved = mode if mode != "auto" else ("math" if torch.device(device).type == "cpu" else "sdpa")
-    for m in model.modules():
-        if isinstance(getattr(m, "fused_attn", None), bool):
-            m.fused_attn = resolved == "sdpa"
+    for m in _attention_modules(model):
+        m.fused_attn = resolved == "sdpa"
     return resolved
 
 
