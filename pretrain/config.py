@@ -117,8 +117,9 @@ class PretrainConfig:
             raise ConfigError(f"data_weights: {self.data_weights} needs one positive weight per data folder "
                               f"({len(self.data)})")
         if self.steps < 1 or self.batch_size < 1 or self.image_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
-            raise ConfigError("steps >= 1, batch_size >= 1, image_size >= 16, num_workers >= 0 and cache_mb >= 0 "
-                              "required")
+            raise ConfigError(f"steps >= 1, batch_size >= 1, image_size >= 16, num_workers >= 0 and cache_mb >= 0 "
+                              f"required; got steps={self.steps}, batch_size={self.batch_size}, image_size="
+                              f"{self.image_size}, num_workers={self.num_workers}, cache_mb={self.cache_mb}")
         if self.mix.active and self.batch_size % 2:
             raise ConfigError(f"batch_size: {self.batch_size} is odd; CutMix pairs each image with another in the "
                               f"batch and needs an even per-process batch (or set mix.prob=0)")

@@ -397,3 +397,15 @@ def test_single_value_lists_through_the_cli(tmp_path):
         load_config(GenerateConfig, overrides=["defects.classes=rust"])
     # only list keys take a single value: a str key stays the string, with or without a comma
     assert load_config(PretrainConfig, overrides=["out_dir=runs/a,b"]).out_dir == "runs/a,b"
+
+
+def test_speed_keys_out_of_range_are_named_with_their_values():
+    """The CPU speed keys (pretrain's sample cache, tiled inference's batch and streams) refuse negatives by name."""
+    from finetune.config import FinetuneConfig
+    from pretrain.config import PretrainConfig
+
+    with pytest.raises(ConfigError, match=r"cache_mb >= 0 required; got .*cache_mb=-5"):
+        load_config(PretrainConfig, overrides=["cache_mb=-5"])
+    for key, value in (("streams", -1), ("batch_size", -2)):
+        with pytest.raises(ConfigError, match=rf"tiling.{key} >= 0 .*{key}={value}"):
+            load_config(FinetuneConfig, overrides=[f"tiling.{key}={value}"])
