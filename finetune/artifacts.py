@@ -7,15 +7,24 @@
 <run>/near_duplicates.json  train/test image pairs with near-identical perceptual hashes (synthvit.data.dedup):
                        method, max_distance, train_images, test_images, pairs [{train, test, distance}]
 <run>/metrics.jsonl    training losses and LR per logged step
+<run>/train_summary.json  training's cost (steps, wall time, peak memory), written with the export
 <run>/export/          the export contract of :mod:`synthvit.models.export` (model.safetensors + config.json ...)
 <run>/metrics.json     full-resolution test metrics, speed and memory; written last: a run is finished when it exists
+<run>/.lock            held (fcntl) by the one process writing the folder: a second one fails at once
 ```
+
+One run per folder: a folder holding a finished run (or an export) is never written into again unless
+``overwrite=true``, which first removes the earlier run's files (:func:`clear_run`), so the folder never holds two
+runs' files side by side; an unfinished run of another config is refused as its checkpoints are. The export is
+written into ``.export.tmp/`` and renamed to ``export/`` in one step (:func:`commit_export`), then metrics.json.
+The split is the run's: readers take it from ``split.csv`` (:func:`pinned_split`), never draw it again.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +32,9 @@ from typing import Any
 import yaml
 
 from finetune.config import FinetuneConfig
+from synthvit.checkpoint import CKPT_DIR
 from synthvit.config import CONFIG_FILE, load_config
-from synthvit.io import SynthvitError, atomic_write_bytes
+from synthvit.io import SynthvitError, atomic_write_bytes, dumps_json
 from synthvit.models import (
     EXPORT_CONFIG,
     EXPORT_DIR,
@@ -40,12 +50,13 @@ from synthvit.training import METRICS_LOG
 SPLIT_FILE = "split.csv"
 NEAR_DUPLICATES_FILE = "near_duplicates.json"
 METRICS_FILE = "metrics.json"
+TRAIN_SUMMARY_FILE = "train_summary.json"  # training's cost beside the export, until metrics.json holds it
 SYNTHETIC_FILE = "synthetic.json"  # the synthetic sets a run mixed into its batches (finetune.synthetic)
 # Keys that run folders of synthvit <= 0.1.0 hold in config.yaml although finetune never read them
 RETIRED_KEYS = ("optim.accum_steps", "optim.lr_base_batch", "optim.lr_scale")
 __all__ = ["CONFIG_FILE", "SPLIT_FILE", "NEAR_DUPLICATES_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE",
-           "SYNTHETIC_FILE",
-           "FinetuneRun", "RunMetrics", "MetricsFileError", "build_model", "load_run", "objective_of", "read_metrics",
+           "SYNTHETIC_FILE", "TRAIN_SUMMARY_FILE", "RUN_ENTRIES", "EXPORT_STAGING", "SplitChangedError",
+           "FinetuneRun", "clear_run", "commit_export", "pinned_split", "run_status", "RunMetrics", "MetricsFileError", "build_model", "load_run", "objective_of", "read_metrics",
            "read_split", "write_metrics"]
 
 
@@ -136,7 +147,7 @@ class RunMetrics:
 def write_metrics(run_dir: str | Path, metrics: RunMetrics) -> Path:
     """``metrics.json`` of a run folder, written atomically (last: it marks the run finished)."""
     path = Path(run_dir) / METRICS_FILE
-    atomic_write_bytes(path, json.dumps(metrics.to_json(), indent=2).encode())
+    atomic_write_bytes(path, dumps_json(metrics.to_json(), indent=2).encode())
     return path
 
 
@@ -207,3 +218,82 @@ def _rebuild_overrides(config: Path) -> list[str]:
     if "split_missing" not in tree:
         overrides.append("split_missing=train")
     return overrides
+
+
+# ------------------------------------------------------------------------------------------- one run per folder
+# Everything a finetune run writes into its folder (evaluate's metrics_<split>.json too): what overwrite=true and
+# resume=none clear, and nothing else (out_dir may be a folder that holds the user's own files as well).
+RUN_ENTRIES = (CONFIG_FILE, SPLIT_FILE, SYNTHETIC_FILE, NEAR_DUPLICATES_FILE, METRICS_LOG, METRICS_FILE, EXPORT_DIR,
+               TRAIN_SUMMARY_FILE, "advice.json", CKPT_DIR)
+EXPORT_STAGING = ".export.tmp"  # the export is written here, then renamed to export/ in one step
+
+
+def run_status(run_dir: str | Path) -> str:
+    """What a run folder holds: ``finished`` (metrics.json), ``exported`` (an export, no test metrics: trained with
+    evaluate=false, or stopped while evaluating), ``unfinished`` (a run's files, no export) or ``empty``."""
+    run_dir = Path(run_dir)
+    if (run_dir / METRICS_FILE).is_file():
+        return "finished"
+    if (run_dir / EXPORT_DIR / EXPORT_CONFIG).is_file():
+        return "exported"
+    if any((run_dir / name).exists() for name in RUN_ENTRIES) or (run_dir / EXPORT_STAGING).exists():
+        return "unfinished"
+    return "empty"
+
+
+def clear_run(run_dir: str | Path) -> list[str]:
+    """Remove an earlier run's files from ``run_dir`` (the entries of :data:`RUN_ENTRIES`, evaluate's
+    ``metrics_<split>.json`` and a staged export); the names removed."""
+    run_dir = Path(run_dir)
+    gone = []
+    for entry in [*(run_dir / n for n in RUN_ENTRIES), run_dir / EXPORT_STAGING, *run_dir.glob("metrics_*.json")]:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.exists() or entry.is_symlink():
+            entry.unlink()
+        else:
+            continue
+        gone.append(entry.name)
+    return gone
+
+
+def commit_export(run_dir: str | Path, write) -> Path:
+    """Write a run's export through ``write(folder)`` into a staging folder, then rename it to ``export/`` in one
+    step: an interrupted write never leaves an export that looks whole, nor one run's export beside another's."""
+    run_dir = Path(run_dir)
+    staging, export = run_dir / EXPORT_STAGING, run_dir / EXPORT_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    if export.exists():  # a run starting over (resume=none, overwrite=true) cleared it; a leftover of a crash here
+        shutil.rmtree(export)
+    staging.rename(export)
+    return export
+
+
+class SplitChangedError(SynthvitError):
+    """The data no longer holds an image a run's ``split.csv`` records."""
+
+
+def pinned_split(run_dir: str | Path, ids: list[str], source: str, own_data: bool = True,
+                 ) -> tuple[dict[str, str], list[str]] | None:
+    """The run's own split of ``ids`` (the images of the data now, ``source`` naming it): id -> train, test or
+    unused as its ``split.csv`` records them, never a split drawn again, and the ids it does not record (images
+    added since: on the run's own data they belong to neither side; on other data, ``own_data=False``, they are
+    images the run never saw, given as ``test``). A recorded id the run's own data no longer holds is an error
+    naming it (a renamed frame is one gone and one new). None for a run folder without ``split.csv``."""
+    saved = read_split(run_dir)
+    if saved is None:
+        return None
+    present = set(ids)
+    gone = sorted(set(saved) - present)
+    if gone and own_data:
+        shown = ", ".join(repr(i) for i in gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+        raise SplitChangedError(
+            f"{Path(run_dir) / SPLIT_FILE} records {len(gone)} image(s) that {source} no longer holds: {shown}; the "
+            f"run's split is pinned to the images it was trained and tested on: restore them (a renamed image counts "
+            f"as removed), or train a new run on the data as it is now")
+    new = [i for i in ids if i not in saved]
+    split = {i: saved[i] for i in ids if i in saved}
+    if not own_data:
+        split.update({i: "test" for i in new})
+    return split, new

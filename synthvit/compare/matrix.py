@@ -92,7 +92,8 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     """Write ``cell.yaml`` (the resolved finetune config of the cell). A finished cell is stale when the config it
     ran with differs from this one in a value (a key a newer synthvit added reads as its default, so it changes
     nothing) or its test split differs from ``test_ids`` (data or split policy changed): its results are moved to
-    ``previous-N/``, never deleted, and it runs again. Every seed and model of a budget gets the same ``data_seed``,
+    ``previous-N/``, never deleted, and it runs again; so is an unfinished cell whose config changed (finetune
+    refuses a folder holding another config's run). Every seed and model of a budget gets the same ``data_seed``,
     so the same nested subset of train images; a zero-shot cell trains nothing (``steps=0``)."""
     spec, folder = cell.spec, cell.folder
     tree = to_dict(cfg.finetune)
@@ -105,8 +106,10 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     atomic_write_text(path, yaml.safe_dump(tree, sort_keys=False))
     resolved = load_config(FinetuneConfig, path, spec.overrides + (["steps=0"] if cell.zero_shot else []))
     atomic_write_text(path, dump_yaml(resolved))
-    if (folder / METRICS_FILE).is_file():
-        reasons = _config_changes(folder / CONFIG_FILE, resolved) + _split_change(folder / SPLIT_FILE, test_ids)
+    finished = (folder / METRICS_FILE).is_file()
+    if finished or (folder / CONFIG_FILE).is_file():  # an unfinished run of another config would be refused too
+        reasons = _config_changes(folder / CONFIG_FILE, resolved) + (
+            _split_change(folder / SPLIT_FILE, test_ids) if finished else [])
         if reasons:
             kept = _set_aside(folder)
             print(f"compare: {folder} is stale ({'; '.join(reasons)}); its results are kept in {kept}, "

@@ -6,7 +6,7 @@ writes the report.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import sys
@@ -16,6 +16,7 @@ import timm
 import torch
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from finetune.artifacts import read_split
 from synthvit.compare.config import CompareConfig
 from synthvit.compare.matrix import (
     CELL_MEMORY_GB,
@@ -35,7 +36,8 @@ from synthvit.compare.matrix import (
 from synthvit.compare.synthetic import plan_sets
 from synthvit.config import CONFIG_FILE, ConfigError, dump_yaml
 from synthvit.data import has_defect, load_real_data, near_duplicates, pairs_record, pairs_text, split_ids
-from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_text, dumps_json
+from synthvit.lock import folder_lock
 from synthvit.models import SEG_BASELINES, ExportMeta, class_groups, read_export_meta
 from synthvit.progress import progress_bar
 from synthvit.ranks import Ranks, available_memory_gb, join, usable_cores
@@ -135,7 +137,7 @@ def _near_duplicates(cfg: CompareConfig, data, split: dict[str, str], out: Path)
     bar.close()
     record = pairs_record(pairs, distance, sum(v == "train" for v in split.values()),
                           sum(v == "test" for v in split.values()))
-    atomic_write_text(out / NEAR_DUPLICATES_FILE, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out / NEAR_DUPLICATES_FILE, dumps_json(record, indent=2) + "\n")
     rule = f"pHash, Hamming distance <= {distance} of 64 bits"
     if not pairs:
         return f"Near-duplicates across the split: none found ({rule})."
@@ -151,7 +153,11 @@ def run(cfg: CompareConfig) -> Path:
     if not cfg.data:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
     ranks = join()
-    out = Path(cfg.out_dir)
+    with contextlib.ExitStack() as held:  # the folder's lock, from its creation to the end
+        return _run(cfg, ranks, Path(cfg.out_dir), held)
+
+
+def _run(cfg: CompareConfig, ranks: Ranks, out: Path, held: contextlib.ExitStack) -> Path:
     data = load_real_data(cfg.data, cfg.finetune.format, max_pixels=cfg.finetune.max_pixels,
                           split_missing=cfg.finetune.split_missing)
     _check_models(cfg, data)
@@ -164,7 +170,7 @@ def run(cfg: CompareConfig) -> Path:
             raise SynthvitError(f"budget_unit=defective: no train image of {cfg.data} holds a defect")
     duplicates = ""
     if ranks.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        held.enter_context(folder_lock(out))  # one compare per folder at a time
         atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
         _doctor(cfg, out / DOCTOR_DIR)
         duplicates = _near_duplicates(cfg, data, split, out)
@@ -187,6 +193,7 @@ def run(cfg: CompareConfig) -> Path:
     if ranks.rank == 0:
         from synthvit.compare.compose import compose
 
+        test_items = _pinned_test_items(cells, test_items)
         report = compose(cfg, cells, test_items, _data_note(cfg, data, n_train, len(test_items), duplicates))
         md, page = report.write(out)
         print(f"synthvit compare: report -> {page} (and {md.name})", file=sys.stderr)
@@ -200,6 +207,21 @@ def run(cfg: CompareConfig) -> Path:
         raise SynthvitError(f"{len(unfinished)} job(s) did not finish: " + "; ".join(
             f"{j.name} (log: {j.log})" for j in unfinished) + ". Re-run the same command to retry just those.")
     return out
+
+
+def _pinned_test_items(cells, test_items: list) -> list:
+    """The test images the report's pictures and CKA may use: today's test split, less any image a finished cell's
+    own ``split.csv`` does not record as test (a cell keeps the split it ran with; a stale one runs again first)."""
+    keep = {i.id for i in test_items}
+    for cell in cells:
+        if cell.job.done:
+            recorded = read_split(cell.folder) or {}
+            keep &= {i for i, s in recorded.items() if s == "test"}
+    dropped = len(test_items) - len(keep)
+    if dropped:
+        log.warning("compare: %d test image(s) are not test images of every finished cell: the report's pictures "
+                    "leave them out", dropped)
+    return [i for i in test_items if i.id in keep]
 
 
 def _probe_job(cfg: CompareConfig, cell) -> Job:
