@@ -30,6 +30,7 @@ import zlib
 import numpy as np
 import torch
 
+from finetune.evaluate import NonFiniteOutput
 from finetune.train import replayed_windows
 from synthvit.data import Item, RealData, has_defect, to_array
 from synthvit.models import Decision
@@ -143,6 +144,14 @@ def sampled_defect_share(data: RealData, items: list[Item], cfg, synthetic=None)
     return defect / pixels if pixels else 0.0
 
 
+def _probs(predictor, image: np.ndarray, item: Item) -> torch.Tensor:
+    """The predictor's class probabilities of a training frame (window); a non-finite output names the frame."""
+    try:
+        return predictor(image)["probs"]
+    except NonFiniteOutput as e:  # NaN in the histogram: no threshold can be fitted
+        raise NonFiniteOutput(f"calibrate: training frame {item.source}: {e}") from None
+
+
 def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=None) -> Decision | None:
     """The run's defect decision from its training ``items`` (``cfg``: the FinetuneConfig), or None where there is
     nothing to fit (``calibrate.rule=argmax``, no dense head, no defect pixel among the training frames)."""
@@ -168,7 +177,7 @@ def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=No
                 mask = np.array(item.mask((w, h))) if item.mask is not None else np.zeros((h, w), np.uint8)
                 rng = np.random.default_rng([cfg.data_seed, 23, zlib.crc32(item.id.encode())])
                 for window, cell, share in calibration_cells(mask, max_pixels, side, rng):
-                    p = 1 - predictor(image[window])["probs"][0]
+                    p = 1 - _probs(predictor, image[window], item)[0]
                     inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(cell, window))
                     hist.add(p[inner], torch.from_numpy(mask[cell]), weight * share)
                     scored += (cell[0].stop - cell[0].start) * (cell[1].stop - cell[1].start)

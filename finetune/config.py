@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from synthvit.config import Attention, ConfigError, Decoder, InChans, Precision
+from synthvit.config import Attention, ConfigError, Decoder, InChans, Precision, check_min, check_range
 
 Task = Literal["seg", "cls", "both"]
 DataFormat = Literal["auto", "canonical", "imagefolder", "labelme", "coco", "hf", "shards"]
@@ -36,10 +36,9 @@ class TilingConfig:
                 "BENCHMARKS.md), sdpa or math"})
 
     def __post_init__(self):
-        if self.tile < 0 or not 0 <= self.overlap < 0.5 or self.batch_size < 0 or self.streams < 0:
-            raise ConfigError(f"tiling.tile >= 0, tiling.overlap in [0, 0.5), tiling.batch_size >= 0 and "
-                              f"tiling.streams >= 0 (0: auto) required; got tile={self.tile}, overlap={self.overlap}, "
-                              f"batch_size={self.batch_size}, streams={self.streams}")
+        check_min(self, 0, "tile", note=" (0: the crop size)")
+        check_range(self, "overlap", 0, 0.5, open_high=True)
+        check_min(self, 0, "batch_size", "streams", note=" (0: auto)")
 
 
 @dataclass(kw_only=True)
@@ -57,11 +56,8 @@ class CalibrateConfig:
                 "frames)"})
 
     def __post_init__(self):
-        if self.max_images < 2:
-            raise ConfigError(f"calibrate.max_images: {self.max_images} must be >= 2 (a defective and a defect-free "
-                              f"frame)")
-        if self.max_pixels < 0:
-            raise ConfigError(f"calibrate.max_pixels: {self.max_pixels} must be >= 0 (0: whole frames)")
+        check_min(self, 2, "max_images", note=" (a defective and a defect-free frame)")
+        check_min(self, 0, "max_pixels", note=" (0: whole frames)")
 
 
 @dataclass(kw_only=True)
@@ -78,12 +74,10 @@ class FinetuneOptimConfig:
                 "same updates: BENCHMARKS.md); false: torch's default implementation"})
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr: {self.lr} must be > 0")
+        check_min(self, 0, "lr", above=True)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas: {self.betas} must hold two numbers")
-        if self.warmup_steps < 0 or self.clip_grad < 0:
-            raise ConfigError("optim.warmup_steps >= 0 and optim.clip_grad >= 0 required")
+        check_min(self, 0, "warmup_steps", "clip_grad")
 
 
 @dataclass(kw_only=True)
@@ -161,24 +155,22 @@ class FinetuneConfig:
         "help": "auto: continue from out_dir's newest checkpoint (it must come from the same config); none: start "
                 "over; or a checkpoint folder"})
     stop_at: int = field(default=0, metadata={"help": "end this run after step N with a checkpoint (0: run all)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace a finished run in out_dir (its files are removed first); without it a finished run is "
+                "never written over"})
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
     advise: bool = field(default=False, metadata={
         "help": "first measure the train split as `synthvit doctor` does and apply its advice (crop_size, "
                 "tiling.tile, defect_crop_prob, decoder, steps); advice.json in the run folder says what changed"})
 
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1 or self.crop_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
-            raise ConfigError("steps >= 0, batch_size >= 1, crop_size >= 16, num_workers >= 0 and cache_mb >= 0 "
-                              "required")
-        if self.decoder_width < 0:
-            raise ConfigError(f"decoder_width: {self.decoder_width} must be >= 0")
-        if not 0 <= self.defect_crop_prob <= 1 or not 0 < self.test_fraction < 1:
-            raise ConfigError("defect_crop_prob in [0, 1] and test_fraction in (0, 1) required")
-        if self.freeze_blocks < 0 or not 0 <= self.layer_decay < 1:
-            raise ConfigError("freeze_blocks >= 0 and layer_decay in [0, 1) required")
-        if self.save_every < 0 or not 0 <= self.stop_at <= self.steps:
-            raise ConfigError(f"save_every >= 0 and stop_at in 0..steps ({self.steps}) required, got "
-                              f"save_every={self.save_every}, stop_at={self.stop_at}")
+        check_min(self, 0, "steps", "num_workers", "cache_mb", "decoder_width", "freeze_blocks", "save_every")
+        check_min(self, 1, "batch_size")
+        check_min(self, 16, "crop_size", note=" (a multiple of the model's patch or output stride, e.g. 64)")
+        check_range(self, "defect_crop_prob", 0, 1)
+        check_range(self, "test_fraction", 0, 1, open_low=True, open_high=True)
+        check_range(self, "layer_decay", 0, 1, open_high=True)
+        check_range(self, "stop_at", 0, self.steps, note=" (the steps; 0: run all)")
         if not 0 < self.synthetic_share < 1:
             raise ConfigError(f"synthetic_share: {self.synthetic_share} must be in (0, 1): real samples stay in "
                               f"every batch")
@@ -187,8 +179,7 @@ class FinetuneConfig:
         if not 0 <= self.near_duplicate_distance < 64:
             raise ConfigError(f"near_duplicate_distance: {self.near_duplicate_distance} must be in 0..63 bits (0: off; "
                               f"6 flags resized, re-encoded and shifted copies, different frames differ in ~32)")
-        if self.defective_limit < 0 or self.train_limit < 0:
-            raise ConfigError("train_limit >= 0 and defective_limit >= 0 required")
+        check_min(self, 0, "train_limit", "defective_limit", note=" (0: no limit)")
         if self.defective_limit and self.train_limit:
             raise ConfigError("give train_limit (any train images) or defective_limit (defective train images, all "
                               "defect-free ones kept), not both")
@@ -210,6 +201,9 @@ class DoctorConfig(FinetuneConfig):
     the findings go."""
     report_dir: str = field(default="", metadata={
         "help": "where doctor.json and doctor.png go (default: doctor/<data folder name>)"})
+    strict: bool = field(default=False, metadata={
+        "help": "exit 1 on warnings too (findings finetune trains through: suspicious masks, too few instances, "
+                "rare defect crops, near-duplicates); without it exit 1 means finetune would refuse the data"})
 
 
 @dataclass(kw_only=True)

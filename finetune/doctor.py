@@ -4,9 +4,13 @@ tile, how often training crops would see a defect, unreadable or suspicious file
 
 It reads the config finetune reads (``synthvit doctor --config my-run.yaml`` checks the run as planned; any finetune
 key can be overridden) and writes ``doctor.json`` and ``doctor.png`` (size histograms per class with the stride,
-crop and tile marked; example defects). Exit code 0 when nothing is wrong, 1 when problems were found, so it can
-gate a pipeline. Statistics that advice is drawn from come from the *train* split alone (the test split is counted
-and checked for broken files, never measured): no setting is chosen on test data.
+crop and tile marked; example defects). Its exit code gates a pipeline: 1 exactly where ``finetune`` with the same
+keys would refuse the data (``problems``: the files it rejects, read by the same check,
+:func:`synthvit.data.check_items`, and :func:`refusals`), else 0; the findings finetune trains through (suspicious
+masks, too few instances, crops that rarely see a defect, near-duplicates across the split) are ``warnings``,
+printed and recorded, and make the exit code 1 only with ``strict=true``.
+Statistics that advice is drawn from come from the *train* split alone (the test split is counted and checked for
+broken files, never measured): no setting is chosen on test data.
 
 ``finetune advise=true`` runs the same analysis first and applies the advice (crop size, tile, defect crop
 probability, decoder, step budget); the run folder's ``advice.json`` says what it changed and why.
@@ -14,7 +18,6 @@ probability, decoder, step budget); the run folder's ``advice.json`` says what i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections import Counter, defaultdict
@@ -24,9 +27,11 @@ import numpy as np
 from scipy import ndimage
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from finetune.doctor_view import picture, table
 from synthvit.data import (
     Item,
     RealData,
+    check_items,
     has_defect,
     load_real_data,
     near_duplicates,
@@ -35,10 +40,8 @@ from synthvit.data import (
     problems_error,
     shown_size,
     split_ids,
-    to_array,
 )
-from synthvit.data.formats import validate
-from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_text, dumps_json, writable_dir
 from synthvit.progress import progress_bar
 
 log = logging.getLogger("synthvit.doctor")
@@ -100,9 +103,11 @@ def _quantiles(values: list[float]) -> dict[str, float]:
 
 
 def examine(cfg, data: RealData, progress: bool = True) -> dict:
-    """The doctor's findings for ``cfg`` (a FinetuneConfig): a JSON-able dict with ``problems`` and ``advice``."""
+    """The doctor's findings for ``cfg`` (a FinetuneConfig): a JSON-able dict with ``warnings`` (what finetune
+    trains through: suspicious masks, too few instances, crops that rarely see a defect, near-duplicates across the
+    split), ``problems`` (what it refuses: :func:`diagnose` adds them) and ``advice``."""
     t0 = time.perf_counter()
-    problems: list[str] = []
+    problems: list[str] = []  # warnings: finetune trains through every one of these
     split = split_ids(data, cfg.test_fraction, cfg.data_seed)
     sizes, modes = [], Counter()
     per_item: dict[str, list[dict]] = {}
@@ -192,7 +197,8 @@ def examine(cfg, data: RealData, progress: bool = True) -> dict:
         "classes": classes, "crop_hit_share": None if hit != hit else round(hit, 4),
         "near_duplicates": pairs_record(pairs, cfg.near_duplicate_distance, len(train), len(test))
         if cfg.near_duplicate_distance else None,
-        "problems": problems,
+        "problems": [],
+        "warnings": problems,
     }
     report["advice"] = advise(report, cfg)
     report["seconds"] = round(time.perf_counter() - t0, 2)
@@ -289,99 +295,31 @@ def _replace(node, path: list[str], value):
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def table(report: dict) -> str:
-    """The compact text summary the command prints."""
-    sp, m = report["split"], report["model"]
-    w, h = report["sizes"]["width"], report["sizes"]["height"]
-    lines = [f"data      {report['data']} ({report['format']}): {report['images']} images, "
-             f"{w.get('min', 0):.0f}-{w.get('max', 0):.0f} x {h.get('min', 0):.0f}-{h.get('max', 0):.0f} px, modes "
-             + ", ".join(f"{k} {v}" for k, v in report["modes"].items()),
-             f"split     {sp['source']}"]
-    for name in ("train", "test"):
-        s = sp[name]
-        extra = f", {s['defective']} defective, {s['defect_free']} defect-free" if "defective" in s else ""
-        labels = (", " + ", ".join(f"{k} {v}" for k, v in s["labels"].items())) if s.get("labels") else ""
-        lines.append(f"  {name:7} {s['images']} images{extra}{labels}")
-    lines.append(f"model     {m['name']} (stride {m['stride']}), crop {m['crop_size']}, tile {m['tile']}, "
-                 f"defect_crop_prob {m['defect_crop_prob']}"
-                 + (f": {100 * report['crop_hit_share']:.0f}% of training crops hold a defect"
-                    if report["crop_hit_share"] is not None else ""))
-    if report["classes"]:
-        lines.append(f"{'class':14} {'train inst':>10} {'specks':>6} {'frames':>6} {'side p10/p50/p90':>18} "
-                     f"{'thick p50':>9} {'<stride':>7} {'>crop':>6}")
-        for name, c in report["classes"].items():
-            s, t = c["side"], c["thickness"]
-            sides = f"{s['p10']:.0f}/{s['median']:.0f}/{s['p90']:.0f}" if s else "-"
-            lines.append(f"{name:14} {c['train_instances']:>10} {c['specks']:>6} {c['train_frames']:>6} {sides:>18} "
-                         f"{t.get('median', float('nan')):>9.1f} "
-                         f"{_pct(c['below_stride']):>7} {_pct(c['above_crop']):>6}")
-    for a in report["advice"]:
-        lines.append(f"advice    {a['key']}={a['value']} (now {a['current']}): {a['reason']}")
-    for p in report["problems"][:20]:
-        lines.append(f"PROBLEM   {p}")
-    if len(report["problems"]) > 20:
-        lines.append(f"PROBLEM   ... and {len(report['problems']) - 20} more (doctor.json)")
-    lines.append(f"verdict   {'fit' if not report['problems'] else str(len(report['problems'])) + ' problem(s)'} "
-                 f"({report['seconds']:.1f} s)")
-    return "\n".join(lines)
+def refusals(cfg, data: RealData) -> list[str]:
+    """What else finetune refuses in ``data`` before training (its files are :func:`check_items`'s): a task it
+    cannot serve, a split without train images, synthetic sets or an init export that drew on its test split or
+    whose classes do not map."""
+    from finetune.synthetic import check_leak, load_synthetic
+    from synthvit.models.export import read_export_meta
 
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
-
-
-def picture(report: dict, data: RealData, path: Path, in_chans: int = 3) -> None:
-    """Size histograms per class (stride, crop and tile marked) and a grid of example train defects."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    classes = [n for n, c in report["classes"].items() if c["train_instances"]]
-    examples = report["_examples"]
-    cols = 4
-    rows = max(1, -(-len(examples) // cols))
-    fig = plt.figure(figsize=(12, 3.2 + 2.4 * rows))
-    grid = fig.add_gridspec(1 + rows, cols, height_ratios=[1.4] + [1] * rows)
-    ax = fig.add_subplot(grid[0, :])
-    m = report["model"]
-    for name in classes:
-        sides = report["_sides"].get(name, [])
-        if sides:
-            bins = np.logspace(0, np.log10(max(2, max(sides)) * 1.2), 30)
-            ax.hist(sides, bins=bins, histtype="step", linewidth=1.6, label=f"{name} ({len(sides)})")
-    top = ax.get_ylim()[1]
-    marks = [(m["stride"], "stride", ":"), (m["crop_size"], "crop", "--"), (m["tile"], "tile", "-.")]
-    for k, (value, label, style) in enumerate(marks):
-        ax.axvline(value, color="k", linestyle=style, linewidth=1)
-        ax.text(value, top * (0.95 - 0.1 * k), f" {label} {value}", fontsize=8, va="top")
-    ax.set_xscale("log")
-    ax.set_xlabel("defect bounding-box side, px (train split)")
-    ax.set_ylabel("instances")
-    ax.set_title(f"{report['data']}: defect sizes per class")
-    if classes:
-        ax.legend(fontsize=8, loc="upper left")
-    by_id = {i.id: i for i in data.items}
-    for n, (item_id, inst) in enumerate(examples):
-        a = fig.add_subplot(grid[1 + n // cols, n % cols])
-        item = by_id[item_id]
-        with item.load() as im:
-            image = to_array(im, in_chans)
-        h, w = image.shape[:2]
-        mask = item.mask((w, h))
-        half = max(24, int(0.75 * max(inst["h"], inst["w"])))
-        y0, x0 = max(0, inst["cy"] - half), max(0, inst["cx"] - half)
-        crop, mcrop = image[y0:inst["cy"] + half, x0:inst["cx"] + half], mask[y0:inst["cy"] + half,
-                                                                               x0:inst["cx"] + half]
-        a.imshow(crop, cmap="gray" if crop.ndim == 2 else None)
-        if mcrop.any():
-            a.contour(mcrop > 0, levels=[0.5], colors="r", linewidths=0.8)
-        a.set_title(f"{data.seg_classes[inst['class']]}: {inst['w']}x{inst['h']} px", fontsize=8)
-        a.axis("off")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    out = []
+    try:
+        data.check_task(cfg.task)
+    except SynthvitError as e:
+        out.append(str(e))
+    split = split_ids(data, cfg.test_fraction, cfg.data_seed)
+    test_ids = {i for i, side in split.items() if side == "test"}
+    if not any(side == "train" for side in split.values()):
+        out.append(f"no training images in {cfg.data} (split: {len(test_ids)} test)")
+    try:
+        if cfg.synthetic:
+            load_synthetic(cfg.synthetic, data, test_ids, cfg.synthetic_classes)
+        if cfg.init:
+            used = read_export_meta(cfg.init).extra.get("real_ids") or {}
+            check_leak(f"init export {cfg.init}", {k: set(v) for k, v in used.items()}, data, test_ids)
+    except SynthvitError as e:
+        out.append(str(e))
+    return out
 
 
 def diagnose(cfg, out: Path, data: RealData | None = None) -> dict:
@@ -390,21 +328,20 @@ def diagnose(cfg, out: Path, data: RealData | None = None) -> dict:
     if data is None:
         data = load_real_data(cfg.data, cfg.format, check=False, max_pixels=cfg.max_pixels,
                               split_missing=cfg.split_missing)
-    problems = validate(data)  # every broken file, as finetune would list them; the readable rest is examined
-    broken = {p.split(":")[0] for p in problems}
-    readable = dataclasses.replace(data, items=[i for i in data.items if i.source not in broken])
+    problems, broken = check_items(data, data.items)  # every broken file, as finetune lists them
+    readable = dataclasses.replace(data, items=[i for i in data.items if i.id not in broken])
     if not readable.items:
         raise problems_error(data.root, problems)
-    report = examine(cfg, readable)
-    report["problems"] = problems + report["problems"]
-    out.mkdir(parents=True, exist_ok=True)
+    report = examine(cfg, readable)  # the readable rest, measured
+    report["problems"] = problems + refusals(cfg, readable)  # what finetune refuses: the exit code
+    writable_dir(out, "report_dir")
     if data.has_masks and report["_examples"]:
         try:
             picture(report, readable, out / DOCTOR_PNG, cfg.in_chans)
         except Exception as e:  # the picture is a convenience: its failure must not hide the findings
             log.warning("doctor: could not draw %s (%s)", out / DOCTOR_PNG, e)
     public = {k: v for k, v in report.items() if not k.startswith("_")}
-    atomic_write_text(out / DOCTOR_JSON, json.dumps(public, indent=2))
+    atomic_write_text(out / DOCTOR_JSON, dumps_json(public, indent=2))
     print(table(report))
     print(f"doctor: {out / DOCTOR_JSON}" + (f" and {out / DOCTOR_PNG}" if (out / DOCTOR_PNG).exists() else ""))
     return report
@@ -418,5 +355,9 @@ def run(cfg) -> Path:
     out = Path(cfg.report_dir or Path("doctor") / Path(str(cfg.data).rstrip("/")).name)
     report = diagnose(cfg, out)
     if report["problems"]:
-        raise SynthvitError(f"{len(report['problems'])} problem(s) found in {cfg.data}; see {out / DOCTOR_JSON}")
+        raise SynthvitError(f"{len(report['problems'])} problem(s) found in {cfg.data}: finetune would refuse the "
+                            f"data; see {out / DOCTOR_JSON}")
+    if report["warnings"] and cfg.strict:
+        raise SynthvitError(f"{len(report['warnings'])} warning(s) in {cfg.data} (strict=true); see "
+                            f"{out / DOCTOR_JSON}")
     return out

@@ -10,6 +10,7 @@ accuracy and confusion matrix of the classifier. Also seconds per image at full 
 from __future__ import annotations
 
 import copy
+import math
 import time
 
 import numpy as np
@@ -27,10 +28,17 @@ from torchmetrics.classification import (
 from finetune.tiling import Tiler, auto_tile_batch, inference_dtype, tile_streams
 from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
+from synthvit.io import SynthvitError
 from synthvit.models import ExportMeta, class_map, meta_stats
 from synthvit.training import has_attention, peak_memory_mb, set_attention
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
+
+
+class NonFiniteOutput(SynthvitError):
+    """The model's output for a frame holds NaN or infinity: it has no score. ``evaluate`` and ``calibrate`` stop
+    with it (a NaN score would rank as anything: image AUROC 1.0 from NaN scores); ``predict`` lists the frame as
+    failed with it and goes on."""
 
 
 class Predictor:
@@ -54,6 +62,17 @@ class Predictor:
 
     @torch.no_grad()  # not inference_mode: autocast caches a weight's low-precision copy only outside it
     def __call__(self, image: np.ndarray) -> dict:
+        """``probs`` (K, H, W) and/or ``cls_probs`` (K,), and the image defect ``score`` of a uint8 frame (H, W[, C]);
+        :class:`NonFiniteOutput` where the model's output is not finite (the caller names the frame)."""
+        out = self._predict(image)
+        cls_ok = "cls_probs" not in out or bool(torch.isfinite(out["cls_probs"]).all())
+        if not (math.isfinite(out["score"]) and cls_ok):  # NaN anywhere in probs[0] makes the score NaN
+            raise NonFiniteOutput("the model's output is not finite (NaN or infinity), so there is no defect score; "
+                                  "its weights overflow on this frame: train again with a lower optim.lr or "
+                                  "optim.clip_grad > 0")
+        return out
+
+    def _predict(self, image: np.ndarray) -> dict:
         frame = torch.from_numpy(np.array(image[..., None] if image.ndim == 2 else image)).permute(
             2, 0, 1).to(self.device)
         out = {}
@@ -91,7 +110,7 @@ def check_tiling(model, cfg) -> None:
     """Refuse, before training, a tiling that evaluation could not run: the tile side must suit the model, and a
     copy of it must predict one tile of that size (a ViT's position embeddings resampled to it)."""
     tile = cfg.tiling.tile or cfg.crop_size
-    check_input_size(model, tile)
+    check_input_size(model, tile, "tiling.tile" if cfg.tiling.tile else "crop_size")  # the key the user set
     if tile == cfg.crop_size:
         return  # training itself runs at this size
     probe = copy.deepcopy(model).eval()
@@ -158,7 +177,12 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
         h, w = image.shape[:2]
         mask = item.mask((w, h)) if (item.mask is not None and seg_k) else None
         t = time.perf_counter()
-        out = predictor(image)
+        try:
+            out = predictor(image)
+        except NonFiniteOutput as e:  # a NaN score would rank anywhere: no metric from it
+            if progress is not None:
+                progress.close()  # before the error is printed
+            raise NonFiniteOutput(f"test frame {item.source}: {e}") from None
         seconds.append(time.perf_counter() - t)
         if mask is not None and "probs" in out:
             target = torch.from_numpy(mask.astype(np.int64))

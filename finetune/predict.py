@@ -10,7 +10,6 @@ record per frame is appended to ``predictions.jsonl`` as it finishes (nothing ac
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -23,9 +22,10 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from finetune.evaluate import NonFiniteOutput
 from synthvit.config import CONFIG_FILE
-from synthvit.data import IMAGE_EXTS, image_files, to_array
-from synthvit.io import SynthvitError, atomic_open, atomic_write_text
+from synthvit.data import IMAGE_EXTS, image_files, open_image, to_array
+from synthvit.io import SynthvitError, atomic_open, atomic_write_text, dumps_json
 from synthvit.models import ExportMeta, class_map
 from synthvit.overlay import overlay
 from synthvit.progress import progress_bar
@@ -44,26 +44,31 @@ log = logging.getLogger("synthvit.predict")
 def input_files(spec: str | Path, skip: Path | None = None) -> tuple[list[Path], Path]:
     """The frames ``input`` names, and the folder their output names are relative to: an image file; a folder
     (recursive, hidden files and folders left out); a glob pattern (``frames/**/*.png``, ``**`` recursive); a list
-    file (.txt/.lst, see :func:`listed_files`). Folder and glob frames under ``skip`` (the output folder) are left
-    out: a re-run must not read earlier outputs as frames."""
+    file (.txt/.lst, see :func:`listed_files`). Folder and glob frames under ``skip`` (the output folder) or under
+    any other folder a predict wrote (:func:`is_predict_output`) are left out, with a line saying how many: a run
+    must not read earlier outputs as frames."""
     path = Path(spec)
     if path.is_file():
         return listed_files(path) if path.suffix.lower() in LIST_SUFFIXES else ([path], path.parent)
     if path.is_dir():
         found = image_files(path)
-        files = _outside(found, skip)
+        files = _outside_predictions(_outside(found, skip), path)
         if files:
             return files, path
-        outside = f" outside the output folder {skip}" if found else ""
+        outside = f" outside the output folder {skip} and predict's other output folders" if found else ""
         raise SynthvitError(f"input: {path} holds no images{outside} ({', '.join(IMAGE_EXTS)})")
     if any(c in str(spec) for c in GLOB_CHARS):
-        files = _outside(sorted(p for p in map(Path, glob.glob(str(spec), recursive=True))
-                                if p.suffix.lower() in IMAGE_EXTS and p.is_file()), skip)
-        if not files:
-            raise SynthvitError(f"input: the pattern {str(spec)!r} matches no images ({', '.join(IMAGE_EXTS)})")
         parts = path.parts
         fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
-        return files, Path(*parts[:fixed]) if fixed else Path(".")
+        base = Path(*parts[:fixed]) if fixed else Path(".")
+        matched = sorted(p for p in map(Path, glob.glob(str(spec), recursive=True))
+                         if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        files = _outside_predictions(_outside(matched, skip), base)
+        if not files:
+            outside = " outside predict's output folders" if matched else ""
+            raise SynthvitError(f"input: the pattern {str(spec)!r} matches no images{outside} "
+                                f"({', '.join(IMAGE_EXTS)})")
+        return files, base
     raise SynthvitError(f"input: {path} does not exist; give an image, a folder, a glob pattern such as "
                         f"'frames/**/*.png' or a list file ({'/'.join(LIST_SUFFIXES)}, one path per line)")
 
@@ -89,6 +94,42 @@ def _outside(files: list[Path], folder: Path | None) -> list[Path]:
         return files
     folder = folder.resolve()
     return [p for p in files if not p.resolve().is_relative_to(folder)]
+
+
+def is_predict_output(folder: Path) -> bool:
+    """``folder`` was written by ``synthvit predict``: it holds predict's ``config.yaml`` (its keys checkpoint, input,
+    out and threshold) or its records (predictions.jsonl / predictions.json)."""
+    if (folder / RECORDS).is_file() or (folder / SUMMARY).is_file():
+        return True
+    try:
+        recorded = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(recorded, dict) and {"checkpoint", "input", "out", "threshold"} <= set(recorded)
+
+
+def _outside_predictions(files: list[Path], base: Path) -> list[Path]:
+    """``files`` less those in a folder below ``base`` that predict wrote (its masks and overlays are no frames),
+    saying how many folders and files were left out."""
+    verdict: dict[Path, bool] = {}
+
+    def written_by_predict(p: Path) -> bool:
+        for folder in p.parents:
+            if folder == base or folder == folder.parent or not folder.is_relative_to(base):
+                return False
+            if folder not in verdict:
+                verdict[folder] = is_predict_output(folder)
+            if verdict[folder]:
+                return True
+        return False
+
+    kept = [p for p in files if not written_by_predict(p)]
+    skipped = sorted(f for f, v in verdict.items() if v)
+    if skipped:
+        log.info("predict: left out %d image(s) in %d folder(s) that predict wrote (%s%s): outputs are not frames",
+                 len(files) - len(kept), len(skipped), ", ".join(map(str, skipped[:5])),
+                 " ..." if len(skipped) > 5 else "")
+    return kept
 
 
 def output_keys(files: list[Path], base: Path) -> list[Path]:
@@ -130,7 +171,7 @@ def output_path(out_dir: Path, key: Path, suffix: str) -> Path:
 
 def read_frame(path: Path, channels: int) -> np.ndarray:
     """A frame as uint8 pixels, decoded from its bytes as training reads it (a TIFF's EXIF orientation applied)."""
-    with Image.open(io.BytesIO(path.read_bytes())) as im:
+    with open_image(path)() as im:  # its errors name the file, not an in-memory buffer
         return to_array(im, channels)
 
 
@@ -188,7 +229,7 @@ def write_prediction(path: Path, out_dir: Path, image: np.ndarray, result: dict,
         p = result["cls_probs"].tolist()
         record["classes"] = {n: round(v, 6) for n, v in zip(meta.cls_classes, p)}
         record["predicted_class"] = meta.cls_classes[int(np.argmax(p))]
-    atomic_write_text(output_path(out_dir, key, ".json"), json.dumps(record, indent=2) + "\n")
+    atomic_write_text(output_path(out_dir, key, ".json"), dumps_json(record, indent=2) + "\n")
     return record
 
 
@@ -215,7 +256,7 @@ def predict_files(predictor, files: list[Path], out_dir: Path, meta: ExportMeta,
                 counts["predicted"] += record is not None
                 bar.update(0 if finished else 1)  # a done frame redone was counted in the bar's start
             if record is not None:
-                stream.write(json.dumps(record) + "\n")
+                stream.write(dumps_json(record) + "\n")
                 stream.flush()
     _write_summary(out_dir, failed)
     return {**counts, "failed": failed}
@@ -248,7 +289,14 @@ def _predict_frame(predictor, path: Path, out_dir: Path, key: Path, meta: Export
         log.warning("cannot read %s (%s): skipped, going on with the other frames", path, reason)
         failed.append({"image": str(path), "error": reason})
         return None
-    return write_prediction(path, out_dir, image, predictor(image), meta, threshold, key)
+    try:
+        result = predictor(image)
+    except NonFiniteOutput:  # no score is not "no defect": the frame fails, listed with why
+        reason = "non-finite model output (NaN or infinity): no defect score"
+        log.warning("%s: %s; skipped, going on with the other frames", path, reason)
+        failed.append({"image": str(path), "error": reason})
+        return None
+    return write_prediction(path, out_dir, image, result, meta, threshold, key)
 
 
 def _write_summary(out_dir: Path, failed: list[dict]) -> None:
@@ -257,7 +305,7 @@ def _write_summary(out_dir: Path, failed: list[dict]) -> None:
         f.write(b'{"predictions": [')
         for i, line in enumerate(records):
             f.write((b",\n  " if i else b"\n  ") + line.rstrip(b"\n"))
-        f.write(b'\n],\n"failed": ' + json.dumps(failed, indent=2).encode() + b"}\n")
+        f.write(b'\n],\n"failed": ' + dumps_json(failed, indent=2).encode() + b"}\n")
 
 
 def check_earlier_run(out_dir: Path, checkpoint: str, threshold: str | float, overwrite: bool) -> None:
@@ -297,5 +345,5 @@ def failure_message(failed: list[dict], total: int, out_dir: Path) -> str:
     lines = [f"  {f['image']}: {f['error']}" for f in failed[:SHOWN]]
     if len(failed) > SHOWN:
         lines.append(f"  ... and {len(failed) - SHOWN} more")
-    return (f"{len(failed)} of {total} frames could not be read and were skipped (the other {total - len(failed)} "
+    return (f"{len(failed)} of {total} frames could not be read or predicted and were skipped (the other {total - len(failed)} "
             f"are done; every failed frame is listed under \"failed\" in {out_dir / SUMMARY}):\n" + "\n".join(lines))

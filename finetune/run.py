@@ -2,11 +2,12 @@
 :mod:`finetune.artifacts`."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
-import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,8 +24,8 @@ from finetune.artifacts import (
     SYNTHETIC_FILE,
     RunMetrics,
     build_model,
+    commit_export,
     load_run,
-    read_split,
     write_metrics,
 )
 from finetune.calibrate import fit_decision
@@ -32,6 +33,7 @@ from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig,
 from finetune.doctor import ADVICE_FILE, apply_advice, examine
 from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
+from finetune.runfolder import claim, read_train_summary, run_split, write_train_summary
 from finetune.synthetic import check_leak, load_synthetic
 from finetune.train import check_resumable, train
 from synthvit import __version__
@@ -49,7 +51,8 @@ from synthvit.data import (
     set_pixel_cap,
     split_ids,
 )
-from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_bytes, atomic_write_text, dumps_json, writable_dir
+from synthvit.lock import folder_lock
 from synthvit.models import (
     ExportMeta,
     Heads,
@@ -101,22 +104,28 @@ def advised(cfg: FinetuneConfig, data) -> tuple[FinetuneConfig, list[dict]]:
 def run(cfg: FinetuneConfig) -> Path:
     if not cfg.data:
         raise ConfigError("data: give the real-data folder, e.g. data=../shared/datasets/magnetic-tile")
-    run_dir = Path(cfg.out_dir)
+    main = os.environ.get("RANK", "0") == "0"  # a launched job's first process holds the folder for all of them
+    with folder_lock(cfg.out_dir) if main else contextlib.nullcontext(Path(cfg.out_dir)) as run_dir:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _run(cfg, run_dir, main)
+
+
+def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     data, applied = None, None
     if cfg.advise:  # before the resume check: a resumed run re-derives the same advice from the same data
         data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
         cfg, applied = advised(cfg, data)
+    if claim(cfg, run_dir, main) == "evaluate":  # this config's export, stopped while evaluating
+        if main:
+            _evaluate_export(cfg, run_dir)
+        return run_dir
     ckpt = resolve_resume(cfg.resume, run_dir) if cfg.steps else None
     if ckpt is not None:
         check_resumable(cfg, ckpt)  # a checkpoint of another config stops the run before anything is written
-    elif cfg.resume == "none" and (run_dir / CKPT_DIR).is_dir():
-        # starting over, as asked: older checkpoints would otherwise outrank (and be kept over) this run's own
-        log.info("resume=none: removing the earlier checkpoints in %s", run_dir / CKPT_DIR)
-        shutil.rmtree(run_dir / CKPT_DIR)
     if data is None:
         data = load_real_data(cfg.data, cfg.format, max_pixels=cfg.max_pixels, split_missing=cfg.split_missing)
     data.check_task(cfg.task)
-    split = split_ids(data, cfg.test_fraction, cfg.data_seed)
+    split = _train_split(cfg, data, run_dir, ckpt)
     train_items, test_items = _select(data, cfg, split)
     synthetic = _synthetic(cfg, data, {i.id for i in test_items})
     torch.manual_seed(cfg.seed)
@@ -129,14 +138,13 @@ def run(cfg: FinetuneConfig) -> Path:
     frozen = model.freeze_early(cfg.freeze_blocks)
     acc = make_accelerator(cfg.precision)
     ranks = Ranks.of(acc)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
         if applied is not None:
-            atomic_write_text(run_dir / ADVICE_FILE, json.dumps({"applied": applied}, indent=2))
+            atomic_write_text(run_dir / ADVICE_FILE, dumps_json({"applied": applied}, indent=2))
         _write_split(run_dir, split, {i.id for i in train_items})
         if synthetic is not None:
-            atomic_write_text(run_dir / SYNTHETIC_FILE, json.dumps({"share": cfg.synthetic_share,
+            atomic_write_text(run_dir / SYNTHETIC_FILE, dumps_json({"share": cfg.synthetic_share,
                                                                     "sets": synthetic.records}, indent=2) + "\n")
         for line in describe_split(data, split):
             log.info("%s", line)
@@ -159,7 +167,8 @@ def run(cfg: FinetuneConfig) -> Path:
         if cfg.steps:  # zero-shot evaluates the export as it is: no training labels
             meta.decision = fit_decision(Predictor(model, meta, acc.device, cfg.tiling), data, train_items, cfg,
                                          synthetic)
-        write_export(model, run_dir / EXPORT_DIR, meta)
+        write_train_summary(run_dir, summary)
+        commit_export(run_dir, lambda folder: write_export(model, folder, meta))
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the export is the product; checkpoints were a means
         if cfg.evaluate and test_items:
             _evaluate_run(cfg, model, meta, acc.device, data, test_items, summary, run_dir)
@@ -191,7 +200,7 @@ def _check_near_duplicates(cfg: FinetuneConfig, run_dir: Path, train_items, test
     pairs = near_duplicates(train_items + test_items, split, cfg.near_duplicate_distance, bar)
     bar.close()
     record = pairs_record(pairs, cfg.near_duplicate_distance, len(train_items), len(test_items))
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(path, dumps_json(record, indent=2) + "\n")
     if pairs:
         log.warning("near-duplicates across the split: %d train/test pair(s) whose pHash differs in <= %d of 64 bits "
                     "(train ~ test): %s. A resized, re-encoded or shifted copy of a test image in training leaks "
@@ -255,14 +264,38 @@ def _headline(m: dict) -> str:
     return ", ".join(parts)
 
 
-def _run_split(run, data: RealData) -> dict[str, str]:
-    """id -> train/test/unused of a finished run: its own split.csv (whatever draws split_ids has learnt since),
-    else (other data, or a run folder without split.csv) the seeded split of its config."""
-    saved = read_split(run.folder)
-    if saved is not None and set(saved) == {i.id for i in data.items}:
-        return saved
-    fcfg = run.cfg
-    return split_ids(data, fcfg.test_fraction, fcfg.data_seed)
+def _train_split(cfg: FinetuneConfig, data: RealData, run_dir: Path, ckpt) -> dict[str, str]:
+    """id -> train or test for a run about to train: a resumed one keeps the split its split.csv records (images
+    added since are left out, a recorded one gone is an error); a new one draws it (:func:`split_ids`)."""
+    if ckpt is not None:
+        split = run_split(run_dir, data, cfg.data)
+        if split is not None:
+            return {i: "train" if s == "unused" else s for i, s in split.items()}
+    return split_ids(data, cfg.test_fraction, cfg.data_seed)
+
+
+def _run_split(run, data: RealData, folder: str = "") -> dict[str, str]:
+    """id -> train/test/unused of a finished run: the split its split.csv records (:func:`finetune.runfolder.run_split`:
+    never drawn again; images added since are not in it; ``folder``: other data than the run's), else (a run
+    folder of a synthvit that wrote none) the seeded split of its config."""
+    split = run_split(run.folder, data, run.cfg.data, folder or None)
+    if split is not None:
+        return split
+    log.warning("%s has no %s (an older synthvit's run): its seeded split is drawn again from its config",
+                run.folder, SPLIT_FILE)
+    return split_ids(data, run.cfg.test_fraction, run.cfg.data_seed)
+
+
+def _evaluate_export(cfg: FinetuneConfig, run_dir: Path) -> None:
+    """metrics.json of a run whose export exists (it stopped while evaluating): the export on the run's test split."""
+    run = load_run(run_dir)
+    data = _run_data(run)
+    test_items = [i for i in data.items if _run_split(run, data).get(i.id) == "test"]
+    if not test_items:
+        raise SynthvitError(f"out_dir: {run_dir} holds a finished run (no test images to evaluate); give "
+                            f"overwrite=true to replace it, or another out_dir")
+    device = resolve_device()
+    _evaluate_run(cfg, run.model.to(device), run.meta, device, data, test_items, read_train_summary(run_dir), run_dir)
 
 
 def _run_data(run, folder: str = "") -> RealData:
@@ -273,16 +306,20 @@ def _run_data(run, folder: str = "") -> RealData:
 
 def run_evaluate(cfg: EvaluateConfig) -> Path:
     run = load_run(cfg.checkpoint)
+    key = "out_dir" if cfg.out_dir else "checkpoint"
+    with folder_lock(cfg.out_dir or cfg.checkpoint, key) as out:  # no finetune replaces the run while it is scored
+        return _evaluate_split(cfg, run, out)
+
+
+def _evaluate_split(cfg: EvaluateConfig, run, out: Path) -> Path:
     data = _run_data(run, cfg.data)
-    split = {i: "train" if s == "unused" else s for i, s in _run_split(run, data).items()}
-    items = [i for i in data.items if cfg.split == "all" or split[i.id] == cfg.split]
+    split = {i: "train" if s == "unused" else s for i, s in _run_split(run, data, cfg.data).items()}
+    items = [i for i in data.items if i.id in split and (cfg.split == "all" or split[i.id] == cfg.split)]
     _say_decision(run.meta, cfg.checkpoint)
     bar = progress_bar(total=len(items), desc="evaluate", unit="img")
     metrics = evaluate(run.predictor(resolve_device()), data, items, run.cfg.in_chans, bar)
     bar.close()
-    out = Path(cfg.out_dir or cfg.checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / f"metrics_{cfg.split}.json", json.dumps(metrics, indent=2).encode())
+    atomic_write_bytes(out / f"metrics_{cfg.split}.json", dumps_json(metrics, indent=2).encode())
     log.info("%s: %s", cfg.split, _headline(metrics))
     return out
 
@@ -300,9 +337,15 @@ def run_calibrate(cfg: CalibrateRunConfig) -> Path:
     if not run.meta.heads.has_seg:
         raise SynthvitError(f"checkpoint: {cfg.checkpoint} has no dense head (task={run.cfg.task}): nothing to "
                             f"calibrate")
+    writable_dir(run.folder / EXPORT_DIR, "checkpoint")  # before the fit: the decision is written into the export
+    with folder_lock(run.folder, "checkpoint"):
+        return _calibrate(cfg, run)
+
+
+def _calibrate(cfg: CalibrateRunConfig, run) -> Path:
     data = _run_data(run)
     split = _run_split(run, data)
-    train = [i for i in data.items if split[i.id] == "train"]  # the frames it trained on (never test, nor unused)
+    train = [i for i in data.items if split.get(i.id) == "train"]  # the frames it trained on (never test, nor unused)
     fcfg = dataclasses.replace(run.cfg, calibrate=CalibrateConfig(rule=cfg.rule, max_images=cfg.max_images,
                                                                      max_pixels=cfg.max_pixels))
     test_ids = {i for i, s in split.items() if s == "test"}
@@ -330,7 +373,7 @@ def run_predict(cfg: PredictConfig) -> Path:
         _say_decision(run.meta, cfg.checkpoint)
     log.info("predict: masks at %s", f"p(defect) > {rule.threshold:.4f} ({rule.name})" if rule.threshold is not None
              else "argmax")
-    out.mkdir(parents=True, exist_ok=True)
+    writable_dir(out, "out")
     atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
     done = predict_files(run.predictor(resolve_device()), files, out, run.meta, rule, keys, cfg.overwrite)
     log.info("predict: %d frames predicted, %d done before (skipped), %d unreadable -> %s", done["predicted"],

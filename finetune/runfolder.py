@@ -33,7 +33,7 @@ from finetune.artifacts import (
 from finetune.config import FinetuneConfig
 from finetune.train import training_config
 from synthvit.config import ConfigError, config_diff, load_config
-from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_text, dumps_json
 
 log = logging.getLogger("synthvit.finetune")
 
@@ -113,7 +113,7 @@ def write_train_summary(run_dir: Path, summary: dict) -> None:
     """Training's figures (steps, wall time, peak memory...) beside the export, so that a run stopped while
     evaluating still reports them when re-running evaluates its export."""
     atomic_write_text(run_dir / TRAIN_SUMMARY_FILE,
-                      json.dumps({k: v for k, v in summary.items() if k != "model"}, indent=2) + "\n")
+                      dumps_json({k: v for k, v in summary.items() if k != "model"}, indent=2) + "\n")
 
 
 def read_train_summary(run_dir: Path) -> dict:

@@ -22,6 +22,7 @@ from synthvit.progress import progress_bar
 from synthvit.ranks import local_processes
 from synthvit.training import (
     MetricsLog,
+    NonFiniteGuard,
     build_adamw,
     lr_at,
     optimizer_step,
@@ -33,6 +34,8 @@ from synthvit.training import (
 )
 
 log = logging.getLogger("synthvit.finetune")
+NONFINITE_HINT = ("Lower optim.lr, set optim.clip_grad > 0 (e.g. 1.0) or use precision=no (fp32) or bf16 rather than "
+                  "fp16, then run again with resume=none (a checkpoint resumes only the config that wrote it)")
 
 
 class CropDataset(torch.utils.data.Dataset):
@@ -196,8 +199,8 @@ def losses(out: dict, batch: dict, label_smoothing: float, seg_loss: str = "ce")
 
 
 # keys that do not change what a step computes: a checkpoint resumes across them
-RESUME_FREE_KEYS = ("out_dir", "resume", "stop_at", "save_every", "log_every", "evaluate", "num_workers", "loader",
-                    "cache_mb", "tiling", "calibrate", "max_pixels")
+RESUME_FREE_KEYS = ("out_dir", "resume", "overwrite", "stop_at", "save_every", "log_every", "evaluate", "num_workers",
+                    "loader", "cache_mb", "tiling", "calibrate", "max_pixels")
 
 
 def training_config(cfg) -> dict:
@@ -217,24 +220,44 @@ def check_resumable(cfg, ckpt: Path, num_processes: int | None = None) -> dict:
     return state
 
 
-def resume_state(cfg, acc, ckpt: Path) -> int:
+def resume_state(cfg, acc, ckpt: Path, model) -> int:
     """Load a checkpoint written by this config into the prepared model/optimizer; returns its step."""
     state = check_resumable(cfg, ckpt, acc.num_processes)
-    load_checkpoint(acc, ckpt)
+    load_checkpoint(acc, ckpt, model)
     log.info("resumed from %s at step %d of %d", ckpt, state["step"], cfg.steps)
     return int(state["step"])
+
+
+def step_lr(cfg, step: int) -> float:
+    """The LR of step ``step`` (from 0): warmup, then cosine decay."""
+    return lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+
+
+def train_step(cfg, acc, model, optimizer, batch: dict, step: int, mean, std) -> dict[str, torch.Tensor]:
+    """One optimizer step on ``batch`` (step ``step`` from 0: its LR, its randomness from (seed, step, rank)); its
+    losses, left on the device."""
+    seed_step(cfg.seed, step, acc.process_index)
+    set_lr(optimizer, step_lr(cfg, step))
+    batch = {k: v.to(acc.device) for k, v in batch.items()}
+    with acc.autocast():
+        parts = losses(model((batch["image"].float() - mean) / std), batch, 0.1, cfg.seg_loss)
+    acc.backward(parts["loss"])
+    optimizer_step(acc, model, optimizer, cfg.optim.clip_grad)
+    return {k: v.detach() for k, v in parts.items()}
 
 
 def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir: Path,
           ckpt: Path | None = None, synthetic=None) -> dict:
     """The loop: every step reseeds from (seed, step, rank); LR = warmup + cosine of the step. Checkpoints every
-    ``save_every`` steps (and at ``stop_at``); from ``ckpt`` the run continues exactly where it stopped."""
+    ``save_every`` steps (and at ``stop_at``); from ``ckpt`` the run continues exactly where it stopped. The first
+    non-finite loss stops the run with an error (:class:`NonFiniteGuard`: seen at the next log step, checkpoint or
+    the end, named by its own step); no checkpoint of non-finite weights is written, nor is anything returned."""
     model.train()
     attention = set_attention(model, cfg.attention, acc.device)
     optimizer = build_adamw(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.layer_decay,
                             fused=cfg.optim.fused)
     model, optimizer = acc.prepare(model, optimizer)
-    start = resume_state(cfg, acc, ckpt) if ckpt is not None else 0
+    start = resume_state(cfg, acc, ckpt, model) if ckpt is not None else 0
     end = cfg.stop_at or cfg.steps
     world, rank, b = acc.num_processes, acc.process_index, cfg.batch_size
     ds = CropDataset(data, items, cfg, cfg.steps * b * world, synthetic)
@@ -248,26 +271,24 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     metrics, t0, window = MetricsLog(run_dir, acc), time.perf_counter(), []
     metrics.truncate_after(start)
     state = {"config": training_config(cfg), "num_processes": world}
-    for step, batch in enumerate(loader, start=start):
-        seed_step(cfg.seed, step, acc.process_index)
-        lr = lr_at(step, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
-        set_lr(optimizer, lr)
-        batch = {k: v.to(acc.device) for k, v in batch.items()}
-        with acc.autocast():
-            parts = losses(model((batch["image"].float() - mean) / std), batch, 0.1, cfg.seg_loss)
-        acc.backward(parts["loss"])
-        optimizer_step(acc, model, optimizer, cfg.optim.clip_grad)
-        window.append({k: v.detach() for k, v in parts.items()})  # read back at log steps only: no per-step sync
-        bar.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {k: float(torch.stack([w[k].float() for w in window]).mean()) for k in window[0]} | {"lr": lr}
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-            metrics.write(step + 1, rec)
-            window = []
-        done = step + 1
-        if done < cfg.steps and (done == cfg.stop_at or cfg.save_every and done % cfg.save_every == 0):
-            save_checkpoint(acc, run_dir, done, state | {"step": done}, keep_last=1)
-    bar.close()
+    guard = NonFiniteGuard(acc, run_dir, lambda s: step_lr(cfg, s), NONFINITE_HINT)
+    with bar:  # closed before an error is printed
+        for step, batch in enumerate(loader, start=start):
+            parts = train_step(cfg, acc, model, optimizer, batch, step, mean, std)
+            guard.observe(step + 1, parts["loss"])
+            window.append(parts)  # read back at log steps only: no per-step sync
+            bar.update(1)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                guard.check(step + 1)
+                rec = {k: float(torch.stack([w[k].float() for w in window]).mean()) for k in window[0]}
+                bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                metrics.write(step + 1, rec | {"lr": step_lr(cfg, step)})
+                window = []
+            done = step + 1
+            if done < cfg.steps and (done == cfg.stop_at or cfg.save_every and done % cfg.save_every == 0):
+                guard.check(done, acc.unwrap_model(model))
+                save_checkpoint(acc, run_dir, done, state | {"step": done}, keep_last=1)
+        guard.check(end, acc.unwrap_model(model))  # the weights the export (or the stop_at checkpoint) holds
     wall = time.perf_counter() - t0
     peak, kind = peak_memory_mb(acc.device)  # the process peak: training's, in a fresh run
     # the plain model, without the autocast wrapper precision=bf16 put on its forward: the run's test metrics are

@@ -6,8 +6,9 @@ its *train* split are used -- the split finetune draws (``splits.csv``, else the
 ``backgrounds_test_fraction`` / ``backgrounds_data_seed``, finetune's defaults), so an image finetune tests on is
 never drawn into pretraining data.
 
-:func:`find_backgrounds` lists them (with ``check``, run once by ``generate`` before any shard: every file
-decoded, every problem in one error);
+:func:`find_backgrounds` lists them, checked as finetune checks real data (:func:`synthvit.data.checked_split`:
+the train images with their masks, or every image of a plain folder; with ``check``, run once by ``generate`` before
+any shard, every file decoded; every problem in one error);
 :class:`BackgroundPool` hands out a background per sample from the sample's own rng (the image choice and crop
 included), decoding each image once per worker process and keeping it in memory (up to ``CACHE_BYTES``).
 """
@@ -25,7 +26,21 @@ from PIL import Image, ImageOps
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from generate.backends import BaseBackend
-from synthvit.data import GOOD_NAMES, IMAGE_EXTS, has_defect, image_files, load_real_data, split_ids
+from synthvit.data import (
+    GOOD_NAMES,
+    IMAGE_EXTS,
+    DataError,
+    Item,
+    RealData,
+    checked_split,
+    has_defect,
+    image_files,
+    load_real_data,
+    set_pixel_cap,
+    validate,
+    why,
+)
+from synthvit.data.core import open_image
 from synthvit.io import SynthvitError
 
 log = logging.getLogger("synthvit.generate")
@@ -53,14 +68,25 @@ def _open_file(path: Path) -> Callable[[], Image.Image]:
     return load
 
 
-def _plain(root: Path) -> list[tuple[str, str, Callable[[], Image.Image]]]:
-    return [(p.relative_to(root).with_suffix("").as_posix(), str(p), _open_file(p)) for p in image_files(root)]
+def _plain(root: Path, check: bool, key: str) -> list[tuple[str, str, Callable[[], Image.Image]]]:
+    """(id, where, loader) of every image of a plain folder, checked as finetune checks real data (``check``: decoded,
+    else headers only) -- every unreadable one (a link to nowhere included) in one error."""
+    data = RealData(root, "plain", [Item(p.relative_to(root).with_suffix("").as_posix(), str(p), open_image(p))
+                                    for p in image_files(root)])
+    set_pixel_cap()
+    bad = validate(data, decode=check)
+    if bad:
+        raise BackgroundError(f"{key}: {len(bad)} unreadable image(s) in {root}: " + "; ".join(bad[:20])
+                              + (" ..." if len(bad) > 20 else "") + "; remove or fix them")
+    return [(i.id, i.source, _open_file(Path(i.source))) for i in data.items]
 
 
 def _is_plain(root: Path) -> bool:
-    """Images directly in the folder and nothing a finetune format reads (no subfolders, JSON, CSV)."""
+    """Images directly in the folder and nothing a finetune format reads (no subfolders, JSON, CSV); a link to
+    nowhere counts as an image (reading it fails, named)."""
     entries = [p for p in root.iterdir() if not p.name.startswith(".")]
-    return bool(entries) and all(p.is_file() and p.suffix.lower() in IMAGE_EXTS for p in entries)
+    return bool(entries) and all((p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_EXTS
+                                 for p in entries)
 
 
 @lru_cache(maxsize=8)
@@ -97,19 +123,22 @@ def _real_data(root: Path, fmt: str, labels: tuple[str, ...], test_fraction: flo
     """(id, where, loader) of the defect-free train images of a real-data folder (those ``allowed`` lists, when
     given), and what was left out."""
     labels = labels or GOOD_NAMES
-    data = load_real_data(root, fmt, check=check)
-    split = split_ids(data, test_fraction, data_seed)
-    train = allowed_train(root, data, split, allowed, key)
+    try:  # the train images (with their masks) checked as finetune checks them (``check``: decoded too)
+        data = load_real_data(root, fmt, check=False)
+        _, train = checked_split(data, test_fraction, data_seed,
+                                 lambda split: allowed_train(root, data, split, allowed, key), decode=check)
+    except DataError as e:
+        raise BackgroundError(f"{key}: {e}") from None
     keep = [i for i in train if not (data.has_masks and has_defect(i))
             and not (data.has_labels and (i.label or "").lower() not in labels)]
     left = {"test": len(data.items) - len(train), "defective": len(train) - len(keep)}
     if not keep:
-        why = ("its masks" if data.has_masks else "") + (" and " if data.has_masks and data.has_labels else "") + \
+        by = ("its masks" if data.has_masks else "") + (" and " if data.has_masks and data.has_labels else "") + \
               (f"its labels (defect-free: {', '.join(labels)}; set procedural.defect_free_labels)"
                if data.has_labels else "")
         raise BackgroundError(
             f"{key}: {root} ({data.fmt} layout) has no defect-free image in its train split ({left['test']} test, "
-            f"{left['defective']} defective by {why or 'its annotations'}); give a folder with defect-free "
+            f"{left['defective']} defective by {by or 'its annotations'}); give a folder with defect-free "
             f"images, or procedural.backgrounds_format=plain to use every image of a plain folder")
     return data.fmt, [(i.id, i.source, i.load) for i in sorted(keep, key=lambda i: i.id)], left
 
@@ -129,25 +158,18 @@ def find_backgrounds(folder: str, fmt: str = "auto", labels: tuple[str, ...] = (
         raise BackgroundError(f"{key}: {root} holds no images ({', '.join(IMAGE_EXTS)})")
     left = {"test": 0, "defective": 0}
     if fmt == "plain" or (fmt == "auto" and _is_plain(root)):
-        fmt, found = "plain", _plain(root)
+        fmt, found = "plain", _plain(root, check, key)
         if not found:
             raise BackgroundError(f"{key}: {root} holds no images ({', '.join(IMAGE_EXTS)})")
     else:
         fmt, found, left = _real_data(root, fmt, labels, test_fraction, data_seed, check, key, allowed)
-    sources, bad = [], []
-    for id_, where, load in found:
+    sources = []
+    for id_, where, load in found:  # checked above: their sizes
         try:
             with load() as im:
-                if check:
-                    im.load()  # decodes: truncated and corrupt files fail here
-                size = im.size
-        except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError ...
-            bad.append(f"{where}: {e}")
-            continue
-        sources.append(Source(id_, where, load, size))
-    if bad:
-        raise BackgroundError(f"{key}: {len(bad)} unreadable image(s) in {root}: " + "; ".join(bad[:20])
-                              + (" ..." if len(bad) > 20 else "") + "; remove or fix them")
+                sources.append(Source(id_, where, load, im.size))
+        except Exception as e:  # changed since it was checked
+            raise BackgroundError(f"{key}: {where}: unreadable image ({why(e)})") from None
     record = {"folder": str(root), "format": fmt, "count": len(sources), "ids": [s.id for s in sources],
               "left_out": left}
     return sources, record

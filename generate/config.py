@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from synthvit.config import ConfigError, parse_size
+from synthvit.config import ConfigError, check_min, check_range, parse_size
 
 SURFACES = ("metal", "sintered", "concrete", "fabric", "painted")
 DEFECTS = ("crack", "scratch", "pit", "stain", "inclusion", "dent", "chip")
@@ -63,9 +63,7 @@ class CameraConfig:
     def __post_init__(self):
         for name in ("blur_prob", "warp_prob", "jpeg_artifact_prob"):
             _check_prob(name, getattr(self, name))
-        for name in ("lighting", "noise", "max_blur_sigma", "max_rotation_deg", "max_perspective"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        check_min(self, 0, "lighting", "noise", "max_blur_sigma", "max_rotation_deg", "max_perspective")
 
 
 @dataclass(kw_only=True)
@@ -111,8 +109,8 @@ class DefectsConfig:
         _check_prob("defect_free_prob", self.defect_free_prob)
         if not 1 <= self.max_defects <= MAX_COUNT:
             raise ConfigError(f"max_defects: {self.max_defects} not accepted; use 1..{MAX_COUNT}")
-        if self.defect_scale <= 0 or not 0 <= self.scale_exponent <= 1:
-            raise ConfigError("defect_scale must be > 0 and scale_exponent in [0, 1]")
+        check_min(self, 0, "defect_scale", above=True)
+        check_range(self, "scale_exponent", 0, 1)
         _check_quantiles("size", self.size, 0.0, 2.0, low_open=True)
         _check_quantiles("aspect", self.aspect, 0.0, 1.0, low_open=True)
         _check_quantiles("orientation", self.orientation, -360.0, 360.0)
@@ -324,8 +322,7 @@ class DiffusionConfig:
         bad = [p for p in self.prompts if "=" not in p or p.split("=", 1)[0].strip() not in DEFECTS]
         if bad:
             raise ConfigError(f"prompts: {bad!r} not accepted; write class=prompt with a class of {', '.join(DEFECTS)}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ConfigError(f"steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+        check_min(self, 1, "steps", "batch_size")
         if not 0 < self.strength <= 1:
             raise ConfigError(f"strength: {self.strength} not accepted; use a value in (0, 1]")
         _check_device(self.device)

@@ -14,7 +14,7 @@ from generate.preview import write_preview
 from generate.schema import INFO_FILE, iter_shard, make_info, read_info, shard_filename, verify_dataset, write_info
 from generate.writer import WrittenShard, plan_shards, remove_stale_temporaries, write_shards
 from synthvit.config import CONFIG_FILE, ConfigError, config_diff, dump_yaml, load_config, to_dict
-from synthvit.io import SynthvitError
+from synthvit.io import SynthvitError, writable_dir
 from synthvit.ranks import join
 from synthvit.storage import Folder
 
@@ -45,6 +45,8 @@ def dataset_config(cfg: GenerateConfig) -> dict:
 def _prepare_out_dir(out: Folder, cfg: GenerateConfig) -> None:
     """Create ``out`` (or reach its bucket) and prove it writable, or check that it holds an earlier run of the
     same dataset config (then we resume)."""
+    if not out.remote:
+        writable_dir(out.location, "out_dir")  # says why: a file, under a file, read-only
     out.check_writable()
     try:
         previous = out.read_text(CONFIG_FILE)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from synthvit.data import Item, RealData, bytes_image, bytes_mask, register_format, why
-from synthvit.io import SynthvitError
+from synthvit.io import SynthvitError, dumps_json
 from synthvit.storage import Folder, StorageError
 
 SCHEMA = "synthvit.shards/1"
@@ -86,7 +86,7 @@ def encode_sample(index: int, sample: Sample, image_format: str = "jpg", jpeg_qu
         image_format: buf.getvalue(),
         MASK_KEY: mask_buf.getvalue(),
         CLS_KEY: str(int(sample.cls)).encode("ascii"),
-        META_KEY: json.dumps(sample.meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
+        META_KEY: dumps_json(sample.meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
     }
 
 
@@ -327,7 +327,7 @@ def make_info(name: str, shards: list[tuple[str, int, str]], class_names: list[s
 def write_info(out_dir: str | Path | Folder, info: DatasetInfo) -> str:
     """Write the manifest (atomically: a reader sees none or all of it); returns where."""
     folder = out_dir if isinstance(out_dir, Folder) else Folder(out_dir)
-    folder.write_text(INFO_FILE, json.dumps(info.to_json(), indent=2) + "\n")
+    folder.write_text(INFO_FILE, dumps_json(info.to_json(), indent=2) + "\n")
     return folder.url(INFO_FILE)
 
 

@@ -6,6 +6,7 @@ temporary file), so an interrupted run leaves whole shards or none.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import multiprocessing as mp
@@ -104,12 +105,20 @@ def _write_tar(backend: Backend, shard: ShardPlan, path: Path, cfg, progress) ->
         # Python's tarfile stores a float one in a PAX extended header before every member (+1 KiB each, and a
         # second header for every reader to parse: the pretraining stream spent a third of its time in tarfile).
         writer = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="synthvit", group="synthvit")
-        for batch in index_batches(shard.start, shard.stop, size):
-            samples = backend.render_batch(batch)
-            for i, sample in zip(batch, samples):
-                writer.write(encode_sample(i, sample, cfg.image_format, cfg.jpeg_quality))
-            if progress is not None:
-                progress(len(batch))
+        try:
+            for batch in index_batches(shard.start, shard.stop, size):
+                samples = backend.render_batch(batch)
+                for i, sample in zip(batch, samples):
+                    writer.write(encode_sample(i, sample, cfg.image_format, cfg.jpeg_quality))
+                if progress is not None:
+                    progress(len(batch))
+        except BaseException:
+            # Close the tar stream now, into the partial file atomic_open then deletes: left open, tarfile flushes
+            # it when collected, after the file is closed ("Exception ignored ... write to closed file" after
+            # Ctrl-C's clean message).
+            with contextlib.suppress(Exception):
+                writer.close()
+            raise
         writer.close()
 
 

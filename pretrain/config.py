@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from synthvit.config import Attention, ConfigError, Decoder, InChans, Precision
+from synthvit.config import Attention, ConfigError, Decoder, InChans, Precision, check_min, check_range
 
 Objective = Literal["cls", "seg", "cls+seg"]
 LrScale = Literal["linear", "sqrt", "none"]
@@ -20,11 +20,9 @@ class MixConfig:
     label_smoothing: float = 0.1
 
     def __post_init__(self):
-        if self.cutmix_alpha < 0 or self.mixup_alpha < 0:
-            raise ConfigError("mix.cutmix_alpha and mix.mixup_alpha must be >= 0")
+        check_min(self, 0, "cutmix_alpha", "mixup_alpha")
         for name in ("prob", "switch_prob", "label_smoothing"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"mix.{name}: {getattr(self, name)} is not in [0, 1]")
+            check_range(self, name, 0, 1)
 
     @property
     def active(self) -> bool:
@@ -47,12 +45,11 @@ class OptimConfig:
     accum_steps: int = field(default=1, metadata={"help": "gradient accumulation steps per optimizer step"})
 
     def __post_init__(self):
-        if self.lr <= 0 or self.lr_base_batch < 1:
-            raise ConfigError("optim.lr must be > 0 and optim.lr_base_batch >= 1")
+        check_min(self, 0, "lr", above=True)
+        check_min(self, 1, "lr_base_batch", "accum_steps")
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas: {self.betas} must hold two numbers")
-        if self.warmup_steps < 0 or self.accum_steps < 1 or self.clip_grad < 0:
-            raise ConfigError("optim.warmup_steps >= 0, optim.accum_steps >= 1 and optim.clip_grad >= 0 required")
+        check_min(self, 0, "warmup_steps", "clip_grad")
 
 
 @dataclass(kw_only=True)
@@ -116,20 +113,15 @@ class PretrainConfig:
         if self.data_weights and (len(self.data_weights) != len(self.data) or min(self.data_weights) <= 0):
             raise ConfigError(f"data_weights: {self.data_weights} needs one positive weight per data folder "
                               f"({len(self.data)})")
-        if self.steps < 1 or self.batch_size < 1 or self.image_size < 16 or self.num_workers < 0 or self.cache_mb < 0:
-            raise ConfigError(f"steps >= 1, batch_size >= 1, image_size >= 16, num_workers >= 0 and cache_mb >= 0 "
-                              f"required; got steps={self.steps}, batch_size={self.batch_size}, image_size="
-                              f"{self.image_size}, num_workers={self.num_workers}, cache_mb={self.cache_mb}")
+        check_min(self, 1, "steps", "batch_size")
+        check_min(self, 16, "image_size")
+        check_min(self, 0, "num_workers", "cache_mb")
         if self.mix.active and self.batch_size % 2:
             raise ConfigError(f"batch_size: {self.batch_size} is odd; CutMix pairs each image with another in the "
                               f"batch and needs an even per-process batch (or set mix.prob=0)")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise ConfigError(f"scale: {self.scale} must be [min, max] with 0 < min <= max <= 1")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"ema_decay: {self.ema_decay} must be in [0, 1)")
-        if self.save_every < 1 or self.keep_last < 1 or self.log_every < 1:
-            raise ConfigError("save_every, keep_last and log_every must be >= 1")
-        if self.decoder_width < 0:
-            raise ConfigError(f"decoder_width: {self.decoder_width} must be >= 0")
-        if self.stop_at < 0 or self.stop_at > self.steps:
-            raise ConfigError(f"stop_at: {self.stop_at} must be in 0..steps ({self.steps})")
+        check_range(self, "ema_decay", 0, 1, open_high=True)
+        check_min(self, 1, "save_every", "keep_last", "log_every")
+        check_min(self, 0, "decoder_width")
+        check_range(self, "stop_at", 0, self.steps, note=" (the steps; 0: run all)")

@@ -14,19 +14,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from pretrain.data import StreamSpec, batches_per_epoch, jitter_batch, make_loader
 from pretrain.mix import create_mixer
 from synthvit import checkpoint
-from synthvit.io import SynthvitError
 from synthvit.models import Heads, save_tensors
+from synthvit.models.export import read_tensors
 from synthvit.progress import progress_bar
 from synthvit.ranks import available_memory_gb, local_processes, usable_cores
 from synthvit.training import (
     MetricsLog,
+    NonFiniteGuard,
     build_adamw,
     lr_at,
     optimizer_step,
@@ -38,6 +38,8 @@ from synthvit.training import (
 
 log = logging.getLogger("synthvit.pretrain")
 EMA_FILE = "ema.safetensors"
+NONFINITE_HINT = ("Lower optim.lr, set optim.clip_grad > 0 (e.g. 1.0) or use precision=no (fp32) or bf16 rather than "
+                  "fp16, then run again: resume=auto continues from the last good checkpoint")
 
 
 def cache_budget(cache_mb: int, roles: int, processes: int) -> int:
@@ -72,6 +74,7 @@ class Trainer:
         self.soft_ce = SoftTargetCrossEntropy()
         self.step, self.images_seen, self.skipped_before = 0, 0, 0
         self.skipped: dict[int, int] = {}
+        self.guard = NonFiniteGuard(accelerator, run_dir, self.lr_at, NONFINITE_HINT)
 
     # ------------------------------------------------------------------ state
     def _state(self) -> dict:
@@ -81,21 +84,31 @@ class Trainer:
     def skipped_total_local(self) -> int:
         return self.skipped_before + sum(self.skipped.values())
 
+    def lr_at(self, step: int) -> float:
+        """The LR of step ``step`` (from 0): warmup, then cosine decay."""
+        cfg = self.cfg
+        return lr_at(step, self.base_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
+
+    def trained_modules(self) -> list[torch.nn.Module]:
+        """The weights a checkpoint or the export holds: the model's, and the EMA's."""
+        return [self.acc.unwrap_model(self.model)] + ([self.ema.module] if self.ema is not None else [])
+
     def save(self) -> Path:
+        self.guard.check(self.step, *self.trained_modules())  # never a checkpoint of non-finite weights
         path = checkpoint.save_checkpoint(self.acc, self.run_dir, self.step, self._state(), self.cfg.keep_last)
         if self.ema is not None and self.acc.is_main_process:
             save_tensors(self.ema.module.state_dict(), path / EMA_FILE)
         return path
 
     def resume(self, ckpt: Path) -> None:
-        checkpoint.load_checkpoint(self.acc, ckpt)
+        checkpoint.load_checkpoint(self.acc, ckpt, self.model)
         state = checkpoint.read_state(ckpt)
         if state.get("num_processes", self.acc.num_processes) != self.acc.num_processes:
             log.warning("resuming a %s-process run on %s processes: the data stream will differ",
                         state["num_processes"], self.acc.num_processes)
         self.step, self.images_seen, self.skipped_before = state["step"], state["images_seen"], state["skipped"]
         if self.ema is not None and (ckpt / EMA_FILE).is_file():
-            self.ema.module.load_state_dict(load_file(str(ckpt / EMA_FILE), device=str(self.acc.device)))
+            self.ema.module.load_state_dict(read_tensors(ckpt / EMA_FILE))
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # ------------------------------------------------------------------ one step
@@ -122,11 +135,12 @@ class Trainer:
         losses["loss"] = losses.get("cls", 0.0) + cfg.seg_weight * losses.get("seg", 0.0)
         return losses
 
-    def train_step(self, batches: list[dict]) -> dict[str, float]:
+    def train_step(self, batches: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step (``accum_steps`` batches); this rank's mean losses, left on the device (no host
+        sync: they are read at log steps)."""
         cfg = self.cfg
-        lr = lr_at(self.step, self.base_lr, cfg.optim.warmup_steps, cfg.steps, cfg.optim.min_lr_ratio)
-        set_lr(self.optimizer, lr)
-        totals: dict[str, float] = {}
+        set_lr(self.optimizer, self.lr_at(self.step))
+        totals: dict[str, torch.Tensor] = {}
         for batch in batches:
             with self.acc.accumulate(self.model):
                 losses = self.losses(batch)
@@ -136,16 +150,8 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v.detach() / len(batches)
         if self.ema is not None:
             self.ema.update(self.acc.unwrap_model(self.model), step=self.step)
-        self._check_finite(totals["loss"])
-        return {k: float(self.acc.reduce(v, "mean")) for k, v in totals.items()} | {"lr": lr}
-
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        bad = self.acc.reduce((~torch.isfinite(loss)).float().reshape(1), "sum")
-        if bad.item() > 0:
-            last = checkpoint.complete_checkpoints(self.run_dir)
-            kept = f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written yet"
-            raise SynthvitError(f"loss is not finite at step {self.step + 1}; {kept}. Lower optim.lr, keep "
-                                f"optim.clip_grad > 0, or use precision=bf16 instead of fp16, then resume")
+        self.guard.observe(self.step + 1, totals["loss"])
+        return totals
 
     # ------------------------------------------------------------------ the loop
     def train(self, end_step: int) -> dict:
@@ -173,33 +179,31 @@ class Trainer:
                            disable=not acc.is_main_process)
         t_start = t_log = time.perf_counter()
         start_step, images_at_log = self.step, self.images_seen
-        window: dict[str, float] = {}  # sums over the steps since the last log line
-        while self.step < end_step:
-            seed_step(cfg.seed, self.step, acc.process_index)
-            group = [next(batches) for _ in range(cfg.optim.accum_steps)]
-            for b in group:
-                self.skipped[b["skipped"][0]] = int(b["skipped"][1])
-                keys.write(self.step, b["keys"])
-            out = self.train_step(group)
-            self.step += 1
-            self.images_seen += self.global_batch
-            bar.update(1)
-            for k, v in out.items():
-                window[k] = window.get(k, 0.0) + v
-            window["n"] = window.get("n", 0) + 1
-            if self.step % cfg.log_every == 0 or self.step == end_step:
-                n = window.pop("n")
-                out = {k: v / n for k, v in window.items()} | {"lr": out["lr"]}
-                window = {}
-                now = time.perf_counter()
-                out["images_per_s"] = (self.images_seen - images_at_log) / max(now - t_log, 1e-9)
-                out["skipped"] = int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device), "sum"))
-                t_log, images_at_log = now, self.images_seen
-                metrics.write(self.step, out)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}", img_s=f"{out['images_per_s']:.0f}")
-            if self.step % cfg.save_every == 0 or self.step == end_step:
-                self.save()
-        bar.close()
+        window: dict = {}  # sums over the steps since the last log line (losses: on the device)
+        with bar:  # closed before an error is printed
+            while self.step < end_step:
+                seed_step(cfg.seed, self.step, acc.process_index)
+                group = [next(batches) for _ in range(cfg.optim.accum_steps)]
+                for b in group:
+                    self.skipped[b["skipped"][0]] = int(b["skipped"][1])
+                    keys.write(self.step, b["keys"])
+                out = self.train_step(group)
+                self.step += 1
+                self.images_seen += self.global_batch
+                bar.update(1)
+                for k, v in out.items():
+                    window[k] = window.get(k, 0.0) + v
+                window["n"] = window.get("n", 0) + 1
+                if self.step % cfg.log_every == 0 or self.step == end_step:
+                    out, window, now = self.log_record(window), {}, time.perf_counter()
+                    out["images_per_s"] = (self.images_seen - images_at_log) / max(now - t_log, 1e-9)
+                    t_log, images_at_log = now, self.images_seen
+                    metrics.write(self.step, out)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['lr']:.2e}",
+                                    img_s=f"{out['images_per_s']:.0f}")
+                if self.step % cfg.save_every == 0 or self.step == end_step:
+                    self.save()
+            self.guard.check(self.step, *self.trained_modules())  # the weights the export holds
         wall = time.perf_counter() - t_start
         trained = (self.step - start_step) * self.global_batch
         return dict(steps=self.step, images_seen=self.images_seen, wall_time_s=round(wall, 2),
@@ -208,6 +212,17 @@ class Trainer:
                                                    "sum")),
                     ranks_in_sync=self.ranks_in_sync(), attention=self.attention, loader=self.loader,
                     cache_mb_per_role=self.cache_mb)
+
+    def log_record(self, window: dict) -> dict[str, float]:
+        """The log line of the steps since the last (``window``: their summed losses and their count ``n``): a
+        non-finite loss among them stops the run; else the mean losses over them and the ranks (the host syncs at
+        log steps only), the LR and the skipped samples."""
+        self.guard.check(self.step)
+        n = window.pop("n")
+        out = {k: float(self.acc.reduce(v / n, "mean")) for k, v in window.items()}
+        out["lr"] = self.lr_at(self.step - 1)
+        out["skipped"] = int(self.acc.reduce(torch.tensor(self.skipped_total_local(), device=self.acc.device), "sum"))
+        return out
 
     def ranks_in_sync(self) -> bool:
         """Gather a fingerprint of every rank's parameters and compare them."""

@@ -1,9 +1,10 @@
 """``synthvit pretrain``: the same code on one CPU, ``accelerate launch`` on 8 GPUs, or many nodes."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from pretrain.data import check_shard_counts, load_sources
 from pretrain.loop import Trainer
 from synthvit import __version__, checkpoint
 from synthvit.config import CONFIG_FILE, dump_yaml, to_dict
-from synthvit.io import atomic_write_text
+from synthvit.io import atomic_write_text, dumps_json
+from synthvit.lock import folder_lock
 from synthvit.models import EXPORT_DIR, ExportMeta, Heads, create_model, stats_meta, write_export
 from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator
@@ -43,7 +45,12 @@ def _warn_no_effect(cfg: PretrainConfig) -> None:
 
 
 def run(cfg: PretrainConfig) -> Path:
-    run_dir = Path(cfg.out_dir)
+    main = os.environ.get("RANK", "0") == "0"  # a launched job's first process holds the folder for all of them
+    with folder_lock(cfg.out_dir) if main else contextlib.nullcontext(Path(cfg.out_dir)) as run_dir:
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: PretrainConfig, run_dir: Path) -> Path:
     sources, class_names = load_sources(cfg.data, cfg.data_weights, cfg.class_names)
     ckpt = checkpoint.resolve_resume(cfg.resume, run_dir)  # a bad resume path stops before anything is written
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
@@ -68,7 +75,7 @@ def run(cfg: PretrainConfig) -> Path:
             final = trainer.ema.module if trainer.ema is not None else acc.unwrap_model(trainer.model)
             summary["export"] = str(write_export(final, run_dir / EXPORT_DIR, _export_meta(cfg, class_names,
                                                                                              trainer)))
-        atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(run_dir / SUMMARY_FILE, dumps_json(summary, indent=2) + "\n")
         log.info("summary: %d steps, %d images seen, %.1f s, %.1f images/s, %d skipped samples%s",
                  summary["steps"], summary["images_seen"], summary["wall_time_s"], summary["images_per_s"],
                  summary["skipped_samples"], f", export: {summary['export']}" if "export" in summary else

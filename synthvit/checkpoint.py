@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_text, dumps_json
 
 CKPT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -36,7 +36,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, state: dict, keep_las
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2))
+        atomic_write_text(tmp / STATE_FILE, dumps_json(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
@@ -67,11 +67,18 @@ def read_state(ckpt: Path) -> dict:
                             f"earlier checkpoint, or run with resume=none") from None
 
 
-def load_checkpoint(accelerator, ckpt: Path) -> None:
+def load_checkpoint(accelerator, ckpt: Path, *modules) -> None:
     """``accelerator.load_state`` of a checkpoint folder (model, optimizer, RNG states -- the RNG files are
-    pickles: resume only from your own runs); a damaged one is named in a clear error."""
+    pickles: resume only from your own runs); a damaged one, or one whose weights (those of ``modules``, the
+    prepared models) hold NaN or infinity, is named in a clear error."""
+    from synthvit.training import first_nonfinite  # (training imports this module)
+
     try:
         accelerator.load_state(str(ckpt))
     except Exception as e:  # safetensors, torch.load and pickle raise many kinds
         raise SynthvitError(f"resume: cannot load {ckpt} ({type(e).__name__}: {e}); remove it to resume from an "
                             f"earlier checkpoint, or run with resume=none") from None
+    bad = first_nonfinite((n, p) for m in modules for n, p in accelerator.unwrap_model(m).state_dict().items())
+    if bad is not None:
+        raise SynthvitError(f"resume: {ckpt} holds weights that are not finite (NaN or infinity; first: {bad}); "
+                            f"remove it to resume from an earlier checkpoint, or run with resume=none")

@@ -1,6 +1,7 @@
 """``synthvit <stage> [--config FILE] [dotted.key=value ...]``: parse, then dispatch (imports are lazy)."""
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -9,8 +10,10 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from synthvit.config import ConfigError, describe, load_config
+from synthvit.config import ConfigError, describe, load_config, repeated_overrides
 from synthvit.io import SynthvitError
+
+log = logging.getLogger("synthvit.cli")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ STAGES: dict[str, Stage] = {
                      "run a matrix of models x real-data budgets (finetune + evaluate per cell) and write a report"),
 }
 
+# OSErrors about the machine rather than the code, even without a file name
+ENVIRONMENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EIO}
 USAGE = "usage: synthvit <stage> [--config FILE] [key=value ...]   (synthvit <stage> --help lists the keys)"
 
 
@@ -90,6 +95,20 @@ def _parse(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+def _end_bars() -> None:
+    """A progress bar an error interrupted ends its line first: the error is a line of its own."""
+    progress = sys.modules.get("synthvit.progress")  # never imported: no bar to end
+    if progress is not None:
+        progress.close_bars()
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OSError that no stage turned into a SynthvitError: what failed, on which file, what to do."""
+    files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return (f"{e.strerror or e}{': ' + files if files else ''}; check that the path exists, its permissions and "
+            f"the free space, then re-run (finished work is kept)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -111,18 +130,29 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     try:
         config_path, overrides = _parse(argv)
+        for note in repeated_overrides(overrides):
+            log.warning("command line: %s", note)
         cfg = load_config(_load(STAGES[name].config), config_path, overrides)
         out = _load(STAGES[name].run)(cfg)
     except ConfigError as e:
+        _end_bars()
         print(f"synthvit {name}: config error: {e}", file=sys.stderr)
         return 2
     except SynthvitError as e:
+        _end_bars()
         print(f"synthvit {name}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _end_bars()
         print(f"synthvit {name}: interrupted; finished work is kept, re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except OSError as e:  # a file or folder that went away or became unwritable mid-run, a full disk
+        if e.filename is None and e.errno not in ENVIRONMENT_ERRNOS:
+            raise  # not about a file the user can fix: a bug, keep its traceback
+        _end_bars()
+        print(f"synthvit {name}: error: {_os_error(e)}", file=sys.stderr)
+        return 1
     if out is not None and os.environ.get("RANK", "0") == "0":
         print(f"synthvit {name}: done -> {out}")
     return 0

@@ -17,8 +17,8 @@ import yaml
 
 log = logging.getLogger("synthvit.config")
 
-__all__ = ["ConfigError", "load_config", "apply_overrides", "to_dict", "dump_yaml", "describe", "parse_size",
-           "CONFIG_FILE", "Precision", "InChans", "Decoder"]
+__all__ = ["ConfigError", "DuplicateKeyError", "StrictLoader", "load_yaml", "repeated_overrides", "load_config", "apply_overrides", "to_dict", "dump_yaml", "describe", "parse_size",
+           "check_min", "check_range", "CONFIG_FILE", "Precision", "InChans", "Decoder"]
 
 CONFIG_FILE = "config.yaml"  # the fully resolved config, in every output folder a stage writes
 # Choice types more than one stage offers
@@ -32,6 +32,79 @@ Decoder = Literal["linear", "dpt", "dpt-skip"]
 
 class ConfigError(ValueError):
     """A config key, value or file the user must fix. The message says what is accepted."""
+
+
+class DuplicateKeyError(ConfigError):
+    """A YAML mapping gives one key twice (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark):
+        self.key, self.lines = key, (first.line + 1, second.line + 1)
+        super().__init__(f"the key {key!r} is given twice (lines {self.lines[0]} and {self.lines[1]}); keep one")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a mapping that gives one key twice raises :class:`DuplicateKeyError` (merge keys,
+    ``<<: *base``, may still be overridden: that is what they are for)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: SafeLoader refuses it with its own error
+                    continue
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(path: str | Path | None = None, text: str | None = None) -> Any:
+    """The YAML document in the file ``path`` (or in ``text``) with :class:`StrictLoader`. A file is read as UTF-8;
+    PyYAML also reads one that starts with a UTF-16 or UTF-8 byte-order mark. Every problem is a
+    :class:`ConfigError` naming the file: unreadable, not UTF-8 text, not YAML, a key given twice."""
+    where = f"config file {path}" if path is not None else "config text"
+    try:
+        if text is not None:
+            return yaml.load(text, Loader=StrictLoader)
+        with open(path, "rb") as f:  # a file object: PyYAML's marks name the file
+            return yaml.load(f, Loader=StrictLoader)
+    except OSError as e:
+        raise ConfigError(f"cannot read {where} ({e.strerror})") from None
+    except yaml.reader.ReaderError as e:
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        guess = " (a NUL byte: UTF-16 without a byte-order mark, or not a text file?)" if code == 0 else ""
+        raise ConfigError(f"{where} is not UTF-8 text ({e.reason}: #x{code:02x} at byte {e.position}{guess}); save "
+                          f"it as UTF-8 (a UTF-16 file with a byte-order mark is read too)") from None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {e}") from None
+
+
+def check_min(cfg: Any, minimum: float, *names: str, above: bool = False, note: str = "") -> None:
+    """Raise a :class:`ConfigError` naming the first of ``names`` (fields of ``cfg``) below ``minimum`` (``above``:
+    not above it; NaN never passes) and its value: ``steps: -5 not accepted; use >= 0``. A group's errors get the
+    group's prefix (``optim.``) from the loader."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not (value > minimum if above else value >= minimum):
+            raise ConfigError(f"{name}: {value} not accepted; use {'>' if above else '>='} {minimum}{note}")
+
+
+def check_range(cfg: Any, name: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False,
+                note: str = "") -> None:
+    """Raise a :class:`ConfigError` naming field ``name`` of ``cfg`` and its value when it is outside
+    ``[low, high]`` (``open_low`` / ``open_high``: that end excluded)."""
+    value = getattr(cfg, name)
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        span = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        raise ConfigError(f"{name}: {value} not accepted; use a value in {span}{note}")
 
 
 def _type_name(tp: Any) -> str:
@@ -198,12 +271,31 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"override {item!r} has no key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override {item!r}: the key {e.key!r} is given twice; keep one") from None
     except yaml.YAMLError:
         value = raw
     if value is None and raw.strip().lower() not in ("null", "none", "~"):
         value = raw
     return key, value
+
+
+def repeated_overrides(overrides: list[str]) -> list[str]:
+    """What :func:`apply_overrides` will decide by order: a key given again (``steps=3 steps=5``: the last wins, as
+    in ``$FT steps=5`` after a shell variable that holds ``steps=3``), or a group beside one of its keys
+    (``optim={lr: 1} optim.lr=2``: applied in order, so a later group replaces an earlier key). One line each."""
+    seen: dict[str, str] = {}
+    notes = []
+    for item in overrides:
+        key, _ = _parse_override(item)
+        for other, earlier in seen.items():
+            if key == other:
+                notes.append(f"{key} is given twice ({earlier}, then {item}): the last wins")
+            elif key.startswith(other + ".") or other.startswith(key + "."):
+                notes.append(f"{earlier} and {item} overlap: applied in this order")
+        seen[key] = item
+    return notes
 
 
 def apply_overrides(base: dict, overrides: list[str]) -> dict:
@@ -266,13 +358,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         if text is None:
             path = Path(path)
             if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
+                raise ConfigError(f"config file {path} {'is not a file' if path.exists() else 'does not exist'}")
         else:
             path = path or "<text>"
-        try:
-            loaded = yaml.safe_load(path.read_text() if text is None else text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        loaded = load_yaml(path, text) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(loaded).__name__}")
         tree = loaded

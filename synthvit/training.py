@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from synthvit.checkpoint import complete_checkpoints
+from synthvit.io import SynthvitError, dumps_json
 from synthvit.ranks import usable_cores
 
 log = logging.getLogger("synthvit.training")
@@ -194,4 +196,56 @@ class MetricsLog:
         if self.acc.is_main_process:
             record = {k: v if isinstance(v, int) else float(f"{v:.6g}") for k, v in values.items()}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+                f.write(dumps_json({"step": step, **record}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------- non-finite
+def first_nonfinite(named) -> str | None:
+    """The name of the first floating-point tensor of ``named`` ((name, tensor) pairs) that holds a NaN or an
+    infinity, or None (one host sync for all of them)."""
+    named = [(n, t) for n, t in named if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    device = named[0][1].device
+    finite = torch.stack([torch.isfinite(t).all().to(device) for _, t in named]).cpu()
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0])][0]
+
+
+class NonFiniteGuard:
+    """Stops a training run at its first non-finite loss (one is enough: AdamW turns the NaN gradients it brings into
+    NaN weights, which no later step repairs). There is no host sync per step: :meth:`observe` folds each step's
+    flag into a device-side "first bad step", and :meth:`check` -- which every rank calls at the same steps (log
+    steps, before each checkpoint, at the end), so all ranks stop together and none waits in a collective -- reads
+    it from every rank and raises one :class:`SynthvitError` naming the step, its learning rate, the last
+    checkpoint kept and what to try (``hint``). With ``modules``, :meth:`check` also refuses non-finite weights: no
+    checkpoint or export of them is ever written."""
+
+    def __init__(self, accelerator, run_dir: Path, lr_of, hint: str):
+        self.acc, self.run_dir, self.lr_of, self.hint = accelerator, Path(run_dir), lr_of, hint
+        self.first = torch.full((1,), -1, dtype=torch.long, device=accelerator.device)
+
+    def observe(self, step: int, loss: torch.Tensor) -> None:
+        """Step ``step`` (counted from 1) gave ``loss``: remember the step if it is the first non-finite one."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self.first.masked_fill_(bad & (self.first < 0), step)
+
+    def check(self, step: int, *modules: torch.nn.Module) -> None:
+        """Raise if any rank saw a non-finite loss up to ``step`` or (``modules``) holds non-finite weights."""
+        firsts = self.acc.gather(self.first)
+        if bool((firsts >= 0).any()):
+            bad = int(firsts[firsts >= 0].min())
+            raise SynthvitError(f"loss is not finite at step {bad} (NaN or infinity; learning rate "
+                                f"{self.lr_of(bad - 1):.3g}); training stopped and wrote no export; "
+                                f"{self._kept()}. {self.hint}")
+        if not modules:
+            return
+        name = first_nonfinite((n, p) for m in modules for n, p in m.named_parameters())
+        flags = self.acc.gather(torch.tensor([name is not None], device=self.acc.device))
+        if bool(flags.any()):
+            raise SynthvitError(f"the weights are not finite (NaN or infinity) after step {step}"
+                                f"{f' (first: {name})' if name else ''} although every loss was; training stopped "
+                                f"and wrote no export; {self._kept()}. {self.hint}")
+
+    def _kept(self) -> str:
+        last = complete_checkpoints(self.run_dir)
+        return f"the last good checkpoint {last[-1]} is kept" if last else "no checkpoint was written before it"

@@ -52,14 +52,24 @@ def test_doctor_lists_every_problem_and_exits_1_without_a_traceback(folder, tmp_
                                                              for i in range(24)))
     out = tmp_path / "doc"
     res = run_cli("doctor", f"data={folder}", f"report_dir={out}", *DOCTOR)
-    assert_cli_error(res, 1, "problem(s) found", str(out / "doctor.json"))
-    problems = json.loads((out / "doctor.json").read_text())["problems"]
-    text = "\n".join(problems)
+    assert_cli_error(res, 1, "problem(s) found", "finetune would refuse", str(out / "doctor.json"))
+    report = json.loads((out / "doctor.json").read_text())
+    text = "\n".join(report["problems"])  # what finetune refuses: the exit code
     assert "im07.png: unreadable image" in text and "im05.png: mask is 10x10, image is 64x48" in text
-    assert "im01.png: the mask is defect everywhere" in text
-    assert "im03.png: labelled dark but its mask is empty" in text
-    assert "1 train/test near-duplicate pair(s)" in text and "im00 ~ im02 (0 bits)" in text
-    assert "PROBLEM" in res.stdout
+    warned = "\n".join(report["warnings"])  # what it trains through
+    assert "im01.png: the mask is defect everywhere" in warned
+    assert "im03.png: labelled dark but its mask is empty" in warned
+    assert "1 train/test near-duplicate pair(s)" in warned and "im00 ~ im02 (0 bits)" in warned
+    assert "PROBLEM" in res.stdout and "WARNING" in res.stdout
+
+
+def test_doctor_warnings_exit_0_unless_strict(folder, tmp_path, cli):
+    Image.fromarray(np.full((48, 64), 255, np.uint8)).save(folder / "masks" / "im01.png")  # defect everywhere
+    res = cli("doctor", f"data={folder}", f"report_dir={tmp_path / 'a'}", *DOCTOR)
+    assert res.returncode == 0 and "WARNING" in res.stdout and "warning(s)" in res.stdout, res.stderr[-2000:]
+    assert json.loads((tmp_path / "a" / "doctor.json").read_text())["problems"] == []
+    assert_cli_error(cli("doctor", f"data={folder}", f"report_dir={tmp_path / 'b'}", *DOCTOR, "strict=true"), 1,
+                     "warning(s)", "strict=true")
 
 
 def test_finetune_advise_applies_the_advice_and_records_it(folder, tmp_path):

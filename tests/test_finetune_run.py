@@ -318,7 +318,7 @@ def test_a_stopped_finetune_resumes_to_the_same_export_and_log(real_data, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
     assert (whole / "metrics.jsonl").read_text() == (parts / "metrics.jsonl").read_text()
     # starting over in a folder with a later checkpoint: that one goes, this run's own are the ones kept
-    assert cli("finetune", *common, f"out_dir={whole}", "stop_at=5", "resume=none").returncode == 0
+    assert cli("finetune", *common, f"out_dir={whole}", "stop_at=5", "overwrite=true").returncode == 0
     assert cli("finetune", *common, f"out_dir={whole}", "stop_at=3", "save_every=2", "resume=none").returncode == 0
     assert [p.name for p in (whole / "checkpoints").iterdir()] == ["step_00000003"]
     # damaged checkpoints are named, not a traceback

@@ -190,7 +190,7 @@ def test_bad_output_folders(tiny_dataset, tmp_path, cli):
     a_file = tmp_path / "file"
     a_file.write_text("")
     res = cli("generate", *tiny_overrides(a_file / "sub"))
-    assert_cli_error(res, 1, "cannot create out_dir")
+    assert_cli_error(res, 1, f"out_dir: {a_file / 'sub'} cannot be created: {a_file} is a file")
     res = cli("generate", *tiny_overrides(tmp_path / "x", image_size="100000x10"))
     assert_cli_error(res, 2, "image_size: 100000x10 is impossible")
     res = cli("generate", *tiny_overrides(tmp_path / "x", backend="gan"))

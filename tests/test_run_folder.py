@@ -212,3 +212,19 @@ def test_a_run_stopped_while_evaluating_evaluates_its_export(finished, tmp_path,
     again = json.loads((run / "metrics.json").read_text())
     assert again["pixel"] == metrics["pixel"] and again["train_wall_s"] == metrics["train_wall_s"]
     assert (run / "export" / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize("verb", ["pretrain", "compare", "evaluate", "calibrate"])
+def test_every_run_folder_writer_takes_the_lock(verb, finished, tiny_dataset, tmp_path, cli):
+    data, run = _copy(finished, tmp_path)
+    _relocate(run, data)
+    folder = run if verb in ("evaluate", "calibrate") else tmp_path / "out"
+    args = {"pretrain": [f"data=[{tiny_dataset}]", f"out_dir={folder}", "model=vit_tiny_patch16_224", "image_size=32",
+                         "steps=1", "batch_size=4", "num_workers=0"],
+            "compare": [f"data={data}", f"out_dir={folder}", "models=[{name: a, model: vit_tiny_patch16_224}]",
+                        "budgets=[4]", "finetune.steps=1", "finetune.crop_size=32"],
+            "evaluate": [f"checkpoint={run}"], "calibrate": [f"checkpoint={run}"]}[verb]
+    folder.mkdir(exist_ok=True)
+    with folder_lock(folder):
+        assert_cli_error(cli(verb, *args), 1, "is in use by another synthvit process")
+    assert not (folder / "config.yaml").exists() or verb in ("evaluate", "calibrate")

@@ -2,9 +2,13 @@
 
 FOLDER is a real-data folder in any finetune format with masks. Only its *train* split is read (``splits.csv``,
 else the seeded split of ``copypaste.test_fraction`` / ``copypaste.data_seed``, finetune's defaults), so an image
-finetune tests on is never drawn. Once per process (cached), :func:`load_source` cuts every labelled defect of the
-train split out: one instance is a connected component (8-connected) of one class with ``copypaste.margin`` px of
-its surroundings (components under ``copypaste.min_area`` px are dropped and counted). Only these patches are kept.
+finetune tests on is never drawn. The train images and masks are checked first as finetune checks them
+(:func:`synthvit.data.checked_split`: every unreadable file, mask of another size or mask value outside the classes
+in one error, before any shard); a test image is not opened (but for its mask and size where the seeded split is
+stratified by defect presence, as finetune's is). Once per process (cached), :func:`load_source` cuts every
+labelled defect of the train split out: one instance is a connected component (8-connected) of one class with
+``copypaste.margin`` px of its surroundings (components under ``copypaste.min_area`` px are dropped and counted).
+Only these patches are kept.
 
 Sample ``index`` is drawn from ``numpy.random.default_rng((seed, index))`` alone (as every backend): a random
 ``image_size`` crop of a defect-free train frame (or, with ``copypaste.free_areas``, of a defective one, whose own
@@ -47,10 +51,10 @@ from synthvit.data import (
     GOOD_NAMES,
     SPLITS_FILE,
     DataError,
+    checked_split,
     has_defect,
     load_real_data,
     shown_size,
-    split_ids,
     to_array,
     why,
 )
@@ -167,18 +171,22 @@ def load_source(folder: str, fmt: str = "auto", test_fraction: float = 0.3, data
         raise _fail(root, "is not a folder; give a real-data folder (any finetune format) with labelled defects")
     try:
         data = load_real_data(root, fmt, check=False, split_missing=split_missing)
+        if not data.has_masks:
+            raise _fail(root, f"({data.fmt} layout) has no masks"
+                        f"{': ' + data.masks_refused if data.masks_refused else ''}; copy-paste cuts out labelled "
+                        f"defects: give masks, polygons or COCO segmentations")
+        # every train image, or those real_ids lists (a budget's own, in compare), checked as finetune checks them
+        split, train = checked_split(data, test_fraction, data_seed,
+                                     lambda split: allowed_train(root, data, split, allowed, KEY))
     except DataError as e:
         raise CopyPasteError(f"{KEY}: {e}") from None
-    if not data.has_masks:
-        raise _fail(root, f"({data.fmt} layout) has no masks{': ' + data.masks_refused if data.masks_refused else ''}"
-                    f"; copy-paste cuts out labelled defects: give masks, polygons or COCO segmentations")
-    split = split_ids(data, test_fraction, data_seed)
-    source = (f"{SPLITS_FILE}" if data.splits else f"seeded: copypaste.test_fraction={test_fraction}, "
-              f"copypaste.data_seed={data_seed}")
-    try:  # every train image, or those real_ids lists (a budget's own, in compare)
-        train = sorted(allowed_train(root, data, split, allowed, KEY), key=lambda i: i.id)
+    except CopyPasteError:
+        raise
     except SynthvitError as e:
         raise CopyPasteError(str(e)) from None
+    train = sorted(train, key=lambda i: i.id)
+    source = (f"{SPLITS_FILE}" if data.splits else f"seeded: copypaste.test_fraction={test_fraction}, "
+              f"copypaste.data_seed={data_seed}")
     test = [i for i in data.items if split[i.id] == "test"]
     if not train:
         raise _fail(root, f"({data.fmt} layout) has no train image: all {len(test)} images are in the test split "
@@ -337,13 +345,9 @@ class CopyPasteBackend(BaseBackend):
                            float(p.feather), p.free_areas, read_real_ids(self.cfg.real_ids))
 
     def validate(self) -> None:
-        """Every image and mask of the folder decodes (one error listing those that do not); run once before any
-        shard. Warns about frames smaller than the image size."""
-        p = self.p
-        try:
-            load_real_data(p.data, p.format, check=True, split_missing=p.split_missing)
-        except DataError as e:
-            raise CopyPasteError(f"{KEY}: {e}") from None
+        """Warns about frames smaller than the image size; run once before any shard. Every image and mask it reads
+        (the train split's) was checked as finetune checks them when the source was loaded (one error listing every
+        problem); the test split's images are never opened."""
         FramePool(self.source.frames, self.source.masks, self.width, self.height, warn=True)
         r = self.source.record
         log.info("copypaste: %d defect instances (%s; %d under %d px dropped) from %d train images of %s; pasted "

@@ -3,8 +3,11 @@ labelled defects of a real-data folder's *train* split.
 
 FOLDER is a real-data folder in any format with masks; its split is finetune's (``splits.csv``, else the seeded
 split of ``defects.fit_test_fraction`` / ``defects.fit_data_seed``), and with ``real_ids`` only the train images it
-lists are read: a test image is never opened. Each instance is a connected component (8-connected) of one class of a
-train mask (components under ``MIN_AREA`` px, annotation specks, are left out), measured by
+lists are read: a test image is never opened (but for its mask and size where the seeded split is stratified by
+defect presence, as finetune's is). What it reads is checked first as finetune checks it
+(:func:`synthvit.data.checked_split`): every unreadable image, mask of another size or mask value outside the classes
+is listed in one error, before anything is measured. Each instance is a connected component (8-connected) of one
+class of a train mask (components under ``MIN_AREA`` px, annotation specks, are left out), measured by
 :func:`generate.defects.shape.measure` relative to its frame's short side, and its contrast is the mean grey level
 (0..1) inside it minus that of a ``RING`` px ring around it (other defects' pixels left out). The real classes are
 pooled: every painter class (``defects.classes``) draws from the same fitted distributions and keeps its own look.
@@ -31,10 +34,10 @@ from synthvit.data import (
     GOOD_NAMES,
     SPLITS_FILE,
     DataError,
+    checked_split,
     has_defect,
     load_real_data,
     shown_size,
-    split_ids,
     to_array,
     why,
 )
@@ -103,19 +106,22 @@ def measure_train(folder: str, fmt: str = "auto", test_fraction: float = 0.3, da
         raise FitError(f"{KEY}: {root} is not a folder; give a real-data folder (any format with masks)")
     try:
         data = load_real_data(root, fmt, check=False, split_missing=split_missing)
-        split = split_ids(data, test_fraction, data_seed)
+        if not data.has_masks:
+            raise FitError(f"{KEY}: {root} ({data.fmt} layout) has no masks"
+                           f"{': ' + data.masks_refused if data.masks_refused else ''}; the fit measures labelled "
+                           f"defects: give masks, polygons or COCO segmentations")
+        # the train images it reads (those real_ids lists, when given), checked as finetune checks them
+        _, train = checked_split(data, test_fraction, data_seed,
+                                 lambda split: allowed_train(root, data, split, allowed, KEY))
     except DataError as e:
         raise FitError(f"{KEY}: {e}") from None
-    if not data.has_masks:
-        raise FitError(f"{KEY}: {root} ({data.fmt} layout) has no masks"
-                       f"{': ' + data.masks_refused if data.masks_refused else ''}; the fit measures labelled "
-                       f"defects: give masks, polygons or COCO segmentations")
-    source = SPLITS_FILE if data.splits else (f"seeded: defects.fit_test_fraction={test_fraction}, "
-                                              f"defects.fit_data_seed={data_seed}")
-    try:
-        train = sorted(allowed_train(root, data, split, allowed, KEY), key=lambda i: i.id)
+    except FitError:
+        raise
     except SynthvitError as e:
         raise FitError(str(e)) from None
+    train = sorted(train, key=lambda i: i.id)
+    source = SPLITS_FILE if data.splits else (f"seeded: defects.fit_test_fraction={test_fraction}, "
+                                              f"defects.fit_data_seed={data_seed}")
     instances, counts, problems, small, free = [], [], [], 0, 0
     for item in train:
         try:

@@ -150,9 +150,11 @@ def _doctor_section(out: Path, report: Report) -> None:
     doc = read_json(out / DOCTOR_DIR / "doctor.json")
     if doc is None:
         return
-    problems = doc.get("problems", [])
+    problems, warnings = doc.get("problems", []), doc.get("warnings", [])
     report.add("h2", "The data (synthvit doctor)")
     verdict = "no problem found" if not problems else f"{len(problems)} problem(s), e.g. " + "; ".join(problems[:3])
+    if warnings:
+        verdict += f"; {len(warnings)} warning(s), e.g. " + "; ".join(warnings[:3])
     advice = "; ".join(f"{a['key']}={a['value']}" for a in doc.get("advice", [])) or "none"
     report.add("p", f"`{DOCTOR_DIR}/doctor.json`: {verdict}. Advice for the first model's settings (train split "
                     f"only): {advice}.")

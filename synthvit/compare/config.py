@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from finetune.config import FinetuneConfig, Task
-from synthvit.config import ConfigError
+from synthvit.config import ConfigError, check_min, repeated_overrides
 
 ModelTask = Literal["", Task]  # "": finetune.task
 ZERO_SHOT = "zero-shot"  # a budget: the init export evaluated as it is (finetune steps=0), no real training
@@ -40,6 +40,9 @@ class ModelSpec:
         bad = [o for o in self.overrides if "=" not in o]
         if bad:
             raise ConfigError(f"models.{self.name}.overrides: {bad} are not key=value")
+        repeated = repeated_overrides(self.overrides)
+        if repeated:
+            raise ConfigError(f"models.{self.name}.overrides: {repeated[0].rsplit(': ', 1)[0]}; give each key once")
         if self.synthetic and any(o.split("=", 1)[0].strip() == "synthetic" for o in self.overrides):
             raise ConfigError(f"models.{self.name}: give synthetic (a generate config built per budget) or an "
                               f"override synthetic=[...] (fixed sets), not both; finetune.synthetic adds fixed sets "
@@ -98,8 +101,8 @@ class CompareConfig:
                               f"train images), at least one, and optionally {ZERO_SHOT!r}")
         if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: {self.seeds} not accepted; give one or more distinct integers >= 0")
-        if self.parallel < 0 or self.probe_repeats < 1 or self.report_images < 0 or self.cka_images < 0:
-            raise ConfigError("parallel >= 0, probe_repeats >= 1, report_images >= 0 and cka_images >= 0 required")
+        check_min(self, 0, "parallel", "report_images", "cka_images", "analysis_size")
+        check_min(self, 1, "probe_repeats")
         for key in ("data", "init", "weights"):
             if getattr(self.finetune, key):
                 raise ConfigError(f"finetune.{key}: set per cell by compare; use data=..., or models[].init / "

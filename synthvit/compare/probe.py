@@ -6,7 +6,6 @@ parameters, GFLOPs per 512x512 tile, full-frame (default 3840x2160) inference se
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune.artifacts import load_run
 from synthvit.compare.matrix import PROBE_FILE
 from synthvit.config import parse_size
-from synthvit.io import atomic_write_text
+from synthvit.io import atomic_write_text, dumps_json
 from synthvit.training import peak_memory_mb, resolve_device
 
 TILE = 512
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     result = probe(args.run_dir, parse_size(args.size, "probe_size"), args.repeats)
-    atomic_write_text(args.run_dir / PROBE_FILE, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.run_dir / PROBE_FILE, dumps_json(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from synthvit.io import SynthvitError
 
 GOOD_NAMES = ("good", "free", "ok", "normal", "defect-free", "defect_free", "none", "background")
 SHOWN = 20
 EXIF_ORIENTATION = 0x0112
+MAX_PIXELS = 8192 * 8192  # the default ``max_pixels``: the largest frame (in pixels) any reader decodes
+_cap = [MAX_PIXELS]  # the cap set_pixel_cap set last, for messages
 
 
 class DataError(SynthvitError):
@@ -88,14 +93,43 @@ def to_array(image: Image.Image, channels: int = 3) -> np.ndarray:
     return np.asarray(image.convert("L" if channels == 1 else "RGB"))
 
 
-def set_pixel_cap(max_pixels: int) -> None:
-    Image.MAX_IMAGE_PIXELS = max_pixels
+def set_pixel_cap(max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse to open a frame of more than ``max_pixels`` pixels (a ``DecompressionBombError``, which :func:`why`
+    words with the cap). Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that: the cap is set to half
+    ``max_pixels``, so the refusal comes at ``max_pixels`` itself, and Pillow's warning below it is silenced."""
+    _cap[0] = max_pixels
+    Image.MAX_IMAGE_PIXELS = max_pixels // 2 if max_pixels % 2 == 0 else max_pixels / 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def open_image(path: Path) -> Callable[[], Image.Image]:
     # From its bytes, not its path: Pillow (13) applies a TIFF's EXIF orientation as it loads, but from a path it
     # drops the tag without turning the pixels, so a rotated TIFF would load in its stored orientation.
-    return lambda: Image.open(io.BytesIO(path.read_bytes()))
+    def load() -> Image.Image:
+        if path.is_symlink() and not path.exists():
+            raise FileNotFoundError(f"a symbolic link to {os.readlink(path)}, which does not exist")
+        return _open_bytes(path.read_bytes(), str(path))
+    return load
+
+
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    """``Image.open`` of in-memory bytes whose error names ``name`` (Pillow's would show ``<_io.BytesIO ...>``)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        what = "empty (0 bytes)" if not data else "not an image in a format Pillow reads"
+        raise UnidentifiedImageError(f"cannot identify image {name!r}: {what}" if name else
+                                     f"cannot identify the image: {what}") from None
+
+
+def translucent(image: Image.Image) -> bool:
+    """Whether a frame holds a pixel with alpha < 255 (RGBA, LA, or a palette with a transparent entry), which
+    :func:`to_array` blends onto black."""
+    if image.mode in ("RGBA", "LA"):
+        return image.getchannel("A").getextrema()[0] < 255
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA").getchannel("A").getextrema()[0] < 255
+    return False
 
 
 def shown_size(image: Image.Image) -> tuple[int, int]:
@@ -133,7 +167,11 @@ def mask_array(image: Image.Image) -> np.ndarray:
 
 
 def why(e: Exception) -> str:
-    """An exception for a problem line: its text, with its type when that is not an I/O or value error."""
+    """An exception for a problem line: its text, with its type when that is not an I/O or value error; a frame over
+    the pixel cap as its size against ``max_pixels``."""
+    if isinstance(e, Image.DecompressionBombError):
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return f"{found.group(1) + ' pixels' if found else 'a frame'}, more than the max_pixels cap of {_cap[0]}"
     return str(e) if isinstance(e, (OSError, ValueError)) and str(e) else f"{type(e).__name__}: {e}"
 
 
@@ -179,13 +217,14 @@ def order_classes(names: set[str]) -> list[str]:
     return good[:1] + sorted(n for n in names if n not in good[:1])
 
 
-def bytes_image(data: bytes) -> Callable[[], Image.Image]:
-    return lambda: Image.open(io.BytesIO(data))
+def bytes_image(data: bytes, name: str = "") -> Callable[[], Image.Image]:
+    """A loader of an image held in memory; ``name`` (its file, shard or sample key) is what its errors name."""
+    return lambda: _open_bytes(data, name)
 
 
 def bytes_mask(data: bytes) -> Callable[[tuple[int, int]], np.ndarray]:
     def load(size):
-        with Image.open(io.BytesIO(data)) as im:
+        with _open_bytes(data, "") as im:
             return mask_array(im)
     return load
 

@@ -5,7 +5,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,7 @@ from synthvit.data.annotations import (
     shapes_mask,
 )
 from synthvit.data.core import (
+    MAX_PIXELS,
     DataError,
     Item,
     RealData,
@@ -36,10 +37,11 @@ from synthvit.data.core import (
     set_pixel_cap,
     shown_size,
     to_array,
+    translucent,
     why,
 )
 from synthvit.data.hf import read_hf
-from synthvit.data.splits import SPLIT_MISSING, read_splits
+from synthvit.data.splits import SPLIT_MISSING, read_splits, split_ids
 from synthvit.storage import is_url, redact
 
 log = logging.getLogger("synthvit.data")
@@ -113,8 +115,10 @@ def _empty_mask(size):
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Every image under ``folder`` (recursive, sorted); hidden files and folders are not data."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+    """Every image under ``folder`` (recursive, sorted); hidden files and folders are not data. A symbolic link
+    that points nowhere is listed too: reading it fails, and its reader names it with the other unreadable files."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS
+                  and (p.is_file() or (p.is_symlink() and not p.exists()))
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
@@ -158,8 +162,8 @@ def _labelme(root: Path, problems: list[str]) -> RealData:
             problems.append(f"{name}: a second annotation of the image id {f.id!r} ({seen[f.id]})")
             continue
         seen[f.id] = name
-        load, source = (open_image(f.image), str(f.image)) if f.image else (bytes_image(f.image_data),
-                                                                        f"{f.json}#imageData")
+        source = str(f.image) if f.image else f"{f.json}#imageData"
+        load = open_image(f.image) if f.image else bytes_image(f.image_data, source)
         items.append(Item(f.id, source, load, None, shapes_mask([(index[lab], k, pts) for lab, k, pts in f.shapes])))
     if skipped:
         log.warning("labelme: %d point shape(s) skipped, a point marks no area: %s",
@@ -277,7 +281,7 @@ def detect_format(root: Path) -> str:
                     f"datasets save_to_disk folder, or synthvit shards with _info.json)")
 
 
-def load_real_data(root: str | Path, fmt: str = "auto", check: bool = True, max_pixels: int = 8192 * 8192,
+def load_real_data(root: str | Path, fmt: str = "auto", check: bool = True, max_pixels: int = MAX_PIXELS,
                    split_missing: str = "error") -> RealData:
     """The data of ``root`` with its ``splits.csv`` applied (``split_missing``: images it does not list are an error,
     or go to train or test), validated unless ``check`` is false; every problem found in one :class:`DataError`."""
@@ -315,33 +319,78 @@ def load_real_data(root: str | Path, fmt: str = "auto", check: bool = True, max_
     return data
 
 
-def validate(data: RealData) -> list[str]:
-    """Decode every image (and mask) once, as training reads them: unreadable, truncated or corrupt files, pixel
-    formats that do not convert, size mismatches (masks are in the displayed, EXIF-transposed orientation) and
-    out-of-range mask values. Whatever a file raises becomes a problem naming it, never a raw exception."""
-    problems = []
-    for item in data.items:
+def validate(data: RealData, items: list[Item] | None = None, decode: bool = True) -> list[str]:
+    """The problems of ``items`` (default: every item) as training would meet them; see :func:`check_items`."""
+    return check_items(data, data.items if items is None else items, decode).problems
+
+
+class Checked(NamedTuple):
+    problems: list[str]  # one line per problem, naming its file
+    broken: set[str]  # ids of the items with a problem
+
+
+def check_items(data: RealData, items: list[Item], decode: bool = True) -> Checked:
+    """Read every image (and mask) of ``items`` once, as training reads them: unreadable, empty, truncated or
+    corrupt files, frames over the pixel cap, pixel formats that do not convert, mask size mismatches (masks are in
+    the displayed, EXIF-transposed orientation) and out-of-range mask values. Whatever a file raises becomes a
+    problem naming it, never a raw exception. ``decode`` false: image headers only (sizes), masks still read whole.
+    Frames with transparency, which training blends onto black, are named in one warning."""
+    problems, broken, see_through = [], set(), []
+    for item in items:
         try:
             with item.load() as im:
-                im.load()  # decodes: truncated and corrupt files fail here
                 size = shown_size(im)
-                to_array(im.crop((0, 0, 1, 1)))  # its pixel format converts the way training converts it
+                if decode:
+                    im.load()  # decodes: truncated and corrupt files fail here
+                    to_array(im.crop((0, 0, 1, 1)))  # its pixel format converts the way training converts it
+                    if translucent(im):
+                        see_through.append(item.source)
         except Exception as e:  # PIL raises OSError, SyntaxError, struct.error, DecompressionBombError ...
             problems.append(f"{item.source}: unreadable image ({why(e)})")
+            broken.add(item.id)
             continue
         if item.mask is None or not data.seg_classes:  # no mask classes (labelme without shapes): no masks to check
             continue
-        try:
-            mask = item.mask(size)
-        except Exception as e:
-            problems.append(f"{item.source}: unreadable mask ({why(e)})")
-            continue
-        if mask.shape != (size[1], size[0]):
-            problems.append(f"{item.source}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {size[0]}x{size[1]}")
-        elif mask.size and int(mask.max()) >= len(data.seg_classes):
-            problems.append(f"{item.source}: mask value {int(mask.max())} outside the classes "
-                            f"0..{len(data.seg_classes) - 1} ({', '.join(data.seg_classes)})")
-        item.defect = bool(mask.any())  # read once here for the split's strata
-    return problems
+        problem = _mask_problem(data, item, size)
+        if problem:
+            problems.append(f"{item.source}: {problem}")
+            broken.add(item.id)
+    if see_through:
+        log.warning("%d frame(s) of %s have transparent pixels (alpha < 255), which are read blended onto black: %s%s",
+                    len(see_through), redact(str(data.root)), ", ".join(see_through[:10]),
+                    f" and {len(see_through) - 10} more" if len(see_through) > 10 else "")
+    return Checked(problems, broken)
 
 
+def _mask_problem(data: RealData, item: Item, size: tuple[int, int]) -> str:
+    """What is wrong with ``item``'s mask for an image of ``size`` ("" if nothing); records its defect presence."""
+    try:
+        mask = item.mask(size)
+    except Exception as e:
+        return f"unreadable mask ({why(e)})"
+    if mask.shape != (size[1], size[0]):
+        return f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {size[0]}x{size[1]}"
+    if mask.size and int(mask.max()) >= len(data.seg_classes):
+        return (f"mask value {int(mask.max())} outside the classes 0..{len(data.seg_classes) - 1} "
+                f"({', '.join(data.seg_classes)})")
+    item.defect = bool(mask.any())  # read once here for the split's strata
+    return ""
+
+
+def checked_split(data: RealData, test_fraction: float, seed: int, reads: Callable[[dict[str, str]], list[Item]],
+                  decode: bool = True) -> tuple[dict[str, str], list[Item]]:
+    """For a reader of part of ``data`` (generate's readers of the train split): the split, and the items
+    ``reads(split)`` picks, checked as finetune checks them (:func:`check_items`) before anything reads them; every
+    problem in one :class:`DataError`. Only what the reader reads is opened: those items, and -- where the seeded
+    split is stratified by defect presence (no ``splits.csv``, no image labels), so reads every mask -- every mask
+    with its image's header (no pixels). Otherwise a test image is never opened."""
+    if not data.splits and not data.has_labels and data.has_masks:
+        problems = validate(data, decode=False)
+        if problems:
+            raise problems_error(data.root, problems)
+    split = split_ids(data, test_fraction, seed)
+    items = reads(split)
+    problems = validate(data, items, decode)
+    if problems:
+        raise problems_error(data.root, problems)
+    return split, items

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from synthvit.io import SynthvitError
-from synthvit.models.export import read_tensors
+from synthvit.models.export import check_finite, read_tensors
 
 log = logging.getLogger("synthvit.models")
 
@@ -42,18 +42,40 @@ def create_backbone(name: str, num_classes: int, image_size: int, in_chans: int,
     return model
 
 
+WEIGHTS_ACCEPTED = ("weights= takes a .safetensors file, or a torch checkpoint (.pth, .pt, .bin) of a state dict "
+                    "that loads with torch.load(weights_only=True)")
+TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a (legacy) pickle's PROTO opcode
+
+
 def read_state(path: str) -> dict[str, torch.Tensor]:
-    """Tensors of a local weights file: safetensors, or a torch file loaded with ``weights_only`` (no code runs)."""
+    """Tensors of a local weights file: safetensors, or a torch file loaded with ``weights_only`` (no code runs).
+    Anything else (a text file, a pickle of objects, a checkpoint without a state dict, NaN or infinite weights) is
+    one error naming the file and what is accepted."""
     if path.endswith(".safetensors"):
         return read_tensors(path)
     try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise SynthvitError(f"weights: cannot read {path} ({e.strerror})") from None
+    if not head.startswith(TORCH_MAGIC):
+        raise SynthvitError(f"weights: {path} is neither a safetensors file nor a torch checkpoint (it starts with "
+                            f"{head!r}); {WEIGHTS_ACCEPTED}")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
     except Exception as e:
-        raise SynthvitError(f"weights: cannot read {path} as tensors only ({type(e).__name__}: {e}); "
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SynthvitError(f"weights: cannot read {path} as tensors only ({why:.200}); {WEIGHTS_ACCEPTED}, or "
                             f"convert it to .safetensors") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
-            return state[key]
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise SynthvitError(f"weights: {path} holds a {type(state).__name__}, not a state dict of tensors; "
+                            f"{WEIGHTS_ACCEPTED}")
+    state = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    check_finite(state, path)
     return state
 
 

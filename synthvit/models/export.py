@@ -19,14 +19,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from synthvit.io import SynthvitError, atomic_write_text
+from synthvit.io import SynthvitError, atomic_write_text, dumps_json
 from synthvit.models.decision import Decision
 from synthvit.models.heads import Heads
+from synthvit.training import first_nonfinite
 
 EXPORT_DIR = "export"  # a pretrain or finetune run folder's export: <run>/export
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_SEG_HEAD = "seg_head.safetensors"
 EXPORT_CONFIG = "config.json"
+# what a user can do about a damaged export file: there is no command that re-exports a run
+REWRITE = ("restore it from a copy, or run again the synthvit pretrain or finetune that wrote it (the config.yaml "
+           "beside export/ holds its settings)")
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -51,16 +55,28 @@ def write_export(model, out_dir: Path, meta: ExportMeta) -> Path:
 
 def write_export_meta(out_dir: str | Path, meta: ExportMeta) -> None:
     """Rewrite an export's ``config.json`` alone (atomically), e.g. to add a fitted decision; the weights stay."""
-    atomic_write_text(Path(out_dir) / EXPORT_CONFIG, json.dumps(meta.to_json(), indent=2) + "\n")
+    atomic_write_text(Path(out_dir) / EXPORT_CONFIG, dumps_json(meta.to_json(), indent=2) + "\n")
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """A safetensors file; a truncated or foreign one is an error naming the file."""
+    """A safetensors file; a truncated or foreign one, or one holding NaN or infinity, is an error naming it."""
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types (and OSError) for broken files
-        raise SynthvitError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); re-export it") \
+        raise SynthvitError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); {REWRITE}") \
             from None
+    check_finite(tensors, path)
+    return tensors
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Weights that hold NaN or infinity predict nothing (every score NaN): an error naming ``source`` and the first
+    such tensor."""
+    bad = first_nonfinite(tensors.items())
+    if bad is not None:
+        raise SynthvitError(f"{source}: tensor {bad!r} holds NaN or infinity, so every prediction would be NaN; use "
+                            f"weights of a run that finished (training stops at a non-finite loss), or train again "
+                            f"with a lower optim.lr")
 
 
 def read_export_config(folder: str | Path) -> dict:
@@ -68,11 +84,13 @@ def read_export_config(folder: str | Path) -> dict:
     folder = Path(folder)
     cfg_path = folder / EXPORT_CONFIG
     if not cfg_path.is_file() or not (folder / EXPORT_WEIGHTS).is_file():
-        raise SynthvitError(f"{folder} is not a synthvit export: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS}")
+        inner = folder / EXPORT_DIR
+        hint = f"; it is a run folder: its export is {inner}" if (inner / EXPORT_CONFIG).is_file() else ""
+        raise SynthvitError(f"{folder} is not a synthvit export: it needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS}{hint}")
     try:
         return json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ExportConfigError(f"{cfg_path} is not valid JSON ({e}); re-export the folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportConfigError(f"{cfg_path} is not valid JSON ({e}); {REWRITE}") from None
 
 
 class ExportConfigError(SynthvitError):
@@ -123,7 +141,7 @@ class ExportMeta:
         doc = dict(doc)
         heads = doc.pop("objective", None) or doc.pop("task", None)
         if heads is None:
-            raise ExportConfigError(f"{source}: missing key 'objective' (cls, seg, cls+seg); re-export the folder")
+            raise ExportConfigError(f"{source}: missing key 'objective' (cls, seg, cls+seg); {REWRITE}")
         try:
             heads = Heads.parse(heads)
         except SynthvitError as e:
@@ -159,7 +177,7 @@ def _key(doc: dict, name: str, kind: type, source) -> Any:
 
 def _need(value: Any, name: str, kind: type, source) -> Any:
     if value is None:
-        raise ExportConfigError(f"{source}: missing key {name!r}; re-export the folder")
+        raise ExportConfigError(f"{source}: missing key {name!r}; {REWRITE}")
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ExportConfigError(f"{source}: key {name!r} is {value!r}, expected {kind.__name__}")
     return value

@@ -41,7 +41,10 @@ def create_model(name: str, objective: str, *, seg_classes: int = 1, cls_classes
 
 
 def _check_init(init: str, name: str, in_chans: int) -> ExportMeta:
-    meta = read_export_meta(init)
+    try:
+        meta = read_export_meta(init)
+    except SynthvitError as e:  # name the key (a run folder given for its export: the message says which)
+        raise type(e)(f"init: {e}") from None
     if meta.model != name:
         raise SynthvitError(f"init: {init} holds {meta.model}, but model={name}")
     if meta.in_chans != in_chans:
