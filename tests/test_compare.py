@@ -604,3 +604,17 @@ def test_cpu_jobs_at_once_share_the_cores_unless_the_user_set_threads(monkeypatc
     assert child_env(0, 2)["CUDA_VISIBLE_DEVICES"] == "0" and "RANK" not in child_env(None, 2)
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert child_env(None, 2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_weights_column_names_where_a_cell_started():
+    from synthvit.compare.results import weights_text
+
+    hub = {"source": "hf-hub:timm/resnet50.a1_in1k", "revision": "0123456789abcdef", "file": "model.safetensors",
+           "sha256": "ab" * 32}
+    assert weights_text(None) == "random"
+    assert weights_text(hub) == "timm/resnet50.a1_in1k@01234567 sha256:abababababab"
+    assert weights_text({"source": "/w/my weights.safetensors", "sha256": "cd" * 32}) == \
+        "my weights.safetensors sha256:cdcdcdcdcdcd"
+    chained = {"source": "init:runs/p/export", "sha256": "ef" * 32, "chain": [hub]}
+    assert weights_text(chained) == ("init:runs/p/export sha256:efefefefefef <- timm/resnet50.a1_in1k@01234567 "
+                                     "sha256:abababababab")

@@ -18,7 +18,24 @@ from synthvit.config import dump_yaml
 log = logging.getLogger("synthvit.compare")
 
 
-def budget_text(cfg: CompareConfig) -> str:
+def weights_sentence(rows: list[Row]) -> str:
+    """Where each row's initial weights came from (its finished cells' exports): "DeepLabV3+ from timm/resnet50.a1_in1k,
+    vit-s from random"; a row whose cells disagree lists each."""
+    by_name: dict[str, list[str]] = {}
+    for r in rows:
+        if r.done and r.weights:
+            by_name.setdefault(r.name, [])
+            if r.weights not in by_name[r.name]:
+                by_name[r.name].append(r.weights)
+    if not by_name:
+        return ""
+    parts = [f"{name} from {' / '.join(w)}" for name, w in by_name.items()]
+    public = any(w != "random" for ws in by_name.values() for w in ws)
+    return (" Initial weights: " + "; ".join(parts) + "." + ("" if public else " No public (ImageNet) weights: every "
+            "model starts from random initialisation or a synthvit pretrain export (pretrained=true loads them)."))
+
+
+def budget_text(cfg: CompareConfig, rows: list[Row] | None = None) -> str:
     f = cfg.finetune
     text = (f"Every cell trains **{f.steps} steps x batch {f.batch_size}** on **{f.crop_size} px {f.input}s** "
             f"(defect-centred share {f.defect_crop_prob}, loss {f.seg_loss}, AdamW lr {f.optim.lr} with "
@@ -26,10 +43,10 @@ def budget_text(cfg: CompareConfig) -> str:
             f"resolution (tiles {f.tiling.tile or f.crop_size} px, overlap {f.tiling.overlap}). Each cell runs once "
             f"per seed ({', '.join(map(str, cfg.seeds))}: initialisation, sample order and augmentation). Budgets "
             f"are nested subsets of the train split drawn with data_seed {f.data_seed}: each smaller one is part of "
-            f"every larger one, and every model and seed of a budget trains on the same images. No ImageNet "
-            f"weights: CNNs and scratch ViTs start from random initialisation.")
+            f"every larger one, and every model and seed of a budget trains on the same images.")
     extra = [f"{m.name}: {', '.join(m.overrides)}" for m in cfg.models if m.overrides]
-    return text + (f" Per-model overrides: {'; '.join(extra)}." if extra else " No per-model overrides.")
+    return text + weights_sentence(rows or []) + (
+        f" Per-model overrides: {'; '.join(extra)}." if extra else " No per-model overrides.")
 
 
 def zero_shot_text(cfg: CompareConfig) -> str:
@@ -182,7 +199,7 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
     report.add("table", tradeoff_table(rows, agreement, cfg.probe_size, unit))
     differences(rows, report, unit)
     report.add("h2", "Equal budgets")
-    report.add("p", budget_text(cfg))
+    report.add("p", budget_text(cfg, rows))
     report.add("h2", "Data efficiency")
     figures.data_efficiency(series(rows), out / "data_efficiency.png")
     report.add("p", zero_shot_text(cfg))

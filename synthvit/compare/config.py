@@ -24,6 +24,9 @@ class ModelSpec:
     name: str = field(default="", metadata={"help": "label in the report and folder name"})
     model: str = field(default="", metadata={"help": "finetune model: a timm name or a segmentation baseline"})
     init: str = field(default="", metadata={"help": "a synthvit pretrain export (synthetic pretraining)"})
+    pretrained: bool = field(default=False, metadata={
+        "help": "start from the model's public weights (finetune pretrained=true: timm's tag in the model name, "
+                "or the CNN baseline's encoder=; the hub, or the Hugging Face cache offline)"})
     task: ModelTask = field(default="", metadata={"help": "empty: finetune.task"})
     overrides: list[str] = field(default_factory=list, metadata={"help": "finetune key=value for this model"})
     synthetic: str = field(default="", metadata={
@@ -34,7 +37,7 @@ class ModelSpec:
         if not self.model:
             raise ConfigError("models: every entry needs a model (a timm name, deeplabv3plus_resnet50 or "
                               "hrnet_w18_seg)")
-        self.name = self.name or self.model + ("-init" if self.init else "")
+        self.name = self.name or self.model + ("-init" if self.init else "") + ("-pretrained" if self.pretrained else "")
         if not _NAME.match(self.name):
             raise ConfigError(f"models: name {self.name!r} must be letters, digits and ._+- (it names a folder)")
         bad = [o for o in self.overrides if "=" not in o]

@@ -100,6 +100,8 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     tree.update(data=cfg.data, out_dir=str(folder), model=spec.model, init=spec.init,
                 task=spec.task or cfg.finetune.task, seed=cell.seed,
                 **{_LIMIT[cfg.budget_unit]: 0 if cell.zero_shot or cell.budget >= n_train else cell.budget})
+    if spec.pretrained:  # public weights for this row (init= exports carry their own)
+        tree["pretrained"] = True
     if spec.synthetic and not cell.zero_shot:  # the set built from this budget's own train images
         tree["synthetic"] = [*cfg.finetune.synthetic, str(synthetic_folder(cfg, spec.synthetic, cell.budget))]
     path = folder / CELL_CONFIG

@@ -30,6 +30,7 @@ class Row:
     model: str  # the finetune model (timm name or segmentation baseline)
     family: str  # vit (ViTs and conv-stem hybrids) or cnn
     init: str  # the pretrain export it started from ("": scratch)
+    weights: str  # where its initial weights came from: "random", a hub model (timm/<name>@<rev>), a file, init:<export>
     synthetic: str  # the backends of the synthetic sets mixed into its batches, "+"-joined ("": real data only)
     decoder: str | None  # the effective dense decoder of a timm model; None for the CNN segmentation baselines
     task: str
@@ -106,6 +107,22 @@ def mixed_in(cell: Cell) -> str:
     return Path(cell.spec.synthetic).stem if cell.spec.synthetic else ""
 
 
+def weights_text(source: dict | None) -> str:
+    """A run's weight provenance (``ExportMeta.weights_source``) in a few words: ``random`` (none),
+    ``timm/<name>@<revision>`` (the hub), a file's name, or ``init:<export>`` followed by where that export started
+    (``<-`` joined), with the first 12 hex digits of the file's sha256."""
+    if not source:
+        return "random"
+    where = str(source.get("source", "?"))
+    if where.startswith("hf-hub:"):
+        where = where[len("hf-hub:"):] + (f"@{str(source['revision'])[:8]}" if source.get("revision") else "")
+    elif not where.startswith("init:"):
+        where = Path(where).name
+    sha = f" sha256:{str(source['sha256'])[:12]}" if source.get("sha256") else ""
+    chain = [weights_text(c) for c in source.get("chain") or [] if isinstance(c, dict)]
+    return " <- ".join([where + sha, *chain])
+
+
 def cell_row(cell: Cell, probe: dict) -> Row:
     m = read_metrics(cell.folder)
     planned = yaml.safe_load((cell.folder / CELL_CONFIG).read_text()) if (cell.folder / CELL_CONFIG).is_file() else {}
@@ -115,7 +132,8 @@ def cell_row(cell: Cell, probe: dict) -> Row:
     argmax = pixel.get("argmax") or pixel  # metrics of synthvit <= 0.1.0 hold argmax figures only
     params = probe.get("parameters", m and m.parameters)
     return Row(name=cell.spec.name, model=cell.spec.model, family=model_family(cell.spec.model),
-               init=cell.spec.init, synthetic=mixed_in(cell), decoder=export and export.decoder,
+               init=cell.spec.init, weights=weights_text(getattr(export, "weights_source", None)) if export else "",
+               synthetic=mixed_in(cell), decoder=export and export.decoder,
                task=m.task if m else planned.get("task", ""),
                budget=cell.label, seed=cell.seed, status="done" if m else "failed",
                steps=m.steps if m else planned.get("steps"),
