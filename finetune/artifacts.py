@@ -67,12 +67,13 @@ def objective_of(task: str) -> str:
 
 def build_model(cfg: FinetuneConfig, seg_classes: int, cls_classes: int,
                 class_groups: list[int] | None = None) -> SynthvitModel:
-    """The model of a finetune config: from scratch, ``cfg.weights`` or a pretrain export ``cfg.init``. With
+    """The model of a finetune config: from scratch, public weights (``cfg.pretrained``), ``cfg.weights`` or a
+    pretrain export ``cfg.init``. With
     ``class_groups`` (zero-shot) the decoder keeps one output per group entry, summed into ``seg_classes``."""
     model = create_model(cfg.model, objective_of(cfg.task), seg_classes=len(class_groups or ()) or seg_classes,
                          cls_classes=cls_classes, img_size=cfg.crop_size, in_chans=cfg.in_chans,
-                         drop_path=cfg.drop_path, weights=cfg.weights, init=cfg.init, decoder=cfg.decoder,
-                         decoder_width=cfg.decoder_width)
+                         drop_path=cfg.drop_path, weights=cfg.weights, init=cfg.init, pretrained=cfg.pretrained,
+                         encoder=cfg.encoder, decoder=cfg.decoder, decoder_width=cfg.decoder_width)
     model.class_groups = class_groups
     return model
 
@@ -188,7 +189,8 @@ class FinetuneRun:
 
     def architecture(self, crop_size: int) -> SynthvitModel:
         """The same architecture built for ``crop_size`` inputs, randomly initialised (for FLOP counts)."""
-        arch = dataclasses.replace(self.cfg, crop_size=crop_size, init="", weights="", drop_path=0.0)
+        arch = dataclasses.replace(self.cfg, crop_size=crop_size, init="", weights="", pretrained=False,
+                                   drop_path=0.0)
         return build_model(arch, *class_counts(self.meta)).eval()
 
 
@@ -201,17 +203,19 @@ def load_run(run_dir: str | Path) -> FinetuneRun:
     meta = read_export_meta(export)
     cfg = load_config(FinetuneConfig, run_dir / CONFIG_FILE, _rebuild_overrides(run_dir / CONFIG_FILE),
                       retired=RETIRED_KEYS)
-    # the exported architecture: the export's decoder, as typed fields (no "decoder=..." override parsed back)
-    cfg = dataclasses.replace(cfg, decoder=meta.decoder or "auto", decoder_width=meta.decoder_width)
+    # the exported architecture: the export's decoder (and a baseline's encoder), as typed fields (no
+    # "decoder=..." override parsed back)
+    cfg = dataclasses.replace(cfg, decoder=meta.decoder or "auto", decoder_width=meta.decoder_width,
+                              encoder=meta.encoder or cfg.encoder)
     model = build_model(cfg, *class_counts(meta), class_groups=meta.class_groups)
     return FinetuneRun(run_dir, cfg, meta, load_export(model, export).eval())
 
 
 def _rebuild_overrides(config: Path) -> list[str]:
-    """Rebuild the exported architecture alone: no init or weights file; a run written before ``data_seed``
-    existed drew its split with ``seed``, one before ``split_missing`` put images splits.csv did not list in
-    train."""
-    overrides = ["init=", "weights="]
+    """Rebuild the exported architecture alone: no init, weights file or public weights; a run written before
+    ``data_seed`` existed drew its split with ``seed``, one before ``split_missing`` put images splits.csv did not
+    list in train."""
+    overrides = ["init=", "weights=", "pretrained=false"]
     tree = yaml.safe_load(config.read_text()) or {}
     if "data_seed" not in tree:
         overrides.append(f"data_seed={tree.get('seed', 0)}")

@@ -89,7 +89,15 @@ class FinetuneConfig:
     model: str = field(default="vit_tiny_patch16_224", metadata={
         "help": "a timm name (ViT, hybrid, resnet50, ...), deeplabv3plus_resnet50 or hrnet_w18_seg"})
     init: str = field(default="", metadata={"help": "a synthvit pretrain export folder to start from"})
-    weights: str = field(default="", metadata={"help": "a local timm weights file to start from"})
+    weights: str = field(default="", metadata={"help": "a local timm weights file to start from (it wins over "
+                                                       "pretrained)"})
+    pretrained: bool = field(default=False, metadata={
+        "help": "start from the public weights of the model's timm tag (vit_small_patch16_224.augreg_in21k_ft_in1k; "
+                "no tag: timm's default) or of a CNN baseline's encoder: the Hugging Face hub, or its local cache "
+                "with HF_HUB_OFFLINE=1; safetensors only"})
+    encoder: str = field(default="", metadata={
+        "help": "a CNN baseline's encoder as a timm name and tag (deeplabv3plus_resnet50: resnet18..resnet152, "
+                "e.g. resnet50.a1_in1k; hrnet_w18_seg: an hrnet_w*; empty: resnet50 / hrnet_w18)"})
     out_dir: str = "runs/finetune"
     task: Task = field(default="seg", metadata={"help": "segmentation, classification or both heads"})
     decoder: DecoderChoice = field(default="auto", metadata={
@@ -134,7 +142,10 @@ class FinetuneConfig:
                 "same crops either way (each is seeded by its own id)"})
     in_chans: InChans = field(default=3, metadata={"help": "input channels (3: grayscale replicated)"})
     drop_path: float = 0.1
-    freeze_blocks: int = field(default=0, metadata={"help": "freeze the stem and the first k blocks/stages"})
+    freeze_blocks: int = field(default=0, metadata={
+        "help": "freeze the stem and the first k blocks (ViTs: patch embedding, position embedding and class token, "
+                "transformer blocks 0..k-1) or stages (ResNets and DeepLabV3+: conv1/bn1 and layer1..k; HRNet: conv1/bn1 "
+                "and layer1 for any k >= 1)"})
     layer_decay: float = field(default=0.0, metadata={"help": "layer-wise LR decay for timm models (0: off)"})
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     precision: Precision = field(default="auto", metadata={
@@ -185,6 +196,9 @@ class FinetuneConfig:
                               "defect-free ones kept), not both")
         if self.init and self.weights:
             raise ConfigError("give init (a synthvit export) or weights (a timm weights file), not both")
+        if self.init and self.pretrained:
+            raise ConfigError("give init (a synthvit export: its weights, and the record of the public weights it "
+                              "started from) or pretrained=true, not both")
 
 
 @dataclass(kw_only=True)

@@ -60,7 +60,7 @@ def model_stride(cfg) -> tuple[int, bool]:
     build (no weights are read)."""
     from finetune.artifacts import build_model
 
-    probe = dataclasses.replace(cfg, init="", weights="")
+    probe = dataclasses.replace(cfg, init="", weights="", pretrained=False)
     model = build_model(probe, 2, 2)
     return max(1, model.input_multiple()), bool(getattr(model, "is_vit", False))
 

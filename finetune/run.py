@@ -62,6 +62,7 @@ from synthvit.models import (
     write_export,
     write_export_meta,
 )
+from synthvit.models.hub import weights_comment
 from synthvit.progress import progress_bar
 from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator, peak_memory_mb, resolve_device
@@ -139,7 +140,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     acc = make_accelerator(cfg.precision)
     ranks = Ranks.of(acc)
     if ranks.is_main:
-        atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
+        atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg) + weights_comment(model.weights_source))
         if applied is not None:
             atomic_write_text(run_dir / ADVICE_FILE, dumps_json({"applied": applied}, indent=2))
         _write_split(run_dir, split, {i.id for i in train_items})

@@ -59,7 +59,14 @@ class PretrainConfig:
                                                       "s3://, gs:// or https://"})
     data_weights: list[float] = field(default_factory=list, metadata={"help": "sampling weight per folder"})
     model: str = field(default="vit_tiny_patch16_224", metadata={"help": "any timm model name"})
-    weights: str = field(default="", metadata={"help": "local weights file to start from (safetensors)"})
+    weights: str = field(default="", metadata={"help": "local weights file to start from (safetensors; it wins "
+                                                       "over pretrained)"})
+    pretrained: bool = field(default=False, metadata={
+        "help": "start from the public weights of the model's timm tag (vit_small_patch16_224.augreg_in21k_ft_in1k; "
+                "no tag: timm's default): the Hugging Face hub, or its local cache with HF_HUB_OFFLINE=1"})
+    pretrained_lr_scale: float = field(default=0.1, metadata={
+        "help": "with pretrained=true the LR is optim.lr (batch-scaled) x this: continued pretraining keeps the "
+                "public features rather than overwriting them (docs/pretrain.md)"})
     out_dir: str = "runs/pretrain"
     objective: Objective = field(default="cls", metadata={"help": "train on image labels, masks or both"})
     seg_weight: float = field(default=1.0, metadata={"help": "weight of the seg loss in cls+seg"})
@@ -124,4 +131,5 @@ class PretrainConfig:
         check_range(self, "ema_decay", 0, 1, open_high=True)
         check_min(self, 1, "save_every", "keep_last", "log_every")
         check_min(self, 0, "decoder_width")
+        check_range(self, "pretrained_lr_scale", 0, 1, open_low=True)
         check_range(self, "stop_at", 0, self.steps, note=" (the steps; 0: run all)")

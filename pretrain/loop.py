@@ -64,7 +64,11 @@ class Trainer:
         self.class_names, self.sources = class_names, sources
         self.mean, self.std = (t.to(accelerator.device) for t in model.input_stats(cfg.in_chans))
         self.global_batch = cfg.batch_size * accelerator.num_processes * cfg.optim.accum_steps
-        self.base_lr = scaled_lr(cfg.optim, self.global_batch)
+        self.base_lr = scaled_lr(cfg.optim, self.global_batch) * (cfg.pretrained_lr_scale if cfg.pretrained else 1.0)
+        if cfg.pretrained:
+            log.info("pretrained=true: LR %.3g = optim.lr %.3g x batch scaling %.3g x pretrained_lr_scale %g",
+                     self.base_lr, cfg.optim.lr, scaled_lr(cfg.optim, self.global_batch) / cfg.optim.lr,
+                     cfg.pretrained_lr_scale)
         self.attention = set_attention(model, cfg.attention, accelerator.device)
         optimizer = build_adamw(model, self.base_lr, cfg.optim.weight_decay, cfg.optim.betas,
                                     fused=cfg.optim.fused)
@@ -211,7 +215,7 @@ class Trainer:
                     skipped_samples=int(acc.reduce(torch.tensor(self.skipped_total_local(), device=acc.device),
                                                    "sum")),
                     ranks_in_sync=self.ranks_in_sync(), attention=self.attention, loader=self.loader,
-                    cache_mb_per_role=self.cache_mb)
+                    cache_mb_per_role=self.cache_mb, base_lr=self.base_lr)
 
     def log_record(self, window: dict) -> dict[str, float]:
         """The log line of the steps since the last (``window``: their summed losses and their count ``n``): a

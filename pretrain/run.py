@@ -17,6 +17,7 @@ from synthvit.config import CONFIG_FILE, dump_yaml, to_dict
 from synthvit.io import atomic_write_text, dumps_json
 from synthvit.lock import folder_lock
 from synthvit.models import EXPORT_DIR, ExportMeta, Heads, create_model, stats_meta, write_export
+from synthvit.models.hub import weights_comment
 from synthvit.ranks import Ranks
 from synthvit.training import make_accelerator
 
@@ -42,6 +43,8 @@ def _warn_no_effect(cfg: PretrainConfig) -> None:
         log.warning("seg_weight has no effect with objective=cls")
     if cfg.objective == "cls" and (cfg.decoder != "linear" or cfg.decoder_width):
         log.warning("decoder and decoder_width have no effect with objective=cls (no dense head)")
+    if not cfg.pretrained and cfg.pretrained_lr_scale != 0.1:
+        log.warning("pretrained_lr_scale has no effect without pretrained=true")
 
 
 def run(cfg: PretrainConfig) -> Path:
@@ -57,19 +60,20 @@ def _run(cfg: PretrainConfig, run_dir: Path) -> Path:
     # before the accelerator: bad model names fail fast
     model = create_model(cfg.model, cfg.objective, seg_classes=len(class_names), cls_classes=len(class_names),
                          img_size=cfg.image_size, in_chans=cfg.in_chans, drop_path=cfg.drop_path, weights=cfg.weights,
-                         decoder=cfg.decoder, decoder_width=cfg.decoder_width)
+                         pretrained=cfg.pretrained, decoder=cfg.decoder, decoder_width=cfg.decoder_width)
     run_dir.mkdir(parents=True, exist_ok=True)
     acc = _accelerator(cfg, run_dir)
     ranks = Ranks.of(acc)
     check_shard_counts(sources, ranks.world, max(1, cfg.num_workers), cfg.resample)
     if ranks.is_main:
-        atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
+        atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg) + weights_comment(model.weights_source))
         _warn_no_effect(cfg)
     trainer = Trainer(cfg, acc, model, sources, class_names, run_dir)
     if ckpt is not None:
         trainer.resume(ckpt)
     end_step = cfg.stop_at or cfg.steps
     summary = trainer.train(end_step)
+    summary["weights_source"] = model.weights_source  # where the weights it started from came from
     if ranks.is_main:
         if trainer.step >= cfg.steps:
             final = trainer.ema.module if trainer.ema is not None else acc.unwrap_model(trainer.model)

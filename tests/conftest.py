@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -233,6 +234,75 @@ def rle_string(counts: list[int]) -> str:
             more = x != -1 if c & 0x10 else x != 0
             out.append(chr((c | (0x20 if more else 0)) + 48))
     return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- public weights
+# Models whose timm hub repository `hf_cache` holds (random weights, the tag's own pretrained_cfg), and one whose
+# repository holds pickled weights only (pytorch_model.bin): what synthvit must refuse.
+HF_CACHE_MODELS = ("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "resnet18.a1_in1k", "hrnet_w18_small.gluon_in1k")
+HF_PICKLE_ONLY = "resnet18.tv_in1k"
+
+
+class HfCache(NamedTuple):
+    home: Path  # HF_HOME: its hub/ holds models--timm--<name.tag>/{refs/main, snapshots/<rev>/}
+    tensors: dict  # model name with tag (HF_CACHE_MODELS) -> the state dict its model.safetensors holds
+
+
+def hf_repo_folder(home: Path, name: str) -> Path:
+    """``<home>/hub/models--timm--<name.tag>``: the cache folder of the hub repository of a timm name's tag."""
+    from huggingface_hub.file_download import repo_folder_name
+    from timm.models import get_pretrained_cfg
+
+    return home / "hub" / repo_folder_name(repo_id=get_pretrained_cfg(name).hf_hub_id, repo_type="model")
+
+
+def _cache_repo(home: Path, name: str, model, safe: bool) -> None:
+    """One repository as ``huggingface_hub`` leaves it after a download: ``refs/main`` naming a snapshot that holds
+    what timm's hub repositories hold (timm's own ``save_for_hf``: the weights and ``config.json``)."""
+    import hashlib
+
+    from timm.models import save_for_hf
+
+    folder = hf_repo_folder(home, name)
+    rev = hashlib.sha1(folder.name.encode()).hexdigest()
+    save_for_hf(model, str(folder / "snapshots" / rev), safe_serialization=safe)
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(rev)
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory) -> HfCache:
+    """A Hugging Face cache built here (the hub is never asked): for each of ``HF_CACHE_MODELS`` a random timm model
+    saved as its tag's hub repository (model.safetensors + config.json), and ``HF_PICKLE_ONLY``'s repository with
+    pytorch_model.bin only. Returns ``(HF_HOME folder, {name: tensors})``; ``use_hf_cache`` points a test at it."""
+    import timm
+    import torch
+
+    home = tmp_path_factory.mktemp("hf_home")
+    tensors = {}
+    for name in HF_CACHE_MODELS:
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+        _cache_repo(home, name, model, safe=True)
+        tensors[name] = {k: v.clone() for k, v in model.state_dict().items()}
+    _cache_repo(home, HF_PICKLE_ONLY, timm.create_model(HF_PICKLE_ONLY), safe=False)
+    return HfCache(home, tensors)
+
+
+@pytest.fixture
+def use_hf_cache(hf_cache, monkeypatch) -> HfCache:
+    """``hf_cache`` as this process's Hugging Face cache, offline: HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE=1 in the
+    environment (for the subprocesses a test starts) and in ``huggingface_hub.constants`` (read when it was
+    imported, and by every download call since)."""
+    import huggingface_hub.constants as hf_constants
+
+    hub = str(hf_cache.home / "hub")
+    for key, value in (("HF_HOME", str(hf_cache.home)), ("HF_HUB_CACHE", hub), ("HF_HUB_OFFLINE", "1")):
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(hf_constants, "HF_HOME", str(hf_cache.home))
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", hub)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    return hf_cache
 
 
 # ---------------------------------------------------------------------------------------------- object storage

@@ -167,6 +167,8 @@ def test_tiny_matrix_report_holds_every_cell_and_rerun_skips(target, pretrain_ex
     assert "96x64 s/frame" in md and "optim.lr=1e-3" in md and "**" in md and "saliency AUROC" in md
     assert "no difference can be told from noise" in md and "vit vs cnn (ViT vs CNN), 5 train images" in md
     assert "None for cnn (no init" in md
+    assert {r["name"]: r["weights"].split(" ")[0] for r in rows} == {"vit": f"init:{pretrain_export}", "cnn": "random"}
+    assert f"Initial weights: vit from init:{pretrain_export} sha256:" in md and "cnn from random" in md
     doctor = json.loads((out / "doctor/doctor.json").read_text())  # the doctor ran once, on the first model
     assert doctor["model"]["name"] == "vit_tiny_patch16_224" and "The data (synthvit doctor)" in md
     assert ("doctor/doctor.png" in md) == (out / "doctor/doctor.png").is_file()
@@ -618,3 +620,24 @@ def test_weights_column_names_where_a_cell_started():
     chained = {"source": "init:runs/p/export", "sha256": "ef" * 32, "chain": [hub]}
     assert weights_text(chained) == ("init:runs/p/export sha256:efefefefefef <- timm/resnet50.a1_in1k@01234567 "
                                      "sha256:abababababab")
+
+
+@pytest.mark.slow
+def test_a_public_weights_row_records_where_it_started(target, use_hf_cache, tmp_path, cli, monkeypatch):
+    """A compare row with pretrained: true loads its model from the Hugging Face cache in its cell's child process
+    (offline, as a user with a filled cache), and results.csv and the report name the hub repository and sha256."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "cmp"
+    name = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    res = cli("compare", f"data={target}", f"out_dir={out}", f"models=[{{name: pub, model: {name}, pretrained: true}}]",
+              "budgets=[5]", *COMPARE, "cka_images=0", "report_images=0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    cell = yaml.safe_load((out / "cells/pub/n00005/s0/cell.yaml").read_text())
+    assert cell["pretrained"] is True and cell["model"] == name
+    with open(out / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    source = ExportMeta.from_json(json.loads((out / "cells/pub/n00005/s0/export/config.json").read_text()),
+                                  "config.json").weights_source
+    assert source["source"] == f"hf-hub:timm/{name}" and len(source["sha256"]) == 64
+    assert row["weights"].startswith(f"timm/{name}@") and source["sha256"][:12] in row["weights"]
+    assert f"pub from timm/{name}@" in (out / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""synthvit's models, one room for every stage: timm backbones with local-weights loading, the task model
+"""synthvit's models, one room for every stage: timm backbones (random, public weights by timm tag from the
+Hugging Face hub or its cache -- :mod:`synthvit.models.hub` -- or a local weights file), the task model
 (backbone + classifier and/or dense head), the CNN segmentation baselines and the export contract.
 
 Every model maps a normalised (B, C, H, W) batch to ``{"seg": (B, K, H, W)}`` and/or ``{"cls": (B, K)}`` and

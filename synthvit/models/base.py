@@ -12,6 +12,9 @@ class SynthvitModel(nn.Module):
     """Base of the task model and the CNN baselines. ``x`` is always a normalised (B, C, H, W) float batch."""
 
     is_vit = False  # transformer blocks over patch tokens (attention rollout applies)
+    # where the initial weights came from (synthvit.models.hub.weights_record: source, revision, file, sha256, chain;
+    # None: random), recorded in the export's config.json as ExportMeta.weights_source
+    weights_source: dict | None = None
 
     def input_stats(self, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std (C, 1, 1) in 0..255 units that inputs are normalised with (default: 127.5, 127.5)."""

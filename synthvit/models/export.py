@@ -42,13 +42,15 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def write_export(model, out_dir: Path, meta: ExportMeta) -> Path:
     """Write the export contract into ``out_dir`` (atomically, file by file; config.json last): the weights of
-    ``model``, and ``meta`` completed with what rebuilds its head (decoder, width, class groups) and the file names."""
+    ``model``, and ``meta`` completed with what rebuilds its head (decoder, width, class groups; a baseline's
+    encoder), the file names and where the model's initial weights came from (its ``weights_source``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = model.export_tensors()
     for name, state in files.items():
         save_tensors(state, out_dir / name)
     meta = dataclasses.replace(meta, **model.export_meta(), weights=EXPORT_WEIGHTS,
-                               seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None)
+                               seg_head=EXPORT_SEG_HEAD if EXPORT_SEG_HEAD in files else None,
+                               weights_source=meta.weights_source or getattr(model, "weights_source", None))
     write_export_meta(out_dir, meta)
     return out_dir
 
@@ -120,6 +122,10 @@ class ExportMeta:
     weights: str = EXPORT_WEIGHTS  # the backbone's (or whole CNN's) safetensors file
     seg_head: str | None = None  # the dense head's safetensors file (timm models with a dense head)
     decision: Decision | None = None  # finetune: the fitted defect decision (None: argmax, as before it existed)
+    encoder: str | None = None  # CNN baselines: the timm encoder, tag included (None: exports before it: the default)
+    # where the initial weights came from: {source: hf-hub:timm/<repo> | file path | init:<export>, revision, file,
+    # sha256, chain: [the init export's own record]} (synthvit.models.hub.weights_record); None: random weights
+    weights_source: dict | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # provenance kept as written (steps, data, version, ...)
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +137,9 @@ class ExportMeta:
                "input": self.input, "init": self.init, "weights": self.weights, "seg_head": self.seg_head}
         if self.decision is not None:  # absent, not null, when there is none: earlier files keep their shape
             doc["decision"] = self.decision.to_json()
+        for name in ("encoder", "weights_source"):  # absent too when there is none
+            if getattr(self, name) is not None:
+                doc[name] = getattr(self, name)
         return doc | {k: v for k, v in self.extra.items() if k not in doc}
 
     @classmethod
@@ -162,6 +171,10 @@ class ExportMeta:
             meta.cls_classes = list(meta.class_names)
         if not has_seg_classes and heads.has_seg:
             meta.seg_classes = list(meta.class_names)
+        for name, kind in (("encoder", str), ("weights_source", dict)):
+            if doc.get(name) is not None:
+                setattr(meta, name, _need(doc[name], name, kind, source))
+            doc.pop(name, None)
         decision = doc.pop("decision", None)
         if decision is not None:
             meta.decision = Decision.from_json(decision, source)
