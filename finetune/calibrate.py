@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,56 +34,15 @@ import torch
 from finetune.evaluate import NonFiniteOutput
 from finetune.train import replayed_windows
 from synthvit.data import Item, RealData, has_defect, to_array
+from synthvit.io import atomic_write_text, dumps_json
 from synthvit.models import Decision
-from synthvit.models.decision import logit_adjust_threshold
+from synthvit.models.decision import DefectHistogram, logit_adjust_threshold, shrunk_threshold
 from synthvit.progress import progress_bar
 
 log = logging.getLogger("synthvit.finetune")
 
-LOGIT_RANGE, BINS = 16.0, 3200  # p(defect) histogrammed on the logit scale, 0.01 per bin
 CELL = 512  # the side of the cells a frame over calibrate.max_pixels is scored on
 SAMPLED_CROPS = 2048  # training samples replayed (masks only) to measure the sampled defect share
-
-
-class DefectHistogram:
-    """Weighted pixel counts of defect and background pixels per bin of logit(p(defect))."""
-
-    def __init__(self):
-        self.pos = torch.zeros(BINS, dtype=torch.float64)
-        self.neg = torch.zeros(BINS, dtype=torch.float64)
-
-    def add(self, p_defect: torch.Tensor, target: torch.Tensor, weight: float) -> None:
-        z = torch.logit(p_defect.float().cpu().clamp(1e-7, 1 - 1e-7)).clamp(-LOGIT_RANGE, LOGIT_RANGE - 1e-4)
-        idx = ((z + LOGIT_RANGE) * (BINS / (2 * LOGIT_RANGE))).long().flatten()
-        is_defect = target.cpu().flatten() > 0
-        self.pos += torch.bincount(idx[is_defect], minlength=BINS).double() * weight
-        self.neg += torch.bincount(idx[~is_defect], minlength=BINS).double() * weight
-
-    def edge(self, j: int) -> float:
-        """p(defect) at the lower edge of bin ``j``."""
-        return float(torch.sigmoid(torch.tensor(-LOGIT_RANGE + j * 2 * LOGIT_RANGE / BINS, dtype=torch.float64)))
-
-    def iou_curve(self) -> torch.Tensor:
-        """Defect IoU when every pixel in bin j or above is called a defect, for every j."""
-        tp = self.pos.flip(0).cumsum(0).flip(0)
-        fp = self.neg.flip(0).cumsum(0).flip(0)
-        return tp / (fp + self.pos.sum()).clamp_min(1e-12)
-
-    def iou_at(self, threshold: float) -> float:
-        z = float(torch.logit(torch.tensor(threshold, dtype=torch.float64).clamp(1e-7, 1 - 1e-7)))
-        j = int(np.clip(np.ceil((z + LOGIT_RANGE) * BINS / (2 * LOGIT_RANGE)), 0, BINS - 1))
-        return float(self.iou_curve()[j])
-
-    def best(self) -> tuple[float, float]:
-        """(threshold, IoU) of the IoU-maximising threshold."""
-        curve = self.iou_curve()
-        j = int(curve.argmax())
-        return self.edge(j), float(curve[j])
-
-    @property
-    def defect_share(self) -> float:
-        total = float(self.pos.sum() + self.neg.sum())
-        return float(self.pos.sum()) / total if total else 0.0
 
 
 def scored_frames(items: list[Item], max_images: int, seed: int) -> list[tuple[str, list[Item], int]]:
@@ -152,9 +112,11 @@ def _probs(predictor, image: np.ndarray, item: Item) -> torch.Tensor:
         raise NonFiniteOutput(f"calibrate: training frame {item.source}: {e}") from None
 
 
-def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=None) -> Decision | None:
+def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=None,
+                 record: Path | None = None) -> Decision | None:
     """The run's defect decision from its training ``items`` (``cfg``: the FinetuneConfig), or None where there is
-    nothing to fit (``calibrate.rule=argmax``, no dense head, no defect pixel among the training frames)."""
+    nothing to fit (``calibrate.rule=argmax``, no dense head, no defect pixel among the training frames). ``record``:
+    a file the training frames' p(defect) histogram is written to (JSON), for studying rules afterwards."""
     rule = cfg.calibrate.rule
     if rule == "argmax" or not predictor.meta.heads.has_seg or not data.has_masks:
         return None
@@ -183,21 +145,28 @@ def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=No
                     scored += (cell[0].stop - cell[0].start) * (cell[1].stop - cell[1].start)
                 total += h * w
                 bar.update(1)
+    if record is not None:
+        atomic_write_text(record, dumps_json(hist.to_json()) + "\n")
     natural, sampled = hist.defect_share, sampled_defect_share(data, items, cfg, synthetic)
     best, best_iou = hist.best()
     adjusted = logit_adjust_threshold(sampled, natural)
-    candidates = {"threshold": round(best, 6), "logit-adjust": round(adjusted, 6)}
+    n_defective = sum(has_defect(it) for it in items)
+    shrunk = shrunk_threshold(best, n_defective)
+    candidates = {"threshold": round(best, 6), "shrink": round(shrunk, 6), "logit-adjust": round(adjusted, 6)}
     counts = " + ".join(f"{len(frames)} of {whole} {kind}" for kind, frames, whole in groups)
     cells = "" if scored == total else f", {100 * scored / total:.0f}% of their pixels in {side} px cells"
     decision = Decision(rule=rule, threshold=candidates[rule], candidates=candidates,
                         fitted_on=f"train split at full resolution (tile {predictor.tiler.tile}): {counts} frames"
                                   f"{cells}",
                         train_defect_iou={"threshold": round(best_iou, 6),
+                                          "shrink": round(hist.iou_at(shrunk), 6),
                                           "logit-adjust": round(hist.iou_at(adjusted), 6),
                                           "p>0.5": round(hist.iou_at(0.5), 6)},
-                        prior={"natural": round(natural, 8), "sampled": round(sampled, 8)})
+                        prior={"natural": round(natural, 8), "sampled": round(sampled, 8),
+                               "defective_frames": n_defective})
     log.info("calibrate: defect pixels %.4f%% of the train frames, %.2f%% of the training crops; thresholds on "
-             "p(defect): threshold %.4f (train IoU %.4f), logit-adjust %.4f (train IoU %.4f), 0.5 (train IoU "
-             "%.4f); using %s", 100 * natural, 100 * sampled, best, best_iou, adjusted,
+             "p(defect): threshold %.4f (train IoU %.4f), shrink %.4f (%d defective frames; train IoU %.4f), "
+             "logit-adjust %.4f (train IoU %.4f), 0.5 (train IoU %.4f); using %s", 100 * natural, 100 * sampled,
+             best, best_iou, shrunk, n_defective, decision.train_defect_iou["shrink"], adjusted,
              decision.train_defect_iou["logit-adjust"], decision.train_defect_iou["p>0.5"], rule)
     return decision

@@ -13,7 +13,8 @@ SegLoss = Literal["ce", "ce+dice"]
 Split = Literal["test", "train", "all"]
 SplitMissing = Literal["error", "train", "test"]
 DecoderChoice = Literal[("auto", *get_args(Decoder))]
-Rule = Literal["threshold", "logit-adjust", "argmax"]
+Rule = Literal["threshold", "shrink", "logit-adjust", "argmax"]
+SyntheticMode = Literal["share", "add"]
 InferencePrecision = Literal["auto", "bf16", "fp32"]
 
 
@@ -121,6 +122,10 @@ class FinetuneConfig:
                 "crack=open]): those classes train as the named real ones; the others still map by name"})
     synthetic_share: float = field(default=0.5, metadata={
         "help": "share of each batch drawn from the synthetic sets (round(share * batch_size) samples)"})
+    synthetic_mode: SyntheticMode = field(default="share", metadata={
+        "help": "share: synthetic samples take synthetic_share of each batch of batch_size (they displace real ones); "
+                "add: every batch keeps its batch_size real samples -- the very crops a run without synthetic sets "
+                "draws -- and round(share / (1 - share) * batch_size) synthetic ones are added (equal real exposure)"})
     seg_loss: SegLoss = field(default="ce+dice", metadata={"help": "ce+dice: Dice over defect classes added"})
     seed: int = field(default=0, metadata={"help": "initialisation, sample order and augmentation"})
     data_seed: int = field(default=0, metadata={"help": "the seeded split (no splits.csv) and train_limit subset"})

@@ -30,6 +30,7 @@ from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from synthvit.io import SynthvitError
 from synthvit.models import ExportMeta, class_map, meta_stats
+from synthvit.models.decision import DefectHistogram
 from synthvit.training import has_attention, peak_memory_mb, set_attention
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
@@ -155,7 +156,9 @@ def defective(data: RealData, item: Item, mask: np.ndarray | None) -> int:
     return int(mask is not None and bool(mask.any()))
 
 
-def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: int, progress=None) -> dict:
+def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: int, progress=None,
+             histogram: DefectHistogram | None = None) -> dict:
+    """The metrics of ``items``; ``histogram``: filled with every scored pixel's p(defect) by defect/background."""
     meta, dev = predictor.meta, torch.device("cpu")
     seg_k, cls_k = len(meta.seg_classes), len(meta.cls_classes)
     local = dict(sync_on_compute=False)  # evaluation runs on one process, even inside a distributed job
@@ -190,6 +193,8 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
             for score in pix["scorers"]:
                 score.update(probs, target)
             pix["true"] += int(np.count_nonzero(mask))
+            if histogram is not None:
+                histogram.add(1 - probs[0], target, 1.0)
             sub = (slice(None, None, PIXEL_STRIDE), slice(None, None, PIXEL_STRIDE))
             pix["ap"].update((1 - out["probs"][0])[sub].flatten().to(dev), (target[sub] > 0).flatten().int())
         if cls and item.label is not None and "cls_probs" in out:

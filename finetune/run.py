@@ -16,12 +16,14 @@ import torch
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
 from finetune.artifacts import (
+    CALIBRATION_HISTOGRAM,
     CONFIG_FILE,
     EXPORT_DIR,
     METRICS_FILE,
     NEAR_DUPLICATES_FILE,
     SPLIT_FILE,
     SYNTHETIC_FILE,
+    TEST_HISTOGRAM,
     RunMetrics,
     build_model,
     commit_export,
@@ -35,7 +37,7 @@ from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.runfolder import claim, read_train_summary, run_split, write_train_summary
 from finetune.synthetic import check_leak, load_synthetic
-from finetune.train import check_resumable, train
+from finetune.train import batch_layout, check_resumable, train
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml
@@ -62,6 +64,7 @@ from synthvit.models import (
     write_export,
     write_export_meta,
 )
+from synthvit.models.decision import DefectHistogram
 from synthvit.models.hub import weights_comment
 from synthvit.progress import progress_bar
 from synthvit.ranks import Ranks
@@ -146,6 +149,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
         _write_split(run_dir, split, {i.id for i in train_items})
         if synthetic is not None:
             atomic_write_text(run_dir / SYNTHETIC_FILE, dumps_json({"share": cfg.synthetic_share,
+                                                                    "mode": cfg.synthetic_mode,
                                                                     "sets": synthetic.records}, indent=2) + "\n")
         for line in describe_split(data, split):
             log.info("%s", line)
@@ -167,7 +171,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     if ranks.is_main:
         if cfg.steps:  # zero-shot evaluates the export as it is: no training labels
             meta.decision = fit_decision(Predictor(model, meta, acc.device, cfg.tiling), data, train_items, cfg,
-                                         synthetic)
+                                         synthetic, record=run_dir / CALIBRATION_HISTOGRAM)
         write_train_summary(run_dir, summary)
         commit_export(run_dir, lambda folder: write_export(model, folder, meta))
         shutil.rmtree(run_dir / CKPT_DIR, ignore_errors=True)  # the export is the product; checkpoints were a means
@@ -182,8 +186,10 @@ def _synthetic(cfg: FinetuneConfig, data: RealData, test_ids: set[str]):
     if not cfg.synthetic:
         return None
     pool = load_synthetic(cfg.synthetic, data, test_ids, cfg.synthetic_classes)
-    log.info("synthetic: %d samples of %d set(s) mixed in, %d of every %d samples per batch", len(pool),
-             len(pool.records), round(cfg.synthetic_share * cfg.batch_size), cfg.batch_size)
+    real, syn = batch_layout(cfg, pool)
+    log.info("synthetic: %d samples of %d set(s) mixed in: %d synthetic + %d real samples per batch (%s)", len(pool),
+             len(pool.records), syn, real, "added to the real ones" if cfg.synthetic_mode == "add" else
+             "in place of real ones")
     return pool
 
 
@@ -245,8 +251,11 @@ def _write_split(run_dir: Path, split: dict[str, str], used: set[str]) -> None:
 
 def _evaluate_run(cfg, model, meta, device, data, test_items, summary: dict, run_dir: Path) -> None:
     bar = progress_bar(total=len(test_items), desc="evaluate", unit="img")
-    metrics = evaluate(Predictor(model, meta, device, cfg.tiling), data, test_items, cfg.in_chans, bar)
+    hist = DefectHistogram() if meta.heads.has_seg and data.has_masks else None
+    metrics = evaluate(Predictor(model, meta, device, cfg.tiling), data, test_items, cfg.in_chans, bar, hist)
     bar.close()
+    if hist is not None:
+        atomic_write_text(run_dir / TEST_HISTOGRAM, dumps_json(hist.to_json()) + "\n")
     metrics.update(summary, model_name=cfg.model, init=cfg.init or None, task=cfg.task,
                    parameters=sum(p.numel() for p in model.parameters()))
     write_metrics(run_dir, RunMetrics.from_json(metrics, run_dir / METRICS_FILE))
@@ -351,7 +360,8 @@ def _calibrate(cfg: CalibrateRunConfig, run) -> Path:
                                                                      max_pixels=cfg.max_pixels))
     test_ids = {i for i, s in split.items() if s == "test"}
     synthetic = load_synthetic(fcfg.synthetic, data, test_ids, fcfg.synthetic_classes) if fcfg.synthetic else None  # its crops count too
-    decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg, synthetic)
+    decision = fit_decision(run.predictor(resolve_device()), data, train, fcfg, synthetic,
+                            record=run.folder / CALIBRATION_HISTOGRAM)
     write_export_meta(run.folder / EXPORT_DIR, dataclasses.replace(run.meta, decision=decision))
     log.info("calibrate: %s/%s holds the decision (%s); `synthvit evaluate checkpoint=%s` scores it",
              cfg.checkpoint, EXPORT_DIR, f"{decision.rule} {decision.threshold:.4f}" if decision else "argmax",

@@ -47,7 +47,8 @@ class CropDataset(torch.utils.data.Dataset):
         # mixed batches (finetune/synthetic.py): the first n_synthetic samples of every batch are synthetic ones,
         # frames len(items) .. len(items) + len(synthetic) - 1
         self.synthetic = synthetic
-        self.n_synthetic = round(cfg.synthetic_share * cfg.batch_size) if synthetic else 0
+        self.n_real, self.n_synthetic = batch_layout(cfg, synthetic)
+        self.step_batch = self.n_real + self.n_synthetic
         # the frames that hold a defect pixel: a defect-centred crop is drawn from one of them. Small inspection
         # sets are mostly defect-free frames (71 % of the magnetic tiles); drawing the frame uniformly first made
         # "defect_crop_prob=0.8" mean ~23 % defect crops there, and every ViT settled on "all background".
@@ -99,8 +100,12 @@ class CropDataset(torch.utils.data.Dataset):
 
     def draw(self, i: int) -> tuple[np.random.Generator, bool, int]:
         """Sample ``i``'s generator, whether it is defect-centred, and its frame (the first draws of the sample)."""
-        rng = np.random.default_rng((self.cfg.seed, i))
-        if self.n_synthetic and i % self.cfg.batch_size < self.n_synthetic:
+        pos = i % self.step_batch
+        added = self.n_synthetic and self.cfg.synthetic_mode == "add"
+        if added and pos >= self.n_synthetic:  # a real sample: the id a run without synthetic sets gives it
+            i = i // self.step_batch * self.n_real + pos - self.n_synthetic
+        rng = np.random.default_rng((self.cfg.seed, 1, i) if added and pos < self.n_synthetic else (self.cfg.seed, i))
+        if self.n_synthetic and pos < self.n_synthetic:
             centred = rng.random() < self.cfg.defect_crop_prob  # a defect-free sample falls back to anywhere
             return rng, centred, len(self.items) + int(rng.integers(len(self.synthetic)))
         centred = bool(self.defective) and rng.random() < self.cfg.defect_crop_prob
@@ -129,10 +134,21 @@ class CropDataset(torch.utils.data.Dataset):
                 "cls": label}
 
 
+def batch_layout(cfg, synthetic=None) -> tuple[int, int]:
+    """(real, synthetic) samples per batch: ``synthetic_mode=share`` splits ``batch_size``; ``add`` keeps
+    ``batch_size`` real samples and adds ``round(share / (1 - share) * batch_size)`` synthetic ones."""
+    if not synthetic:
+        return cfg.batch_size, 0
+    if cfg.synthetic_mode == "add":
+        return cfg.batch_size, max(1, round(cfg.synthetic_share / (1 - cfg.synthetic_share) * cfg.batch_size))
+    n = round(cfg.synthetic_share * cfg.batch_size)
+    return cfg.batch_size - n, n
+
+
 def replayed_windows(data: RealData, items: list[Item], cfg, max_draws: int, synthetic=None):
     """The mask windows of up to ``max_draws`` of the run's training samples (evenly spread over its sample ids,
     mixed-in synthetic ones included), its own sampler replayed on masks alone, each mask read once."""
-    total = max(cfg.steps, 1) * cfg.batch_size
+    total = max(cfg.steps, 1) * sum(batch_layout(cfg, synthetic))
     ds = CropDataset(data, items, cfg, total, synthetic)
     by_frame = defaultdict(list)
     for i in range(0, total, max(1, total // max_draws)):
@@ -259,7 +275,7 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
     model, optimizer = acc.prepare(model, optimizer)
     start = resume_state(cfg, acc, ckpt, model) if ckpt is not None else 0
     end = cfg.stop_at or cfg.steps
-    world, rank, b = acc.num_processes, acc.process_index, cfg.batch_size
+    world, rank, b = acc.num_processes, acc.process_index, sum(batch_layout(cfg, synthetic))
     ds = CropDataset(data, items, cfg, cfg.steps * b * world, synthetic)
     # rank r takes batch slots r, r + world, ...: disjoint sample ids across ranks, same ids on every rerun
     ids = [(s * world + rank) * b + j for s in range(start, end) for j in range(b)]
@@ -300,5 +316,5 @@ def train(cfg, acc, model, data: RealData, items: list[Item], mean, std, run_dir
             "attention": attention,  # and attention=auto
             "loader": where,  # and loader=auto
             "train_peak_mb": peak, "train_peak_kind": kind,
-            "train_images_per_s": round((end - start) * cfg.batch_size * acc.num_processes / max(wall, 1e-9), 2),
+            "train_images_per_s": round((end - start) * b * acc.num_processes / max(wall, 1e-9), 2),
             "zero_shot": False, "model": acc.unwrap_model(model, keep_fp32_wrapper=False)}

@@ -12,12 +12,12 @@ import torch
 from conftest import assert_cli_error, make_real_data
 from finetune import run as finetune_run
 from finetune.artifacts import read_split
-from finetune.calibrate import BINS, DefectHistogram, fit_decision, scored_frames
+from finetune.calibrate import fit_decision, scored_frames
 from finetune.config import CalibrateConfig, FinetuneConfig
 from finetune.predict import MaskRule
 from synthvit.data import load_real_data, split_ids
 from synthvit.models import Decision, ExportMeta, Heads, class_map, read_export_meta
-from synthvit.models.decision import logit_adjust_threshold
+from synthvit.models.decision import BINS, DefectHistogram, logit_adjust_threshold
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 DEFECT = np.s_[20:28, 24:40]  # every odd frame's defect (grey 30)
@@ -114,10 +114,10 @@ def test_finetune_fits_the_decision_from_train_frames_and_predict_uses_it(tmp_pa
     seen = {}
     real_fit = finetune_run.fit_decision
 
-    def spy(predictor, data, items, cfg, synthetic=None):  # every frame but the given training ones is poisoned
+    def spy(predictor, data, items, cfg, synthetic=None, **kw):  # every frame but the given training ones is poisoned
         seen["ids"] = {i.id for i in items}
         _poison_all_but(data, seen["ids"])
-        return real_fit(predictor, data, items, cfg, synthetic)
+        return real_fit(predictor, data, items, cfg, synthetic, **kw)
 
     monkeypatch.setattr(finetune_run, "fit_decision", spy)
     run = tmp_path / "run"
@@ -140,7 +140,7 @@ def test_finetune_fits_the_decision_from_train_frames_and_predict_uses_it(tmp_pa
     pixel = json.loads((run / "metrics_test.json").read_text())["pixel"]
     assert pixel["rule"] == "threshold" and pixel["threshold"] == decision.threshold
     assert set(pixel["argmax"]) == {"iou", "miou", "dice", "mdice", "defect_pixel_ratio"}
-    assert set(pixel["rules"]) == {"threshold", "logit-adjust"} and pixel["defect_pixels"] > 0
+    assert set(pixel["rules"]) == {"threshold", "shrink", "logit-adjust"} and pixel["defect_pixels"] > 0
     # calibrate again, keeping the other rule
     assert cli("calibrate", f"checkpoint={run}", "rule=logit-adjust").returncode == 0
     again = read_export_meta(run / "export").decision
