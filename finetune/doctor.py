@@ -27,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 import generate.schema  # noqa: F401  (registers format=shards with synthvit.data)
+from finetune.artifacts import ADVISED_SET
 from finetune.doctor_view import picture, table
 from synthvit.data import (
     Item,
@@ -53,6 +54,14 @@ MIN_CROP_HIT = 0.2  # fewer training crops than this holding a defect pixel is r
 EXAMPLES = 16
 SPECK_AREA = 4  # components under this many pixels are counted as specks (mask noise?), not measured as defects
 DRAWS_PER_DEFECT = 10  # defect-centred crops per defective train frame that the step advice aims for
+# The few-defect recipe (docs/finetune.md, BENCHMARKS.md): at most FEW_DEFECTS defective train frames, a ViT (or
+# hybrid) mixes copy-paste of the run's own train defects into its batches. The set is built from the run's train
+# split into <out_dir>/ADVISED_SET with these generate keys.
+FEW_DEFECTS = 10
+RECIPE_SET = {"num_samples": 400, "image_size": 256, "copypaste.max_instances": 3}
+RECIPE_MIX = {"synthetic_share": 0.5, "synthetic_mode": "share"}
+BILEVEL_SHARE = 0.98  # frames whose pixels are this share black or white are binarised (paste pixels as they are)
+BILEVEL_FRAMES = 8
 
 
 def model_stride(cfg) -> tuple[int, bool]:
@@ -151,6 +160,7 @@ def examine(cfg, data: RealData, progress: bool = True) -> dict:
             entry["defect_free_share"] = round((len(group) - n_def) / max(1, len(group)), 4)
         side[name] = entry
 
+    report_bilevel = bilevel(train, cfg.in_chans)
     stride, is_vit = model_stride(cfg)
     tile = cfg.tiling.tile or cfg.crop_size
     classes: dict[str, dict] = {}
@@ -194,7 +204,7 @@ def examine(cfg, data: RealData, progress: bool = True) -> dict:
                                                                f"data_seed {cfg.data_seed})", **side},
         "model": {"name": cfg.model, "stride": stride, "vit": is_vit, "decoder": cfg.decoder,
                   "crop_size": cfg.crop_size, "tile": tile, "defect_crop_prob": cfg.defect_crop_prob},
-        "classes": classes, "crop_hit_share": None if hit != hit else round(hit, 4),
+        "classes": classes, "crop_hit_share": None if hit != hit else round(hit, 4), "bilevel": report_bilevel,
         "near_duplicates": pairs_record(pairs, cfg.near_duplicate_distance, len(train), len(test))
         if cfg.near_duplicate_distance else None,
         "problems": [],
@@ -206,6 +216,22 @@ def examine(cfg, data: RealData, progress: bool = True) -> dict:
     report["_sides"] = {data.seg_classes[c]: [max(x["h"], x["w"]) for x in group if x["area"] >= SPECK_AREA]
                         for c, group in by_class.items()} if data.has_masks else {}
     return report
+
+
+def bilevel(items: list[Item], in_chans: int) -> bool:
+    """Whether the train frames are binarised (DeepPCB-like: >= 98 % of the pixels of each of the first few frames
+    exactly black or white): copy-paste then pastes pixels as they are (matching a patch's margin to a flat spot greys
+    it)."""
+    from synthvit.data import to_array
+
+    if not items:
+        return False
+    for item in items[:BILEVEL_FRAMES]:
+        with item.load() as im:
+            a = to_array(im, 1 if in_chans == 1 else 3)
+        if np.count_nonzero((a == 0) | (a == 255)) < BILEVEL_SHARE * a.size:
+            return False
+    return True
 
 
 def _pick_examples(per_item: dict[str, list[dict]], data: RealData) -> list[tuple[str, dict]]:
@@ -268,7 +294,7 @@ def advise(report: dict, cfg) -> list[dict]:
         out.append({"key": "defect_crop_prob", "value": 0.8, "current": cfg.defect_crop_prob,
                     "reason": f"only {100 * hit:.0f}% of training crops would hold a defect pixel; 0.8 centres four "
                               f"in five crops on a defect (the decision is calibrated afterwards)"})
-    n_def = report["split"]["train"].get("defective", 0)
+    n_def = defective_used(report, cfg)
     p = max(cfg.defect_crop_prob, 0.8 if any(a["key"] == "defect_crop_prob" for a in out) else 0.0)
     if n_def and p > 0:
         steps = int(min(20_000, np.ceil(DRAWS_PER_DEFECT * n_def / (cfg.batch_size * p) / 50) * 50))
@@ -278,15 +304,59 @@ def advise(report: dict, cfg) -> list[dict]:
                                   f"{p:g}: {cfg.steps} steps centre a crop on each about "
                                   f"{cfg.steps * cfg.batch_size * p / n_def:.1f} times; {steps} give each "
                                   f"{DRAWS_PER_DEFECT}"})
+    out += _few_defect_advice(report, cfg)
     return out
 
 
-def apply_advice(cfg, advice: list[dict]):
-    """``cfg`` with every applicable advice set (``model`` advice is never applied): (new cfg, the advice applied)."""
-    applied = [a for a in advice if a.get("apply", True)]
-    for a in applied:
+def defective_used(report: dict, cfg) -> int:
+    """The defective train frames the run trains on: the split's, or ``defective_limit`` of them."""
+    n = report["split"]["train"].get("defective", 0)
+    return min(n, cfg.defective_limit) if cfg.defective_limit else n
+
+
+def _few_defect_advice(report: dict, cfg) -> list[dict]:
+    """The few-defect recipe: copy-paste of the run's own train defects mixed into a ViT's batches when it trains on
+    at most :data:`FEW_DEFECTS` defective frames (the evidence: docs/finetune.md)."""
+    n = defective_used(report, cfg)
+    if not n or n > FEW_DEFECTS or not report["model"]["vit"] or cfg.task != "seg" or cfg.synthetic:
+        return []
+    folder = str(Path(cfg.out_dir) / ADVISED_SET)
+    short = min(report["sizes"]["height"].get("median", 256), report["sizes"]["width"].get("median", 256))
+    side = int(max(32, min(max(RECIPE_SET["image_size"], 2 * cfg.crop_size), short)) // 16 * 16)  # within a frame
+    build = {**RECIPE_SET, "image_size": side, "copypaste.match": not report.get("bilevel", False)}
+    out = [{"key": "synthetic", "value": [folder], "current": list(cfg.synthetic), "build": build,
+            "reason": f"{n} defective train frame(s) (<= {FEW_DEFECTS}): a ViT gains from copy-paste of its own "
+                      f"train defects into its own defect-free train frames mixed into every batch (pixel AP and "
+                      f"image AUROC on held-out real sets, docs/finetune.md); the set ({RECIPE_SET['num_samples']} "
+                      f"samples of {side} px"
+                      + (", pixels pasted as they are: the frames are binarised" if report.get("bilevel") else "")
+                      + f") is built from the run's train split into {folder}; test images are never drawn"}]
+    for key, value in RECIPE_MIX.items():
+        if getattr(cfg, key) != value:
+            out.append({"key": key, "value": value, "current": getattr(cfg, key),
+                        "reason": f"the few-defect recipe mixes with {key}={value}"})
+    return out
+
+
+def apply_advice(cfg, advice: list[dict], given: frozenset[str] | set[str] = frozenset()):
+    """``cfg`` with every applicable advice set (``model`` advice is never applied; a key in ``given`` -- the user's
+    own -- wins over its advice): (new cfg, the advice applied, the advice the user's keys overrode)."""
+    applied, overridden = [], []
+    for a in advice:
+        if not a.get("apply", True):
+            continue
+        if a["key"] in given:
+            overridden.append({**a, "yours": _get(cfg, a["key"].split("."))})
+            continue
         cfg = _replace(cfg, a["key"].split("."), a["value"])
-    return cfg, applied
+        applied.append(a)
+    return cfg, applied, overridden
+
+
+def _get(node, path: list[str]):
+    for key in path:
+        node = getattr(node, key)
+    return node
 
 
 def _replace(node, path: list[str], value):

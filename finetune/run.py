@@ -32,15 +32,15 @@ from finetune.artifacts import (
 )
 from finetune.calibrate import fit_decision
 from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig, FinetuneConfig, PredictConfig
-from finetune.doctor import ADVICE_FILE, apply_advice, examine
+from finetune.doctor import ADVICE_FILE, apply_advice, defective_used, examine
 from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
 from finetune.runfolder import claim, read_train_summary, run_split, write_train_summary
-from finetune.synthetic import check_leak, load_synthetic
+from finetune.synthetic import build_copypaste, check_leak, load_synthetic
 from finetune.train import batch_layout, check_resumable, train
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
-from synthvit.config import ConfigError, dump_yaml
+from synthvit.config import ConfigError, dump_yaml, given_keys
 from synthvit.data import (
     NearDuplicate,
     RealData,
@@ -91,18 +91,22 @@ def _meta(cfg: FinetuneConfig, data: RealData, stats: dict) -> ExportMeta:
                       extra={"synthvit_version": __version__})
 
 
-def advised(cfg: FinetuneConfig, data) -> tuple[FinetuneConfig, list[dict]]:
-    """``cfg`` with the doctor's advice applied (``advise=true``), measured on the train split, and what changed."""
+def advised(cfg: FinetuneConfig, data) -> tuple[FinetuneConfig, dict]:
+    """``cfg`` with the doctor's advice applied (``advise=true``), measured on the train split; the record of
+    advice.json: what changed, and the advice the user's own keys overrode."""
     report = examine(cfg, data, progress=False)
-    new, applied = apply_advice(cfg, report["advice"])
+    new, applied, overridden = apply_advice(cfg, report["advice"], given_keys(cfg))
     for a in applied:
         log.info("advise: %s=%s (was %s): %s", a["key"], a["value"], a["current"], a["reason"])
+    for a in overridden:
+        log.info("advise (yours kept): %s=%s, not the advised %s: %s", a["key"], a["yours"], a["value"], a["reason"])
     for a in report["advice"]:
         if not a.get("apply", True):
             log.info("advise (not applied): %s: %s", a["key"], a["reason"])
     if not applied:
         log.info("advise: the config already fits the data; nothing changed")
-    return new, applied
+    return new, {"applied": applied, "overridden": overridden,
+                 "defective_train_frames": defective_used(report, cfg)}
 
 
 def run(cfg: FinetuneConfig) -> Path:
@@ -131,6 +135,9 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     data.check_task(cfg.task)
     split = _train_split(cfg, data, run_dir, ckpt)
     train_items, test_items = _select(data, cfg, split)
+    for a in (applied or {}).get("applied", []):
+        if a.get("build"):  # the few-defect recipe: the copy-paste set of this run's own train images
+            build_copypaste(cfg, train_items, Path(a["value"][0]), a["build"], main)
     synthetic = _synthetic(cfg, data, {i.id for i in test_items})
     torch.manual_seed(cfg.seed)
     model = _build(cfg, data)
@@ -145,7 +152,7 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg) + weights_comment(model.weights_source))
         if applied is not None:
-            atomic_write_text(run_dir / ADVICE_FILE, dumps_json({"applied": applied}, indent=2))
+            atomic_write_text(run_dir / ADVICE_FILE, dumps_json(applied, indent=2))
         _write_split(run_dir, split, {i.id for i in train_items})
         if synthetic is not None:
             atomic_write_text(run_dir / SYNTHETIC_FILE, dumps_json({"share": cfg.synthetic_share,

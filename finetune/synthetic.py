@@ -15,13 +15,18 @@ this data (a set built from other data is not this split's business).
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from generate.schema import read_info
+from generate.schema import INFO_FILE, read_info
 from synthvit.data import Item, RealData, load_real_data
-from synthvit.io import SynthvitError
+from synthvit.io import SynthvitError, atomic_write_text
 
 log = logging.getLogger("synthvit.finetune")
 
@@ -129,3 +134,44 @@ def load_synthetic(folders: list[str], data: RealData, test_ids: set[str],
         raise SynthvitError(f"synthetic_classes: {', '.join(sorted(pairs.keys() - paired))} name(s) no defect class "
                             f"of the synthetic sets ({', '.join(sorted({c for r in pool.records for c in r['classes'][1:]}))})")
     return pool
+
+
+IDS_FILE, BUILD_LOG = "real_ids.txt", "generate.log"
+
+
+def build_copypaste(cfg, train: list[Item], folder: Path, keys: dict, main: bool = True,
+                    wait_s: float = 4 * 3600) -> Path:
+    """The copy-paste set of the few-defect advice (:mod:`finetune.doctor`): ``synthvit generate backend=copypaste``
+    on ``cfg.data`` drawing only on ``train`` (the run's train images, listed in ``real_ids.txt``; its split keys are
+    the run's, so no test image can be drawn) into ``folder``, with the generate ``keys`` of the recipe. A finished
+    set (its ``_info.json``, written last) is kept; generate resumes an unfinished one. Other processes of a launched
+    job wait for the first one's set. Returns ``folder``."""
+    folder = Path(folder)
+    if (folder / INFO_FILE).is_file():
+        return folder
+    if not main:
+        deadline = time.monotonic() + wait_s
+        while not (folder / INFO_FILE).is_file():
+            if time.monotonic() > deadline:
+                raise SynthvitError(f"synthetic: the first process did not finish {folder} in {wait_s:.0f} s")
+            time.sleep(2)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = folder.parent / f"{folder.name}.{IDS_FILE}"
+    atomic_write_text(ids, "".join(f"{i.id}\n" for i in train))
+    argv = [sys.executable, "-m", "synthvit", "generate", "backend=copypaste", f"out_dir={folder}",
+            f"copypaste.data={cfg.data}", f"copypaste.format={cfg.format if cfg.format != 'imagefolder' else 'auto'}",
+            f"copypaste.test_fraction={cfg.test_fraction}", f"copypaste.data_seed={cfg.data_seed}",
+            f"copypaste.split_missing={cfg.split_missing}", f"real_ids={ids}", f"seed={cfg.data_seed}",
+            "num_workers=1", "preview=0", "image_format=png", *(f"{k}={v}" for k, v in keys.items())]
+    log.info("synthetic: building the advised copy-paste set from %d train images into %s", len(train), folder)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "LOCAL_", "WORLD_", "RANK",
+                                                                      "MASTER_", "TORCHELASTIC"))}
+    log_file = folder.parent / f"{folder.name}.{BUILD_LOG}"
+    with open(log_file, "w") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode or not (folder / INFO_FILE).is_file():
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
+        raise SynthvitError(f"synthetic: building the advised copy-paste set in {folder} failed (exit "
+                            f"{done.returncode}): {' | '.join(tail)}; full log: {log_file}")
+    return folder

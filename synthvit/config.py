@@ -373,10 +373,28 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     override_tree = _rename_keys(apply_overrides({}, overrides or []), renamed, "command line")
     tree = _merge(tree, override_tree)
     try:
-        return _build(cls, tree)
+        cfg = _build(cls, tree)
     except ConfigError as e:
         where = f" (config file {path})" if path is not None else ""
         raise ConfigError(f"{e}{where}") from None
+    object.__setattr__(cfg, GIVEN_ATTR, frozenset(_flat_keys(tree)))
+    return cfg
+
+
+GIVEN_ATTR = "_synthvit_given"
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def given_keys(cfg: Any) -> frozenset[str]:
+    """The dotted keys the user gave (the config file's and the command line's) for a config :func:`load_config`
+    built; empty for one built otherwise (every key then reads as a default). ``dataclasses.replace`` keeps none."""
+    return getattr(cfg, GIVEN_ATTR, frozenset())
 
 
 def config_diff(old: dict, new: dict) -> list[str]:

@@ -80,5 +80,40 @@ def test_finetune_advise_applies_the_advice_and_records_it(folder, tmp_path):
     applied = {a["key"]: a for a in json.loads((run / "advice.json").read_text())["applied"]}
     assert applied["decoder"]["value"] == "dpt-skip" and "model" not in applied
     resolved = (run / "config.yaml").read_text()
-    assert "decoder: dpt-skip" in resolved and f"steps: {applied['steps']['value']}" in resolved
+    assert "decoder: dpt-skip" in resolved and "steps: 20" in resolved  # steps=20 given: the user's key wins
     assert "advise: true" in resolved and "advise: decoder=dpt-skip" in res.stderr
+    # the few-defect recipe: <= 10 defective train frames and a ViT -> copy-paste of the run's own train defects,
+    # built into the run folder from its train split alone, mixed into every batch
+    record = json.loads((run / "advice.json").read_text())
+    n_def = record["defective_train_frames"]
+    assert 0 < n_def <= 10 and [a["key"] for a in record["overridden"]] == ["steps"]
+    assert record["overridden"][0]["yours"] == 20 and record["overridden"][0]["value"] > 20
+    advised = applied["synthetic"]
+    assert advised["value"] == [str(run / "copypaste-set")] and advised["build"]["image_size"] == 48
+    assert f"{n_def} defective train frame(s)" in advised["reason"]
+    mixed = json.loads((run / "synthetic.json").read_text())
+    assert mixed["mode"] == "share" and mixed["sets"][0]["backend"] == "copypaste"
+    split = dict(line.split(",") for line in (run / "split.csv").read_text().split()[1:])
+    info = json.loads((run / "copypaste-set" / "_info.json").read_text())
+    drawn = set(info["copypaste"]["real_ids"])
+    assert drawn and all(split[i] == "train" for i in drawn)  # never a test image
+    assert f"synthetic:\n- {run / 'copypaste-set'}" in resolved
+
+
+def test_explicit_keys_win_over_advice_and_cnns_get_no_copypaste(folder, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("finetune", f"data={folder}", f"out_dir={run}", *DOCTOR, "advise=true", "evaluate=false",
+                  "num_workers=0", "calibrate.rule=argmax", "synthetic=[]", "decoder=linear", "steps=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((run / "advice.json").read_text())
+    yours = {a["key"]: a for a in record["overridden"]}
+    assert set(yours) == {"synthetic", "decoder", "steps"}
+    assert yours["synthetic"]["yours"] == [] and yours["decoder"]["yours"] == "linear" and yours["steps"]["yours"] == 2
+    assert not (run / "copypaste-set").exists() and not (run / "synthetic.json").exists()
+    assert "decoder: linear" in (run / "config.yaml").read_text()
+    assert "advise (yours kept): synthetic=[]" in res.stderr
+    out = tmp_path / "doc"  # a CNN baseline: the evidence shows no consistent gain from the mixing -> no advice
+    res = run_cli("doctor", f"data={folder}", f"report_dir={out}", "model=deeplabv3plus_resnet50", "crop_size=32",
+                  "defect_crop_prob=0.8", "batch_size=4", "steps=20")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "synthetic" not in {a["key"] for a in json.loads((out / "doctor.json").read_text())["advice"]}
