@@ -30,7 +30,7 @@ from synthvit.config import ConfigError
 from synthvit.data import GOOD_NAMES, Item, RealData, to_array
 from synthvit.io import SynthvitError
 from synthvit.models import ExportMeta, class_map, meta_stats
-from synthvit.models.decision import DefectHistogram
+from synthvit.models.decision import DefectHistogram, top_class
 from synthvit.training import has_attention, peak_memory_mb, set_attention
 
 PIXEL_STRIDE = 4  # pixel AP on every 4th pixel of every 4th row: a 4K frame still gives 0.5 M pixels
@@ -137,8 +137,8 @@ class RuleScore:
         self.dice = MulticlassF1Score(k, average="none", **local)
         self.predicted = 0
 
-    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        pred = class_map(probs, self.threshold)[None]
+    def update(self, probs: torch.Tensor, target: torch.Tensor, defect_class: torch.Tensor | None = None) -> None:
+        pred = class_map(probs, self.threshold, defect_class)[None]
         self.iou.update(pred, target[None])
         self.dice.update(pred, target[None])
         self.predicted += int(torch.count_nonzero(pred))
@@ -190,8 +190,9 @@ def evaluate(predictor: Predictor, data: RealData, items: list[Item], in_chans: 
         if mask is not None and "probs" in out:
             target = torch.from_numpy(mask.astype(np.int64))
             probs = out["probs"].to(dev)
+            defect_class = top_class(probs[1:]) + 1 if seg_k > 2 else None  # once for every rule
             for score in pix["scorers"]:
-                score.update(probs, target)
+                score.update(probs, target, defect_class)
             pix["true"] += int(np.count_nonzero(mask))
             if histogram is not None:
                 histogram.add(1 - probs[0], target, 1.0)

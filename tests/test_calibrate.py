@@ -228,3 +228,21 @@ def test_cell_scoring_estimates_the_whole_frame_histogram_without_bias():
     above = lambda hist: float(hist.neg[BINS // 2:].sum())  # noqa: E731  background pixels over p = 0.5
     assert above(drawn) == pytest.approx(above(whole), rel=0.05)
     assert drawn.best()[0] == pytest.approx(whole.best()[0], abs=0.05)
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_class_map_matches_the_plain_argmax_rule_with_ties(k):
+    """class_map (and the shared per-frame defect class evaluate passes for every rule) is the plain rule: argmax, or
+    a defect where 1 - p(background) > t, of the first most probable defect class."""
+    from synthvit.models.decision import top_class
+
+    g = torch.Generator().manual_seed(k)
+    probs = (torch.rand(k, 24, 40, generator=g) * 4).round() + 0.01  # many ties
+    probs /= probs.sum(0)
+    shared = top_class(probs[1:]) + 1 if k > 2 else None
+    for t in (None, 0.0, 0.3, 0.7, 1.0):
+        if t is None:
+            want = probs.argmax(0)
+        else:
+            want = torch.where((1 - probs[0]) > t, probs[1:].argmax(0) + 1, torch.zeros((24, 40), dtype=torch.int64))
+        assert torch.equal(class_map(probs, t), want) and torch.equal(class_map(probs, t, shared), want)

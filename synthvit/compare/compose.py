@@ -12,7 +12,15 @@ from synthvit.compare.matrix import CELL_CONFIG, DOCTOR_DIR, Cell, reference_cel
 from synthvit.compare.report import Report, Table, environment, read_json
 from synthvit.compare.results import RESULTS_FILE, Row, load_rows, write_results
 from synthvit.compare.stats import NO_SEEDS, NOISE_RULE
-from synthvit.compare.tables import budget_unit_text, cells_table, difference_lines, groups, series, tradeoff_table
+from synthvit.compare.tables import (
+    budget_unit_text,
+    cells_table,
+    difference_lines,
+    groups,
+    lever_table,
+    series,
+    tradeoff_table,
+)
 from synthvit.config import dump_yaml
 
 log = logging.getLogger("synthvit.compare")
@@ -189,13 +197,21 @@ def compose(cfg: CompareConfig, cells: list[Cell], test_items, data_note: str) -
     report = Report("synthvit compare: ViT or CNN, and does synthetic data pay?")
     report.add("p", data_note)
     _doctor_section(out, report)
+    unit = budget_unit_text(cfg.budget_unit)
+    lever = lever_table(rows, unit)
+    if lever is not None:
+        report.add("h2", "The lever: synthetic sets mixed into the batches, per budget")
+        report.add("p", "Each model mixing synthetic sets against the same model without them, at each budget both "
+                        "finished: seed means, the difference (mixed - real only) with 2 x its noise, and the verdict "
+                        "of the 2-std rule (better / worse / within noise). Pixel AP is threshold-free; defect IoU and "
+                        "predicted / true defect pixels are at each run's fitted decision.")
+        report.add("table", lever)
     report.add("h2", "Trade-offs (each model at its largest budget)")
     report.add("p", "Metrics and training costs: mean ± std over the seeds that finished (seeds column); best mean "
                     "of each column in bold. Speed and memory from a fresh process per model on a "
                     f"{cfg.probe_size} frame (median of {cfg.probe_repeats}); training peak memory is the training "
                     "process's (CUDA allocated on GPU, resident set on CPU). Decoder: the dense head of a timm "
                     "model (— for the CNN segmentation baselines, which bring their own).")
-    unit = budget_unit_text(cfg.budget_unit)
     report.add("table", tradeoff_table(rows, agreement, cfg.probe_size, unit))
     differences(rows, report, unit)
     report.add("h2", "Equal budgets")

@@ -171,3 +171,39 @@ def difference_lines(rows: list[Row], unit: str = "train images") -> list[str]:
                     lines.append(f"{a}: the share of {b}'s gap to {c} it closes, {budget} {unit} (seed "
                                  f"means): {closed}")
     return lines
+
+
+LEVER = [("pixel AP", "pixel_ap"), ("image AUROC", "image_auroc"), ("defect IoU", "defect_iou")]
+VERDICT_WORDS = {"a": "better", "b": "worse", "noise": "within noise", "unknown": "one seed: no verdict"}
+
+
+def lever_table(rows: list[Row], unit: str = "train images") -> Table | None:
+    """The lever's answer: each model mixing synthetic sets against the same model without them (:data:`MIXED`), one
+    row per budget both finished: per metric of :data:`LEVER` the two seed means, the difference, 2 x its noise and
+    the verdict word (better / worse / within noise / one seed: no verdict); then predicted / true defect pixels of
+    both at their decision. None without such a pair."""
+    by_cell = groups(rows)
+    header = ["mixed", "real only", unit, "seeds"]
+    for metric, _ in LEVER:
+        header += [f"{metric} mixed", f"{metric} real only", f"{metric} diff (2 std)", f"{metric} verdict"]
+    header += ["pred/true px mixed", "pred/true px real only"]
+    body = []
+    for a, b, why in compared_pairs(rows):
+        if why != MIXED:
+            continue
+        for (name, budget), ra in by_cell.items():
+            if name != a or isinstance(budget, str) or (b, budget) not in by_cell:
+                continue
+            rb = by_cell[(b, budget)]
+            line = [a, b, budget, f"{sum(r.done for r in ra)} vs {sum(r.done for r in rb)}"]
+            for _, attr in LEVER:
+                sa, sb = summary(ra, attr), summary(rb, attr)
+                if not (sa and sb):
+                    line += [sa, sb, None, "—"]
+                    continue
+                d = Difference(sa, sb)
+                noise = f" ({2 * d.noise:.4f})" if d.noise is not None else ""
+                line += [sa, sb, f"{d.delta:+.4f}{noise}", VERDICT_WORDS[d.verdict]]
+            line += [summary(ra, "defect_pixel_ratio"), summary(rb, "defect_pixel_ratio")]
+            body.append(line)
+    return Table(header, body, [None] * len(header)) if body else None

@@ -67,14 +67,26 @@ class Decision:
                         fitted_on=self.fitted_on, train_defect_iou=self.train_defect_iou, prior=self.prior)
 
 
-def class_map(probs: torch.Tensor, threshold: float | None) -> torch.Tensor:
+def top_class(probs: torch.Tensor) -> torch.Tensor:
+    """(K, H, W) -> (H, W) int64: the index of the most probable of the K maps (the first on a tie), as
+    ``probs.argmax(0)``. A reduction over the leading dim of a (K, H, W) tensor runs ~6x slower on a CPU than one
+    over a contiguous last dim (180 ms against 30 ms for 6 x 640 x 640 on one thread), so the maps are laid out
+    pixel-major first."""
+    return probs.permute(1, 2, 0).contiguous().argmax(-1)
+
+
+def class_map(probs: torch.Tensor, threshold: float | None, defect_class: torch.Tensor | None = None) -> torch.Tensor:
     """(K, H, W) class probabilities -> (H, W) int64 classes. ``threshold`` None: argmax; else a pixel is a defect
-    where ``1 - p(background) > threshold``, of its most probable defect class."""
+    where ``1 - p(background) > threshold``, of its most probable defect class. ``defect_class``: that most
+    probable defect class of every pixel (``top_class(probs[1:]) + 1``), when the caller applies several
+    thresholds to the same map."""
     if threshold is None:  # argmax; for two classes the same comparison, several times faster on a 4K frame
-        return (probs[1] > probs[0]).long() if probs.shape[0] == 2 else probs.argmax(0)
+        return (probs[1] > probs[0]).long() if probs.shape[0] == 2 else top_class(probs)
     defect = (1 - probs[0]) > threshold
-    classes = probs[1:].argmax(0) + 1 if probs.shape[0] > 2 else torch.ones_like(defect, dtype=torch.int64)
-    return torch.where(defect, classes, torch.zeros_like(classes))
+    if probs.shape[0] <= 2:
+        return defect.long()
+    classes = defect_class if defect_class is not None else top_class(probs[1:]) + 1
+    return classes * defect
 
 
 def logit_adjust_threshold(sampled: float, natural: float) -> float:

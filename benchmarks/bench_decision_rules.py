@@ -1,0 +1,85 @@
+"""Which defect decision holds at few defects? Every rule, fitted on a run's *training* frames, scored on its test
+frames, for every finished cell of a compare out_dir -- without running anything again.
+
+Each finetune run keeps the p(defect) histograms of the training frames calibration scored
+(``calibration_histogram.json``) and of the test frames evaluation scored (``test_histogram.json``). The rules fitted
+here see the training histogram only (and the run's defective train-frame count and crop-sampling prior); the test
+histogram only scores them: predicted / true defect pixels and defect IoU (binary: every defect class as one).
+
+    .venv/bin/python benchmarks/bench_decision_rules.py runs/few-defects-deeppcb [--k 5 10 20 40]
+
+Prints one line per cell and a summary per (row, budget) and per rule: the mean ratio, the cells inside the 0.6-1.8
+band the issue asks for, and the mean defect IoU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from finetune.artifacts import CALIBRATION_HISTOGRAM, TEST_HISTOGRAM
+from synthvit.models.decision import DefectHistogram, shrunk_threshold
+
+BAND = (0.6, 1.8)
+
+
+def count_matched(train: DefectHistogram) -> float:
+    """The threshold at which the training frames' predicted defect pixels equal their true ones."""
+    above = (train.pos.flip(0).cumsum(0).flip(0) + train.neg.flip(0).cumsum(0).flip(0)).numpy()
+    j = int(np.argmax(above <= float(train.pos.sum())))  # the first bin from below with no more than the truth
+    return train.edge(j)
+
+
+def rules(train: DefectHistogram, decision: dict, ks: list[float]) -> dict[str, float]:
+    best, _ = train.best()
+    n = int(decision.get("prior", {}).get("defective_frames") or 0)
+    out = {"threshold": best, "argmax": 0.5, "count-match": count_matched(train)}
+    if "logit-adjust" in decision.get("candidates", {}):
+        out["logit-adjust"] = decision["candidates"]["logit-adjust"]
+    for k in ks:
+        out[f"shrink-k{k:g}"] = shrunk_threshold(best, n, k)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir", type=Path, help="a synthvit compare out_dir (or any folder of finetune runs)")
+    ap.add_argument("--k", type=float, nargs="+", default=[5, 10, 20, 40], help="shrink weights to try (frames)")
+    args = ap.parse_args()
+    cells = sorted(p.parent for p in args.out_dir.rglob(TEST_HISTOGRAM)
+                   if (p.parent / CALIBRATION_HISTOGRAM).is_file() and "previous-" not in str(p))
+    if not cells:
+        raise SystemExit(f"no finished run with both {CALIBRATION_HISTOGRAM} and {TEST_HISTOGRAM} under {args.out_dir}")
+    per_rule: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    per_group: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
+    print(f"{'cell':<44} {'rule':<14} {'threshold':>9} {'pred/true':>9} {'IoU':>7}")
+    for cell in cells:
+        train = DefectHistogram.from_json(json.loads((cell / CALIBRATION_HISTOGRAM).read_text()))
+        test = DefectHistogram.from_json(json.loads((cell / TEST_HISTOGRAM).read_text()))
+        decision = json.loads((cell / "export" / "config.json").read_text()).get("decision") or {}
+        name = str(cell.relative_to(args.out_dir))
+        parts = cell.parts
+        row, budget = (parts[-3], parts[-2]) if len(parts) >= 3 else (name, "")
+        for rule, t in rules(train, decision, args.k).items():
+            ratio, iou = test.ratio_at(t), test.iou_at(t)
+            per_rule[rule].append((ratio, iou))
+            per_group[(row, budget, rule)].append((ratio, iou))
+            print(f"{name:<44} {rule:<14} {t:>9.4f} {ratio:>9.3f} {iou:>7.4f}")
+    print(f"\n{'row':<22} {'budget':<8} {'rule':<14} {'cells':>5} {'pred/true':>9} {'in band':>7} {'IoU':>7}")
+    for (row, budget, rule), vals in sorted(per_group.items()):
+        r = np.array(vals)
+        inside = int(((r[:, 0] >= BAND[0]) & (r[:, 0] <= BAND[1])).sum())
+        print(f"{row:<22} {budget:<8} {rule:<14} {len(r):>5} {r[:, 0].mean():>9.3f} {inside:>4}/{len(r):<2} "
+              f"{r[:, 1].mean():>7.4f}")
+    print(f"\n{'rule (all cells)':<22} {'cells':>5} {'median pred/true':>16} {'in band':>8} {'mean IoU':>9}")
+    for rule, vals in per_rule.items():
+        r = np.array(vals)
+        inside = int(((r[:, 0] >= BAND[0]) & (r[:, 0] <= BAND[1])).sum())
+        print(f"{rule:<22} {len(r):>5} {np.median(r[:, 0]):>16.3f} {inside:>4}/{len(r):<3} {r[:, 1].mean():>9.4f}")
+
+
+if __name__ == "__main__":
+    main()
