@@ -33,14 +33,43 @@ def count_matched(train: DefectHistogram) -> float:
     return train.edge(j)
 
 
-def rules(train: DefectHistogram, decision: dict, ks: list[float]) -> dict[str, float]:
+def fp_budget(train: DefectHistogram, share: float) -> float:
+    """The lowest threshold at which the training frames' background pixels called defects are at most ``share`` x
+    their true defect pixels: a rule read off the background scores alone (which transfer to unseen frames, where
+    the memorised defects' scores do not)."""
+    fp = train.neg.flip(0).cumsum(0).flip(0).numpy()
+    j = int(np.argmax(fp <= share * float(train.pos.sum())))
+    return train.edge(j)
+
+
+def balanced(doc: dict) -> DefectHistogram | None:
+    """The training histogram with defective and defect-free frames weighing the same (each kind's scored frames
+    averaged): a defect prevalence of one frame in two, whatever the split's; None for a histogram without kinds."""
+    groups = doc.get("groups") or {}
+    if set(groups) != {"defective", "defect-free"}:
+        return None
+    out = DefectHistogram()
+    for g in groups.values():
+        h = DefectHistogram.from_json(g)
+        out.pos += h.pos / g["frames"]
+        out.neg += h.neg / g["frames"]
+    return out
+
+
+def rules(train: DefectHistogram, decision: dict, ks: list[float], doc: dict | None = None) -> dict[str, float]:
     best, _ = train.best()
     n = int(decision.get("prior", {}).get("defective_frames") or 0)
-    out = {"threshold": best, "argmax": 0.5, "count-match": count_matched(train)}
+    out = {"threshold": best, "argmax": 0.5, "count-match": count_matched(train),
+           "fp-0.25": fp_budget(train, 0.25), "fp-0.5": fp_budget(train, 0.5), "fp-1": fp_budget(train, 1.0)}
     if "logit-adjust" in decision.get("candidates", {}):
         out["logit-adjust"] = decision["candidates"]["logit-adjust"]
     for k in ks:
         out[f"shrink-k{k:g}"] = shrunk_threshold(best, n, k)
+    even = balanced(doc or {})
+    if even is not None:
+        out["balanced"] = even.best()[0]
+        for k in ks:
+            out[f"balanced-shrink-k{k:g}"] = shrunk_threshold(out["balanced"], n, k)
     return out
 
 
@@ -55,24 +84,25 @@ def main() -> None:
         raise SystemExit(f"no finished run with both {CALIBRATION_HISTOGRAM} and {TEST_HISTOGRAM} under {args.out_dir}")
     per_rule: dict[str, list[tuple[float, float]]] = defaultdict(list)
     per_group: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
-    print(f"{'cell':<44} {'rule':<14} {'threshold':>9} {'pred/true':>9} {'IoU':>7}")
+    print(f"{'cell':<44} {'rule':<22} {'threshold':>9} {'pred/true':>9} {'IoU':>7}")
     for cell in cells:
-        train = DefectHistogram.from_json(json.loads((cell / CALIBRATION_HISTOGRAM).read_text()))
+        doc = json.loads((cell / CALIBRATION_HISTOGRAM).read_text())
+        train = DefectHistogram.from_json(doc)
         test = DefectHistogram.from_json(json.loads((cell / TEST_HISTOGRAM).read_text()))
         decision = json.loads((cell / "export" / "config.json").read_text()).get("decision") or {}
         name = str(cell.relative_to(args.out_dir))
         parts = cell.parts
         row, budget = (parts[-3], parts[-2]) if len(parts) >= 3 else (name, "")
-        for rule, t in rules(train, decision, args.k).items():
+        for rule, t in rules(train, decision, args.k, doc).items():
             ratio, iou = test.ratio_at(t), test.iou_at(t)
             per_rule[rule].append((ratio, iou))
             per_group[(row, budget, rule)].append((ratio, iou))
-            print(f"{name:<44} {rule:<14} {t:>9.4f} {ratio:>9.3f} {iou:>7.4f}")
-    print(f"\n{'row':<22} {'budget':<8} {'rule':<14} {'cells':>5} {'pred/true':>9} {'in band':>7} {'IoU':>7}")
+            print(f"{name:<44} {rule:<22} {t:>9.4f} {ratio:>9.3f} {iou:>7.4f}")
+    print(f"\n{'row':<22} {'budget':<8} {'rule':<22} {'cells':>5} {'pred/true':>9} {'in band':>7} {'IoU':>7}")
     for (row, budget, rule), vals in sorted(per_group.items()):
         r = np.array(vals)
         inside = int(((r[:, 0] >= BAND[0]) & (r[:, 0] <= BAND[1])).sum())
-        print(f"{row:<22} {budget:<8} {rule:<14} {len(r):>5} {r[:, 0].mean():>9.3f} {inside:>4}/{len(r):<2} "
+        print(f"{row:<22} {budget:<8} {rule:<22} {len(r):>5} {r[:, 0].mean():>9.3f} {inside:>4}/{len(r):<2} "
               f"{r[:, 1].mean():>7.4f}")
     print(f"\n{'rule (all cells)':<22} {'cells':>5} {'median pred/true':>16} {'in band':>8} {'mean IoU':>9}")
     for rule, vals in per_rule.items():

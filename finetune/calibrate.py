@@ -124,14 +124,15 @@ def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=No
     if not any(kind == "defective" for kind, _, _ in groups):
         log.warning("calibrate: no training frame holds a defect pixel; the decision stays argmax")
         return None
-    hist = DefectHistogram()
+    hist, per_group = DefectHistogram(), {}
     n = sum(len(frames) for _, frames, _ in groups)
     max_pixels = cfg.calibrate.max_pixels
     side = max(CELL, predictor.tiler.tile)
     scored = total = 0
     with progress_bar(total=n, desc="calibrate", unit="img") as bar:
-        for _, frames, whole in groups:
+        for kind, frames, whole in groups:
             weight = whole / len(frames)  # each scored frame stands for this many of the split's
+            own = per_group[kind] = DefectHistogram()  # the scored frames of this kind, each weighted 1
             for item in frames:
                 with item.load() as im:
                     image = to_array(im, cfg.in_chans)
@@ -141,12 +142,16 @@ def fit_decision(predictor, data: RealData, items: list[Item], cfg, synthetic=No
                 for window, cell, share in calibration_cells(mask, max_pixels, side, rng):
                     p = 1 - _probs(predictor, image[window], item)[0]
                     inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(cell, window))
-                    hist.add(p[inner], torch.from_numpy(mask[cell]), weight * share)
+                    own.add(p[inner], torch.from_numpy(mask[cell]), share)
                     scored += (cell[0].stop - cell[0].start) * (cell[1].stop - cell[1].start)
                 total += h * w
                 bar.update(1)
-    if record is not None:
-        atomic_write_text(record, dumps_json(hist.to_json()) + "\n")
+            hist.pos += own.pos * weight
+            hist.neg += own.neg * weight
+    if record is not None:  # the weighted whole, and each kind's scored frames apart (rules weighing them otherwise)
+        groups_json = {kind: {"frames": len(frames), "whole": whole, **per_group[kind].to_json()}
+                       for kind, frames, whole in groups}
+        atomic_write_text(record, dumps_json({**hist.to_json(), "groups": groups_json}) + "\n")
     natural, sampled = hist.defect_share, sampled_defect_share(data, items, cfg, synthetic)
     best, best_iou = hist.best()
     adjusted = logit_adjust_threshold(sampled, natural)

@@ -233,6 +233,9 @@ class CopyPasteConfig:
     min_area: int = field(default=4, metadata={"help": "defect components of fewer pixels are not used"})
     free_areas: bool = field(default=True, metadata={
         "help": "also paste into the defect-free areas of defective train frames (their own defects kept)"})
+    placement: Literal["uniform", "context"] = field(default="uniform", metadata={
+        "help": "where a defect lands: uniform (anywhere free), or context (of 12 free spots drawn, the one whose "
+                "surroundings look most like those it was cut with: mean and std of the margin ring)"})
 
     def __post_init__(self):
         if self.format not in COPYPASTE_FORMATS:

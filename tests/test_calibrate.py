@@ -2,6 +2,7 @@
 export, used by evaluate and predict (a user threshold still overrides), absent from old exports; and a ViT trained
 on small crops predicts at another tile size, while a tile it cannot take is refused before training."""
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,3 +247,16 @@ def test_class_map_matches_the_plain_argmax_rule_with_ties(k):
         else:
             want = torch.where((1 - probs[0]) > t, probs[1:].argmax(0) + 1, torch.zeros((24, 40), dtype=torch.int64))
         assert torch.equal(class_map(probs, t), want) and torch.equal(class_map(probs, t, shared), want)
+
+
+def test_shrink_pulls_the_fitted_threshold_toward_one_half_by_the_defects_it_saw():
+    from synthvit.models.decision import SHRINK_FRAMES, shrunk_threshold
+
+    assert shrunk_threshold(0.99, 0) == pytest.approx(0.5)
+    assert shrunk_threshold(0.2, 0) == pytest.approx(0.5)
+    few, many = shrunk_threshold(0.99, 5), shrunk_threshold(0.99, 5000)
+    assert 0.5 < few < shrunk_threshold(0.99, 50) < many < 0.99 and many == pytest.approx(0.99, abs=2e-3)
+    # the weight is n / (n + k) on the logit scale: at n = k, halfway between logit(0.5) = 0 and logit(t)
+    mid = shrunk_threshold(0.9, SHRINK_FRAMES)
+    assert math.log(mid / (1 - mid)) == pytest.approx(0.5 * math.log(9))
+    assert shrunk_threshold(0.1, 5) > 0.1  # a low fit is pulled up, toward 0.5, too

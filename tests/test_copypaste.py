@@ -211,3 +211,34 @@ def test_brightness_and_contrast_follow_the_destination(tmp_path):
                 assert img[own].mean() < img[near].mean() - 30
             else:  # pasted as it was: its bright surroundings come along
                 assert img[near].mean() > 150
+
+
+def test_context_placement_lands_defects_where_their_surroundings_match(tmp_path):
+    """Frames half dark, half bright; every defect is cut from the bright half. placement=context puts nearly every
+    pasted defect on the bright half (its margin ring looks like the ring it was cut with); uniform about half."""
+    rng = np.random.default_rng(2)
+    frames = {}
+    for k in range(4):
+        img, mask = surface(rng, level=30, spread=10), np.zeros((64, 64), np.uint8)
+        img[:, 32:] = surface(rng, (64, 32), level=200, spread=10)
+        frames[f"good{k}"] = img, np.zeros((64, 64), np.uint8)
+        bad = img.copy()
+        mask[20 + k:24 + k, 40:46] = 255
+        bad[mask > 0] = 110
+        frames[f"bad{k}"] = bad, mask
+    root = write_real(tmp_path / "real", frames, splits={i: "train" for i in frames})
+    share = {}
+    for placement in ("uniform", "context"):
+        backend = create_backend("copypaste", config(root, "copypaste.free_areas=false", "copypaste.max_instances=1",
+                                                     "copypaste.elastic=0", "copypaste.scale=1", "image_size=64",
+                                                     "copypaste.match=false", "copypaste.rotate=false",
+                                                     f"copypaste.placement={placement}"))
+        bright = total = 0
+        for i in range(40):
+            s = backend.render(i)
+            for d in s.meta["pasted"]:
+                x = d["at"][0] + d["size"][0] / 2  # the patch's centre column
+                bright += x >= 32
+                total += 1
+        share[placement] = bright / total
+    assert share["context"] >= 0.9 and share["uniform"] <= 0.75, share

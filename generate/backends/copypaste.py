@@ -384,7 +384,8 @@ class CopyPasteBackend(BaseBackend):
             patch = self.patches[int(rng.integers(len(self.patches)))]
             t = self._transform(rng, patch, C)
             h, w = t.own.shape
-            at = self._place(rng, t.alpha > 0, occupied) if t.own.any() else None  # (a speck may vanish shrunk)
+            at = (self._place(rng, t.alpha > 0, occupied, img if p.placement == "context" else None, t)
+                  if t.own.any() else None)  # (a speck may vanish shrunk)
             if at is None:
                 skipped += 1
                 continue
@@ -458,15 +459,27 @@ class CopyPasteBackend(BaseBackend):
         return Transformed(pixf, own, alpha, ring, params)
 
     @staticmethod
-    def _place(rng, footprint: np.ndarray, occupied: np.ndarray) -> tuple[int, int] | None:
-        """A top-left corner where ``footprint`` covers no ``occupied`` pixel (None after TRIES draws)."""
+    def _place(rng, footprint: np.ndarray, occupied: np.ndarray, img: np.ndarray | None = None,
+               t: Transformed | None = None) -> tuple[int, int] | None:
+        """A top-left corner where ``footprint`` covers no ``occupied`` pixel (None after TRIES draws). With ``img``
+        (``copypaste.placement=context``): of the TRIES free corners drawn, the one whose pixels under the patch's
+        margin ring look most like the ring it was cut with (per channel mean and std: a defect cut from a trace
+        lands on a trace, one from a flat area on a flat area), as defects sit in the real frames."""
         h, w = footprint.shape
         H, W = occupied.shape
+        best, best_cost = None, np.inf
+        src = t.pixels[t.ring] if img is not None and t is not None and t.ring.sum() >= 4 else None
         for _ in range(TRIES):
             y, x = int(rng.integers(H - h + 1)), int(rng.integers(W - w + 1))
-            if not occupied[y:y + h, x:x + w][footprint].any():
+            if occupied[y:y + h, x:x + w][footprint].any():
+                continue
+            if src is None:
                 return y, x
-        return None
+            dst = img[y:y + h, x:x + w][t.ring].astype(np.float32)
+            cost = float(np.abs(dst.mean(0) - src.mean(0)).sum() + np.abs(dst.std(0) - src.std(0)).sum())
+            if cost < best_cost:
+                best, best_cost = (y, x), cost
+        return best
 
     @staticmethod
     def _blend(region: np.ndarray, t: Transformed, occupied: np.ndarray, match: bool = True) -> None:
