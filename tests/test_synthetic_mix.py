@@ -87,6 +87,31 @@ def test_mixed_batches_take_the_first_share_of_every_batch_from_the_synthetic_se
     assert all(plain.draw(i)[2] < n for i in range(40))
 
 
+def test_add_mode_keeps_the_real_crops_of_the_run_without_synthetic_sets(real, tiny_dataset):
+    """synthetic_mode=add (equal real exposure): every batch holds batch_size real samples -- the very crops, flips
+    and turns of the same run without synthetic sets -- and round(share / (1 - share) * batch_size) synthetic ones."""
+    data = load_real_data(real)
+    pool = load_synthetic([str(tiny_dataset)], data, set())
+    base = dict(data=str(real), crop_size=32, batch_size=4)
+    added = CropDataset(data, data.items, FinetuneConfig(**base, synthetic=[str(tiny_dataset)], synthetic_share=0.6,
+                                                         synthetic_mode="add"), total=60, synthetic=pool)
+    plain = CropDataset(data, data.items, FinetuneConfig(**base), total=60)
+    assert (added.n_real, added.n_synthetic, added.step_batch) == (4, 6, 10)  # 6 / 10 = share 0.6
+    n, real_samples = len(data.items), []
+    for i in range(50):  # five steps of 10
+        k = added.draw(i)[2]
+        assert (k >= n) == (i % 10 < 6)
+        if k < n:
+            real_samples.append(added[i])
+    assert len(real_samples) == 20
+    for j, got in enumerate(real_samples):  # sample j of the plain run: step j // 4, slot j % 4
+        want = plain[j]
+        assert (got["image"] == want["image"]).all() and (got["mask"] == want["mask"]).all()
+    shared = CropDataset(data, data.items, FinetuneConfig(**base, synthetic=[str(tiny_dataset)], synthetic_share=0.5),
+                         total=40, synthetic=pool)
+    assert (shared.n_real, shared.n_synthetic) == (2, 2)  # share: the synthetic half displaces real samples
+
+
 def test_a_set_or_export_that_drew_on_a_test_image_is_refused(real, tiny_dataset, tmp_path):
     data = load_real_data(real)
     split = split_ids(data, 0.3, 0)
@@ -107,10 +132,14 @@ def test_finetune_mixes_records_and_refuses(real, tiny_dataset, tmp_path, cli, o
     common = [f"data={real}", "task=seg", "crop_size=32", "steps=2", "batch_size=4", "num_workers=0"]
     res = cli("finetune", *common, f"out_dir={run}", f"synthetic=[{tiny_dataset}]", "synthetic_share=0.5",
               "evaluate=false")
-    assert res.returncode == 0, res.err[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
     record = json.loads((run / "synthetic.json").read_text())
-    assert record["share"] == 0.5 and record["sets"][0]["samples"] == 40
+    assert record["share"] == 0.5 and record["mode"] == "share" and record["sets"][0]["samples"] == 40
     assert (run / "export" / "model.safetensors").is_file()
+    res = cli("finetune", *common, f"out_dir={tmp_path / 'add'}", f"synthetic=[{tiny_dataset}]",
+              "synthetic_mode=add", "evaluate=false")  # batches of 4 real + 4 synthetic samples
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((tmp_path / "add" / "synthetic.json").read_text())["mode"] == "add"
     data = load_real_data(real)
     test_id = next(i for i, s in split_ids(data, 0.3, 0).items() if s == "test")
     leaky = _with_ids(tiny_dataset, tmp_path / "leaky", real, [test_id])
@@ -148,7 +177,7 @@ def test_defective_budgets_are_nested_stratified_and_keep_every_free_frame(tmp_p
     run = tmp_path / "run"
     res = cli("finetune", f"data={root}", f"out_dir={run}", "task=seg", "crop_size=32", "steps=1", "batch_size=2",
               "num_workers=0", "defective_limit=3", "evaluate=false")
-    assert res.returncode == 0, res.err[-2000:]
+    assert res.returncode == 0, res.stderr[-2000:]
     used = {r.split(",")[0] for r in (run / "split.csv").read_text().splitlines()[1:] if r.endswith(",train")}
     split = split_ids(data, 0.3, 0)
     train = [i for i in data.items if split[i.id] == "train"]
