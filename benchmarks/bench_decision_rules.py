@@ -6,7 +6,12 @@ Each finetune run keeps the p(defect) histograms of the training frames calibrat
 here see the training histogram only (and the run's defective train-frame count and crop-sampling prior); the test
 histogram only scores them: predicted / true defect pixels and defect IoU (binary: every defect class as one).
 
-    .venv/bin/python benchmarks/bench_decision_rules.py runs/few-defects-deeppcb [--k 5 10 20 40]
+    .venv/bin/python benchmarks/bench_decision_rules.py runs/few-defects-deeppcb [--k 5 10 20 40] [--composites 128]
+
+``--composites N`` also tries fitting on held-out synthetic composites: per budget, N copy-paste samples of the
+budget's own train defects pasted into its own train frames at placements (and a seed) no training run drew
+(``synthvit generate backend=copypaste``, cached under ``<out_dir>/_composites/``), scored by each cell's model: the
+IoU-best threshold on those (``composite``), where a model has not memorised the defects' surroundings.
 
 Prints one line per cell and a summary per (row, budget) and per rule: the mean ratio, the cells inside the 0.6-1.8
 band the issue asks for, and the mean defect IoU.
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -73,10 +80,46 @@ def rules(train: DefectHistogram, decision: dict, ks: list[float], doc: dict | N
     return out
 
 
+COMPOSITE_SEED = 9001  # no generate job of a compare or of advise uses this seed
+
+
+def composite_histogram(cell: Path, n: int, cache: Path) -> DefectHistogram:
+    """The cell's model scored on ``n`` held-out copy-paste composites of its own train images (see the header)."""
+    import numpy as np
+    import torch
+
+    import generate.schema  # noqa: F401  (registers format=shards)
+    from finetune.artifacts import load_run, read_split
+    from synthvit.data import load_real_data, to_array
+
+    run = load_run(cell)
+    train = sorted(i for i, s in (read_split(cell) or {}).items() if s == "train")
+    folder = cache / cell.parent.name  # one set per budget: the cells of a budget share their train images
+    if not (folder / "shards" / "_info.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "real_ids.txt").write_text("".join(f"{i}\n" for i in train))
+        argv = [sys.executable, "-m", "synthvit", "generate", "backend=copypaste", f"out_dir={folder / 'shards'}",
+                f"copypaste.data={run.cfg.data}", f"copypaste.test_fraction={run.cfg.test_fraction}",
+                f"copypaste.data_seed={run.cfg.data_seed}", f"real_ids={folder / 'real_ids.txt'}",
+                f"seed={COMPOSITE_SEED}", f"num_samples={n}", "image_size=256", "num_workers=1", "preview=0",
+                "image_format=png", "copypaste.free_areas=false", "copypaste.match=false", "copypaste.elastic=0"]
+        subprocess.run(argv, check=True, capture_output=True)
+    data = load_real_data(str(folder / "shards"), "shards")
+    predictor = run.predictor(torch.device("cpu"))
+    hist = DefectHistogram()
+    for item in data.items:
+        with item.load() as im:
+            image = to_array(im, run.cfg.in_chans)
+        mask = np.asarray(item.mask((image.shape[1], image.shape[0])))
+        hist.add(1 - predictor(image)["probs"][0], torch.from_numpy(mask.astype(np.int64)), 1.0)
+    return hist
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path, help="a synthvit compare out_dir (or any folder of finetune runs)")
     ap.add_argument("--k", type=float, nargs="+", default=[5, 10, 20, 40], help="shrink weights to try (frames)")
+    ap.add_argument("--composites", type=int, default=0, help="held-out copy-paste composites per budget (0: none)")
     args = ap.parse_args()
     cells = sorted(p.parent for p in args.out_dir.rglob(TEST_HISTOGRAM)
                    if (p.parent / CALIBRATION_HISTOGRAM).is_file() and "previous-" not in str(p))
@@ -93,7 +136,10 @@ def main() -> None:
         name = str(cell.relative_to(args.out_dir))
         parts = cell.parts
         row, budget = (parts[-3], parts[-2]) if len(parts) >= 3 else (name, "")
-        for rule, t in rules(train, decision, args.k, doc).items():
+        found = rules(train, decision, args.k, doc)
+        if args.composites:
+            found["composite"] = composite_histogram(cell, args.composites, args.out_dir / "_composites").best()[0]
+        for rule, t in found.items():
             ratio, iou = test.ratio_at(t), test.iou_at(t)
             per_rule[rule].append((ratio, iou))
             per_group[(row, budget, rule)].append((ratio, iou))

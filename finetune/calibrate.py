@@ -3,9 +3,10 @@
 Training crops are drawn defect-centred (``defect_crop_prob``, 0.8 in the compare configs), so the model learns a
 defect prior tens of times above the frames' own and ``argmax`` over-paints defects (14-17x the true defect pixels
 on two real sets). After training, :func:`fit_decision` scores whole training frames at full resolution, tiled as
-evaluation tiles them, and fits two rules (see :mod:`synthvit.models.decision`):
+evaluation tiles them, and fits three rules (see :mod:`synthvit.models.decision`):
 
 - ``threshold``: the p(defect) threshold that maximises defect IoU over those frames' pixels;
+- ``shrink`` (the default): that threshold pulled toward 0.5 by the few defective frames it saw;
 - ``logit-adjust``: the threshold that undoes the prior shift, from the defect-pixel share of the training crops
   (the sampler replayed on the masks) and of the training frames.
 

@@ -45,9 +45,12 @@ class TilingConfig:
 @dataclass(kw_only=True)
 class CalibrateConfig:
     """The defect decision fitted on training frames after training (finetune/calibrate.py)."""
-    rule: Rule = field(default="threshold", metadata={
-        "help": "threshold: the p(defect) threshold with the best defect IoU on training frames; logit-adjust: undo "
-                "the defect prior of the training crops (Menon et al. 2021); argmax: no decision (as before)"})
+    rule: Rule = field(default="shrink", metadata={
+        "help": "shrink: the threshold rule's threshold pulled toward 0.5 by the few defective frames it was fitted "
+                "on (logit scale, weight n / (n + 20)): a model memorises a handful of defects and the IoU-best "
+                "threshold on its own frames under-paints unseen ones (BENCHMARKS.md); with hundreds it is the "
+                "threshold rule's. threshold: the p(defect) threshold with the best defect IoU on training frames; "
+                "logit-adjust: undo the defect prior of the training crops (Menon et al. 2021); argmax: no decision"})
     max_images: int = field(default=128, metadata={
         "help": "training frames scored at full resolution (half defective, half defect-free where there are that "
                 "many)"})
@@ -228,7 +231,7 @@ class DoctorConfig(FinetuneConfig):
 @dataclass(kw_only=True)
 class CalibrateRunConfig:
     checkpoint: str = field(default="", metadata={"help": "a finetune run folder"})
-    rule: Rule = field(default="threshold", metadata={"help": "the rule to keep (see finetune calibrate.rule)"})
+    rule: Rule = field(default="shrink", metadata={"help": "the rule to keep (see finetune calibrate.rule)"})
     max_images: int = field(default=128, metadata={"help": "training frames scored at full resolution"})
     max_pixels: int = field(default=2_000_000, metadata={"help": "pixels scored per frame (see finetune "
                                                                  "calibrate.max_pixels)"})

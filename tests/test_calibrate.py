@@ -16,9 +16,9 @@ from finetune.artifacts import read_split
 from finetune.calibrate import fit_decision, scored_frames
 from finetune.config import CalibrateConfig, FinetuneConfig
 from finetune.predict import MaskRule
-from synthvit.data import load_real_data, split_ids
+from synthvit.data import has_defect, load_real_data, split_ids
 from synthvit.models import Decision, ExportMeta, Heads, class_map, read_export_meta
-from synthvit.models.decision import BINS, DefectHistogram, logit_adjust_threshold
+from synthvit.models.decision import BINS, DefectHistogram, logit_adjust_threshold, shrunk_threshold
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 DEFECT = np.s_[20:28, 24:40]  # every odd frame's defect (grey 30)
@@ -84,7 +84,12 @@ def test_decision_is_fitted_on_the_training_frames_alone(tmp_path):
     _poison_all_but(data, {i.id for i in train})
     cfg = FinetuneConfig(data=str(root), crop_size=32, steps=50, batch_size=4, defect_crop_prob=1.0)
     decision = fit_decision(Oracle(), data, train, cfg)
-    assert decision.rule == "threshold" and 0.7 < decision.threshold <= 0.8  # the halo cut, the defect kept
+    fitted = decision.candidates["threshold"]
+    assert 0.7 < fitted <= 0.8  # the halo cut, the defect kept
+    n_def = decision.prior["defective_frames"]
+    assert n_def == sum(has_defect(i) for i in train) and 0 < n_def < 20
+    assert decision.rule == "shrink" and decision.threshold == pytest.approx(shrunk_threshold(fitted, n_def), abs=1e-6)
+    assert 0.5 < decision.threshold < fitted  # a handful of defective frames: pulled toward 0.5
     assert decision.train_defect_iou["threshold"] == pytest.approx(1.0)
     assert decision.train_defect_iou["p>0.5"] == pytest.approx(128 / 160)  # the 2-row halo painted too
     natural, sampled = decision.prior["natural"], decision.prior["sampled"]
@@ -132,14 +137,14 @@ def test_finetune_fits_the_decision_from_train_frames_and_predict_uses_it(tmp_pa
     frame = root / "images" / "im01.png"
     assert cli("predict", f"checkpoint={run}", f"input={frame}", f"out={tmp_path / 'auto'}").returncode == 0
     record = json.loads((tmp_path / "auto" / "im01.json").read_text())
-    assert record["decision"] == {"rule": "threshold", "threshold": decision.threshold}
+    assert record["decision"] == {"rule": "shrink", "threshold": decision.threshold}
     assert cli("predict", f"checkpoint={run}", f"input={frame}", f"out={tmp_path / 'all'}", "threshold=0").returncode == 0
     record = json.loads((tmp_path / "all" / "im01.json").read_text())
     assert record["decision"] == {"rule": "user", "threshold": 0.0} and record["areas"]["defect"] == 48 * 64
     # evaluate scores the decision and argmax side by side
     assert cli("evaluate", f"checkpoint={run}").returncode == 0
     pixel = json.loads((run / "metrics_test.json").read_text())["pixel"]
-    assert pixel["rule"] == "threshold" and pixel["threshold"] == decision.threshold
+    assert pixel["rule"] == "shrink" and pixel["threshold"] == decision.threshold
     assert set(pixel["argmax"]) == {"iou", "miou", "dice", "mdice", "defect_pixel_ratio"}
     assert set(pixel["rules"]) == {"threshold", "shrink", "logit-adjust"} and pixel["defect_pixels"] > 0
     # calibrate again, keeping the other rule

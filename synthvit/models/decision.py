@@ -6,9 +6,12 @@ defects over far too many pixels. finetune therefore fits a threshold on ``p(def
 *training* frames (:mod:`finetune.calibrate`) and stores it here, in the export's ``config.json``; evaluate, predict
 and compare apply it. The rule decides defect against background; among defect classes the most probable wins.
 
-Two rules are fitted, one kept as ``rule`` (the other stays in ``candidates``):
+Three rules are fitted, one kept as ``rule`` (the others stay in ``candidates``):
 
 - ``threshold``: the threshold that maximises defect IoU on the scored training frames.
+- ``shrink`` (the default): that threshold pulled toward 0.5 by the number of defective frames it was fitted on
+  (:func:`shrunk_threshold`): with a handful of defects the model memorises them and the IoU-best threshold on its
+  own frames under-paints unseen ones.
 - ``logit-adjust``: Menon et al. (2021), "Long-tail learning via logit adjustment": subtracting
   ``log(sampled odds / natural odds)`` of the defect class from its logit, which for the defect-vs-background
   decision is the threshold ``R / (1 + R)`` with ``R`` that odds ratio.
