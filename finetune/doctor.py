@@ -60,7 +60,8 @@ DRAWS_PER_DEFECT = 10  # defect-centred crops per defective train frame that the
 FEW_DEFECTS = 10
 RECIPE_SET = {"num_samples": 400, "image_size": 256, "copypaste.max_instances": 3}
 RECIPE_MIX = {"synthetic_share": 0.5, "synthetic_mode": "share"}
-BILEVEL_SHARE = 0.98  # frames whose pixels are this share black or white are binarised (paste pixels as they are)
+# frames whose pixels are this share (near) black or white are binarised: copy-paste pastes their pixels as they are
+BILEVEL_SHARE, BILEVEL_TOLERANCE = 0.95, 16  # near: within 16 grey levels (a JPEG-saved binary frame rings a little)
 BILEVEL_FRAMES = 8
 
 
@@ -219,9 +220,9 @@ def examine(cfg, data: RealData, progress: bool = True) -> dict:
 
 
 def bilevel(items: list[Item], in_chans: int) -> bool:
-    """Whether the train frames are binarised (DeepPCB-like: >= 98 % of the pixels of each of the first few frames
-    exactly black or white): copy-paste then pastes pixels as they are (matching a patch's margin to a flat spot greys
-    it)."""
+    """Whether the train frames are binarised (DeepPCB-like: >= 95 % of the pixels of each of the first few frames
+    within 16 grey levels of black or white): copy-paste then pastes pixels as they are (matching a patch's margin to
+    a flat spot greys it)."""
     from synthvit.data import to_array
 
     if not items:
@@ -229,7 +230,7 @@ def bilevel(items: list[Item], in_chans: int) -> bool:
     for item in items[:BILEVEL_FRAMES]:
         with item.load() as im:
             a = to_array(im, 1 if in_chans == 1 else 3)
-        if np.count_nonzero((a == 0) | (a == 255)) < BILEVEL_SHARE * a.size:
+        if np.count_nonzero((a <= BILEVEL_TOLERANCE) | (a >= 255 - BILEVEL_TOLERANCE)) < BILEVEL_SHARE * a.size:
             return False
     return True
 

@@ -90,6 +90,7 @@ def test_finetune_advise_applies_the_advice_and_records_it(folder, tmp_path):
     assert record["overridden"][0]["yours"] == 20 and record["overridden"][0]["value"] > 20
     advised = applied["synthetic"]
     assert advised["value"] == [str(run / "copypaste-set")] and advised["build"]["image_size"] == 48
+    assert advised["build"]["copypaste.match"] is True  # textured frames: margins matched to where they land
     assert f"{n_def} defective train frame(s)" in advised["reason"]
     mixed = json.loads((run / "synthetic.json").read_text())
     assert mixed["mode"] == "share" and mixed["sets"][0]["backend"] == "copypaste"
@@ -117,3 +118,20 @@ def test_explicit_keys_win_over_advice_and_cnns_get_no_copypaste(folder, tmp_pat
                   "defect_crop_prob=0.8", "batch_size=4", "steps=20")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "synthetic" not in {a["key"] for a in json.loads((out / "doctor.json").read_text())["advice"]}
+
+
+def test_binarised_frames_are_told_from_textured_ones(tmp_path):
+    """Copy-paste pastes a binarised frame's defects as they are (a matched margin greys them): frames nearly all
+    black or white, even JPEG-saved (values ring a few levels off), count as binarised; textured ones do not."""
+    from finetune.doctor import bilevel
+    from synthvit.data import load_real_data
+
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        board = np.where(rng.random((64, 64)) < 0.3, 255, 0).astype(np.uint8)
+        Image.fromarray(board).save(tmp_path / f"b{k}.jpg", quality=90)
+    binary = make_real_data(tmp_path / "binary", 4, (64, 64), _square)
+    for k, f in enumerate(sorted((binary / "images").glob("*.png"))[:3]):
+        Image.open(tmp_path / f"b{k}.jpg").save(f)
+    assert bilevel(load_real_data(binary).items[:3], 3)
+    assert not bilevel(load_real_data(make_real_data(tmp_path / "textured", 4, (64, 64), _square)).items, 3)
