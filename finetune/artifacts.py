@@ -54,8 +54,8 @@ TRAIN_SUMMARY_FILE = "train_summary.json"  # training's cost beside the export, 
 # p(defect) histograms of defect and background pixels (synthvit.models.decision.DefectHistogram): the training
 # frames calibration scored, and the test frames evaluation scored -- for studying decision rules afterwards
 CALIBRATION_HISTOGRAM, TEST_HISTOGRAM = "calibration_histogram.json", "test_histogram.json"
-SYNTHETIC_FILE = "synthetic.json"
-ADVISED_SET = "copypaste-set"  # the few-defect recipe's copy-paste set, built from the run's train split (advise=true)  # the synthetic sets a run mixed into its batches (finetune.synthetic)
+SYNTHETIC_FILE = "synthetic.json"  # the synthetic sets a run mixed into its batches (finetune.synthetic)
+ADVISED_SET = "copypaste-set"  # the few-defect recipe's copy-paste set, built from the run's train split (advise=true)
 # Keys that run folders of synthvit <= 0.1.0 hold in config.yaml although finetune never read them
 RETIRED_KEYS = ("optim.accum_steps", "optim.lr_base_batch", "optim.lr_scale")
 __all__ = ["CONFIG_FILE", "SPLIT_FILE", "NEAR_DUPLICATES_FILE", "METRICS_LOG", "EXPORT_DIR", "METRICS_FILE",
@@ -233,7 +233,7 @@ def _rebuild_overrides(config: Path) -> list[str]:
 # resume=none clear, and nothing else (out_dir may be a folder that holds the user's own files as well).
 RUN_ENTRIES = (CONFIG_FILE, SPLIT_FILE, SYNTHETIC_FILE, NEAR_DUPLICATES_FILE, METRICS_LOG, METRICS_FILE, EXPORT_DIR,
                TRAIN_SUMMARY_FILE, "advice.json", ADVISED_SET, f"{ADVISED_SET}.real_ids.txt",
-               f"{ADVISED_SET}.generate.log", CALIBRATION_HISTOGRAM, TEST_HISTOGRAM, CKPT_DIR)
+               f"{ADVISED_SET}.generate.log", f"{ADVISED_SET}.build.json", CALIBRATION_HISTOGRAM, TEST_HISTOGRAM, CKPT_DIR)
 EXPORT_STAGING = ".export.tmp"  # the export is written here, then renamed to export/ in one step
 
 

@@ -180,7 +180,10 @@ class FinetuneConfig:
     evaluate: bool = field(default=True, metadata={"help": "evaluate on the test split at the end"})
     advise: bool = field(default=False, metadata={
         "help": "first measure the train split as `synthvit doctor` does and apply its advice (crop_size, "
-                "tiling.tile, defect_crop_prob, decoder, steps); advice.json in the run folder says what changed"})
+                "tiling.tile, defect_crop_prob, decoder, steps; at <= 10 defective train frames for a ViT the "
+                "few-defect recipe: a copy-paste set of the run's own train defects built into out_dir/copypaste-set "
+                "and mixed in, synthetic=...); keys you give win over advice; advice.json says what changed and what "
+                "your keys overrode"})
 
     def __post_init__(self):
         check_min(self, 0, "steps", "num_workers", "cache_mb", "decoder_width", "freeze_blocks", "save_every")
@@ -193,6 +196,9 @@ class FinetuneConfig:
         if not 0 < self.synthetic_share < 1:
             raise ConfigError(f"synthetic_share: {self.synthetic_share} must be in (0, 1): real samples stay in "
                               f"every batch")
+        if self.synthetic and self.synthetic_mode == "share" and self.batch_size < 2:
+            raise ConfigError(f"batch_size: {self.batch_size} cannot hold a synthetic and a real sample; use "
+                              f"batch_size >= 2 or synthetic_mode=add")
         if self.synthetic and self.task != "seg":
             raise ConfigError(f"synthetic: mixed batches train the dense head; use task=seg (got task={self.task})")
         if not 0 <= self.near_duplicate_distance < 64:

@@ -13,7 +13,9 @@ Statistics that advice is drawn from come from the *train* split alone (the test
 broken files, never measured): no setting is chosen on test data.
 
 ``finetune advise=true`` runs the same analysis first and applies the advice (crop size, tile, defect crop
-probability, decoder, step budget); the run folder's ``advice.json`` says what it changed and why.
+probability, decoder, step budget; at <= :data:`FEW_DEFECTS` defective train frames for a ViT, the few-defect recipe:
+copy-paste of the run's own train defects built into the run folder and mixed in); keys the user gave win over
+advice; the run folder's ``advice.json`` says what it changed, why, and what the user's keys overrode.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from finetune.doctor_view import picture, table
 from synthvit.data import (
     Item,
     RealData,
+    budget_subset,
     check_items,
     has_defect,
     load_real_data,
@@ -162,6 +165,9 @@ def examine(cfg, data: RealData, progress: bool = True) -> dict:
         side[name] = entry
 
     report_bilevel = bilevel(train, cfg.in_chans)
+    if data.has_masks and (cfg.train_limit or cfg.defective_limit):  # the subset the run will train on
+        used = budget_subset(data, train, cfg.train_limit, cfg.defective_limit, cfg.data_seed)
+        side["train"]["defective_used"] = sum(has_defect(i) for i in used)
     stride, is_vit = model_stride(cfg)
     tile = cfg.tiling.tile or cfg.crop_size
     classes: dict[str, dict] = {}
@@ -305,25 +311,26 @@ def advise(report: dict, cfg) -> list[dict]:
                                   f"{p:g}: {cfg.steps} steps centre a crop on each about "
                                   f"{cfg.steps * cfg.batch_size * p / n_def:.1f} times; {steps} give each "
                                   f"{DRAWS_PER_DEFECT}"})
-    out += _few_defect_advice(report, cfg)
+    out += _few_defect_advice(report, cfg, out)
     return out
 
 
 def defective_used(report: dict, cfg) -> int:
-    """The defective train frames the run trains on: the split's, or ``defective_limit`` of them."""
-    n = report["split"]["train"].get("defective", 0)
-    return min(n, cfg.defective_limit) if cfg.defective_limit else n
+    """The defective train frames the run trains on: those of its ``train_limit`` / ``defective_limit`` subset of
+    the train split (the split's, without a limit)."""
+    return report["split"]["train"].get("defective_used", report["split"]["train"].get("defective", 0))
 
 
-def _few_defect_advice(report: dict, cfg) -> list[dict]:
+def _few_defect_advice(report: dict, cfg, advice: list[dict]) -> list[dict]:
     """The few-defect recipe: copy-paste of the run's own train defects mixed into a ViT's batches when it trains on
     at most :data:`FEW_DEFECTS` defective frames (the evidence: docs/finetune.md)."""
     n = defective_used(report, cfg)
-    if not n or n > FEW_DEFECTS or not report["model"]["vit"] or cfg.task != "seg" or cfg.synthetic:
+    if not n or n > FEW_DEFECTS or not report["model"]["vit"] or cfg.task != "seg" or cfg.synthetic or not cfg.steps:
         return []
-    folder = str(Path(cfg.out_dir) / ADVISED_SET)
+    folder = str(Path(cfg.out_dir).absolute() / ADVISED_SET)  # the run's config.yaml names it from any directory
+    crop = max([cfg.crop_size] + [a["value"] for a in advice if a["key"] == "crop_size"])
     short = min(report["sizes"]["height"].get("median", 256), report["sizes"]["width"].get("median", 256))
-    side = int(max(32, min(max(RECIPE_SET["image_size"], 2 * cfg.crop_size), short)) // 16 * 16)  # within a frame
+    side = int(max(32, min(max(RECIPE_SET["image_size"], 2 * crop), short)) // 16 * 16)  # within a frame
     build = {**RECIPE_SET, "image_size": side, "copypaste.match": not report.get("bilevel", False)}
     out = [{"key": "synthetic", "value": [folder], "current": list(cfg.synthetic), "build": build,
             "reason": f"{n} defective train frame(s) (<= {FEW_DEFECTS}): a ViT gains from copy-paste of its own "

@@ -185,7 +185,7 @@ def _save_image(out_dir: Path, key: Path, suffix: str, image: Image.Image, fmt: 
 class MaskRule(NamedTuple):
     """How predict turns probabilities into a mask: ``threshold`` on p(defect), then the most probable defect class
     (None: argmax with p(defect) >= 0.5, the rule of exports made before decisions were fitted)."""
-    name: str  # threshold | logit-adjust (the run's fitted decision), user, or argmax
+    name: str  # threshold | shrink | logit-adjust (the run's fitted decision), user, or argmax
     threshold: float | None
 
     @classmethod

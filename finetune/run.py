@@ -135,10 +135,9 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     data.check_task(cfg.task)
     split = _train_split(cfg, data, run_dir, ckpt)
     train_items, test_items = _select(data, cfg, split)
-    for a in (applied or {}).get("applied", []):
-        if a.get("build"):  # the few-defect recipe: the copy-paste set of this run's own train images
-            build_copypaste(cfg, train_items, Path(a["value"][0]), a["build"], main)
-    synthetic = _synthetic(cfg, data, {i.id for i in test_items})
+    advised_set = next((a for a in (applied or {}).get("applied", []) if a.get("build")), None)
+    if advised_set is not None and main:  # the few-defect recipe: the copy-paste set of this run's own train images
+        build_copypaste(cfg, train_items, Path(advised_set["value"][0]), advised_set["build"])
     torch.manual_seed(cfg.seed)
     model = _build(cfg, data)
     if cfg.init:  # the pretraining export's record of the real images its shards drew on (none: procedural only)
@@ -149,6 +148,9 @@ def _run(cfg: FinetuneConfig, run_dir: Path, main: bool) -> Path:
     frozen = model.freeze_early(cfg.freeze_blocks)
     acc = make_accelerator(cfg.precision)
     ranks = Ranks.of(acc)
+    if advised_set is not None:
+        acc.wait_for_everyone()  # the first process built the advised set
+    synthetic = _synthetic(cfg, data, {i.id for i in test_items})
     if ranks.is_main:
         atomic_write_text(run_dir / CONFIG_FILE, dump_yaml(cfg) + weights_comment(model.weights_source))
         if applied is not None:

@@ -14,11 +14,12 @@ this data (a set built from other data is not this split's business).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,29 +137,35 @@ def load_synthetic(folders: list[str], data: RealData, test_ids: set[str],
     return pool
 
 
-IDS_FILE, BUILD_LOG = "real_ids.txt", "generate.log"
+IDS_FILE, BUILD_LOG, BUILD_RECORD = "real_ids.txt", "generate.log", "build.json"
 
 
-def build_copypaste(cfg, train: list[Item], folder: Path, keys: dict, main: bool = True,
-                    wait_s: float = 4 * 3600) -> Path:
+def build_copypaste(cfg, train: list[Item], folder: Path, keys: dict) -> Path:
     """The copy-paste set of the few-defect advice (:mod:`finetune.doctor`): ``synthvit generate backend=copypaste``
-    on ``cfg.data`` drawing only on ``train`` (the run's train images, listed in ``real_ids.txt``; its split keys are
-    the run's, so no test image can be drawn) into ``folder``, with the generate ``keys`` of the recipe. A finished
-    set (its ``_info.json``, written last) is kept; generate resumes an unfinished one. Other processes of a launched
-    job wait for the first one's set. Returns ``folder``."""
+    on ``cfg.data`` drawing only on ``train`` (the run's train images, listed in ``<set>.real_ids.txt``; its split
+    keys are the run's, so no test image can be drawn) into ``folder``, with the generate ``keys`` of the recipe. A
+    finished set (its ``_info.json``, written last) built from the same images, data and keys is kept
+    (``<set>.build.json`` records them); one built otherwise (another budget, data seed or recipe) is built again.
+    The first process of a launched job calls this; the others wait for it. Returns ``folder``."""
     folder = Path(folder)
-    if (folder / INFO_FILE).is_file():
-        return folder
-    if not main:
-        deadline = time.monotonic() + wait_s
-        while not (folder / INFO_FILE).is_file():
-            if time.monotonic() > deadline:
-                raise SynthvitError(f"synthetic: the first process did not finish {folder} in {wait_s:.0f} s")
-            time.sleep(2)
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
     ids = folder.parent / f"{folder.name}.{IDS_FILE}"
-    atomic_write_text(ids, "".join(f"{i.id}\n" for i in train))
+    record_file = folder.parent / f"{folder.name}.{BUILD_RECORD}"
+    record = {"data": str(cfg.data), "format": cfg.format, "test_fraction": cfg.test_fraction,
+              "data_seed": cfg.data_seed, "split_missing": cfg.split_missing, "keys": keys,
+              "ids": sorted(i.id for i in train)}
+    if (folder / INFO_FILE).is_file() and record_file.is_file():
+        try:
+            if json.loads(record_file.read_text()) == record:
+                return folder
+        except ValueError:
+            pass
+    if folder.exists():  # unfinished, or built from other images or keys
+        log.info("synthetic: %s was built from other train images or keys (or is unfinished): building it again",
+                 folder)
+        shutil.rmtree(folder)
+    record_file.unlink(missing_ok=True)
+    folder.mkdir(parents=True)
+    atomic_write_text(ids, "".join(f"{i}\n" for i in record["ids"]))
     argv = [sys.executable, "-m", "synthvit", "generate", "backend=copypaste", f"out_dir={folder}",
             f"copypaste.data={cfg.data}", f"copypaste.format={cfg.format if cfg.format != 'imagefolder' else 'auto'}",
             f"copypaste.test_fraction={cfg.test_fraction}", f"copypaste.data_seed={cfg.data_seed}",
@@ -174,4 +181,5 @@ def build_copypaste(cfg, train: list[Item], folder: Path, keys: dict, main: bool
         tail = log_file.read_text(errors="replace").strip().splitlines()[-3:]
         raise SynthvitError(f"synthetic: building the advised copy-paste set in {folder} failed (exit "
                             f"{done.returncode}): {' | '.join(tail)}; full log: {log_file}")
+    atomic_write_text(record_file, json.dumps(record, indent=1) + "\n")
     return folder

@@ -141,7 +141,7 @@ def batch_layout(cfg, synthetic=None) -> tuple[int, int]:
         return cfg.batch_size, 0
     if cfg.synthetic_mode == "add":
         return cfg.batch_size, max(1, round(cfg.synthetic_share / (1 - cfg.synthetic_share) * cfg.batch_size))
-    n = round(cfg.synthetic_share * cfg.batch_size)
+    n = min(max(1, round(cfg.synthetic_share * cfg.batch_size)), cfg.batch_size - 1)  # both kinds in every batch
     return cfg.batch_size - n, n
 
 
@@ -224,10 +224,22 @@ def training_config(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUME_FREE_KEYS}
 
 
+def _with_defaults(saved: dict, defaults: dict) -> dict:
+    """A checkpoint's recorded config with the keys a newer synthvit added read as their defaults (as a run
+    folder's config.yaml is read): they change nothing the checkpoint's steps computed."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], value)
+    return out
+
+
 def check_resumable(cfg, ckpt: Path, num_processes: int | None = None) -> dict:
     """The checkpoint's state, if this config (and process count) wrote it; else a clear error, nothing touched."""
     state = read_state(ckpt)
-    changed = config_diff(state.get("config", {}), training_config(cfg))
+    changed = config_diff(_with_defaults(state.get("config", {}), training_config(type(cfg)())), training_config(cfg))
     if num_processes is not None and state.get("num_processes") != num_processes:
         changed.append(f"processes: {state.get('num_processes')} -> {num_processes}")
     if changed:

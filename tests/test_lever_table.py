@@ -38,3 +38,17 @@ def test_lever_table_gives_one_row_per_budget_with_the_verdict_word():
     worse = [dataclasses.replace(r, pixel_ap=0.0 + r.seed * 0.001) if r.synthetic and r.budget == 5 else r for r in rows]
     assert {r[2]: dict(zip(table.header, r)) for r in lever_table(worse).rows}[5]["pixel AP verdict"] == "worse"
     assert lever_table([r for r in rows if not r.synthetic]) is None
+
+
+def test_compare_refuses_advise_in_its_cells():
+    """A cell's config is written whole (every key given: no advice would apply) and an advised config.yaml would
+    make every finished cell look stale: advise=true is refused, naming where it was set and what to do instead."""
+    import pytest
+
+    from synthvit.compare.config import CompareConfig, ModelSpec
+    from synthvit.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"finetune.advise: advise=true is not for compare cells.*synthvit doctor"):
+        load_config(CompareConfig, overrides=["finetune.advise=true"])
+    with pytest.raises(ConfigError, match=r"models.vit.overrides: advise=true"):
+        CompareConfig(models=[ModelSpec(name="vit", model="vit_tiny_patch16_224", overrides=["advise=true"])])

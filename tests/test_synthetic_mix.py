@@ -12,6 +12,7 @@ from finetune.config import FinetuneConfig
 from finetune.synthetic import LeakError, check_leak, class_lut, load_synthetic
 from finetune.train import CropDataset
 from generate.schema import read_info
+from synthvit.config import ConfigError
 from synthvit.data import load_real_data, split_ids
 from synthvit.io import SynthvitError
 
@@ -183,3 +184,21 @@ def test_defective_budgets_are_nested_stratified_and_keep_every_free_frame(tmp_p
     train = [i for i in data.items if split[i.id] == "train"]
     assert {i.id for i in train if i.label == "good"} <= used  # every defect-free train frame
     assert sorted(used - {i.id for i in train if i.label == "good"}) == sorted(defective_order(data, train, 0)[:3])
+
+
+def test_a_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
+    """A checkpoint written before synthetic_mode existed records no such key: it reads as its default (share), as a
+    run folder's config.yaml does, so the run resumes; a real change is still refused."""
+    from finetune.train import check_resumable, training_config
+    from synthvit.checkpoint import STATE_FILE
+
+    cfg = FinetuneConfig(data="d", crop_size=32)
+    old = {k: v for k, v in training_config(cfg).items() if k != "synthetic_mode"}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / STATE_FILE).write_text(json.dumps({"config": old, "step": 2, "num_processes": 1}))
+    assert check_resumable(cfg, ckpt, 1)["step"] == 2
+    with pytest.raises(SynthvitError, match="synthetic_mode: 'share' -> 'add'"):
+        check_resumable(FinetuneConfig(data="d", crop_size=32, synthetic_mode="add"), ckpt, 1)
+    with pytest.raises(ConfigError, match="batch_size: 1 cannot hold a synthetic and a real sample"):
+        FinetuneConfig(data="d", batch_size=1, synthetic=["s"])

@@ -115,6 +115,14 @@ class CompareConfig:
                               "budgets=[...] (and budget_unit)")
         if self.finetune.seed:
             raise ConfigError("finetune.seed: set per cell by compare; use seeds=[...]")
+        advised = [m.name for m in self.models if any(o.split("=", 1)[0].strip() == "advise" for o in m.overrides)]
+        if self.finetune.advise or advised:
+            raise ConfigError(f"{'finetune.advise' if self.finetune.advise else 'models.' + advised[0] + '.overrides'}: "
+                              f"advise=true is not for compare cells (each cell's config is written whole, so every "
+                              f"key is given and no advice would apply; an advised config would make every finished "
+                              f"cell look stale). Run `synthvit doctor` on the data and put its advice in the config: "
+                              f"the few-defect recipe is a row with `synthetic: "
+                              f"configs/generate/copypaste-cell-binary.yaml` (or copypaste-cell.yaml)")
         if not self.finetune.steps:
             raise ConfigError(f"finetune.steps: 0 (zero-shot) is set per cell by compare; add {ZERO_SHOT!r} to "
                               f"budgets")
