@@ -202,3 +202,24 @@ def test_a_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
         check_resumable(FinetuneConfig(data="d", crop_size=32, synthetic_mode="add"), ckpt, 1)
     with pytest.raises(ConfigError, match="batch_size: 1 cannot hold a synthetic and a real sample"):
         FinetuneConfig(data="d", batch_size=1, synthetic=["s"])
+
+
+def test_the_advised_set_is_kept_for_the_same_images_and_rebuilt_for_others(real, tmp_path):
+    from finetune.synthetic import build_copypaste
+
+    data = load_real_data(real)
+    split = split_ids(data, 0.3, 0)
+    train = [i for i in data.items if split[i.id] == "train"]
+    cfg = FinetuneConfig(data=str(real), crop_size=32)
+    keys = {"num_samples": 6, "image_size": 32}
+    folder = tmp_path / "run" / "copypaste-set"
+    build_copypaste(cfg, train, folder, keys)
+    first = (folder / "_info.json").stat().st_mtime_ns
+    assert set(read_info(folder).real_ids()[str(real)]) <= {i.id for i in train}
+    build_copypaste(cfg, train, folder, keys)  # same images and keys: kept as it is
+    assert (folder / "_info.json").stat().st_mtime_ns == first
+    fewer = [i for i in train if i.id != next(t.id for t in train if t.defect)]  # another budget
+    build_copypaste(cfg, fewer, folder, keys)
+    assert (folder / "_info.json").stat().st_mtime_ns != first
+    ids = (tmp_path / "run" / "copypaste-set.real_ids.txt").read_text().split()
+    assert ids == sorted(i.id for i in fewer)
