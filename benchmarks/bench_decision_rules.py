@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.artifacts import CALIBRATION_HISTOGRAM, TEST_HISTOGRAM
+from synthvit.io import SynthvitError
 from synthvit.models.decision import DefectHistogram, shrunk_threshold
 
 BAND = (0.6, 1.8)
@@ -129,9 +130,13 @@ def main() -> None:
     per_group: dict[tuple[str, str, str], list[tuple[float, float]]] = defaultdict(list)
     print(f"{'cell':<44} {'rule':<22} {'threshold':>9} {'pred/true':>9} {'IoU':>7}")
     for cell in cells:
-        doc = json.loads((cell / CALIBRATION_HISTOGRAM).read_text())
-        train = DefectHistogram.from_json(doc)
-        test = DefectHistogram.from_json(json.loads((cell / TEST_HISTOGRAM).read_text()))
+        try:
+            doc = json.loads((cell / CALIBRATION_HISTOGRAM).read_text())
+            train = DefectHistogram.from_json(doc)
+            test = DefectHistogram.from_json(json.loads((cell / TEST_HISTOGRAM).read_text()))
+        except (OSError, ValueError, KeyError, SynthvitError) as e:
+            raise SystemExit(f"{cell}: unreadable {CALIBRATION_HISTOGRAM} or {TEST_HISTOGRAM} ({e}); remove the cell "
+                             f"or run it again") from None
         decision = json.loads((cell / "export" / "config.json").read_text()).get("decision") or {}
         name = str(cell.relative_to(args.out_dir))
         parts = cell.parts
