@@ -377,17 +377,18 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
     except ConfigError as e:
         where = f" (config file {path})" if path is not None else ""
         raise ConfigError(f"{e}{where}") from None
-    object.__setattr__(cfg, GIVEN_ATTR, frozenset(_flat_keys(tree)))
+    object.__setattr__(cfg, GIVEN_ATTR, frozenset(_flat(tree)))
     return cfg
 
 
 GIVEN_ATTR = "_synthvit_given"
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    out = []
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a config tree's leaves by dotted key."""
+    out = {}
     for k, v in tree.items():
-        out += _flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
@@ -399,12 +400,7 @@ def given_keys(cfg: Any) -> frozenset[str]:
 
 def config_diff(old: dict, new: dict) -> list[str]:
     """``dotted.key: old -> new`` for every leaf where two config trees differ (a key absent on one side is None)."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in tree.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    a, b = flat(old), flat(new)
+    a, b = _flat(old), _flat(new)
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
