@@ -220,7 +220,12 @@ class CopyPasteConfig:
     defect_free_prob: float = field(default=0.0, metadata={"help": "share of frames left as they are (no paste)"})
     scale: list[float] = field(default_factory=lambda: [0.75, 1.33], metadata={
         "help": "[min, max] scale of a pasted defect (log-uniform); one number: that scale"})
-    rotate: bool = field(default=True, metadata={"help": "random k*90 degree rotation and flip of each defect"})
+    rotate: bool = field(default=True, metadata={
+        "help": "turn and flip each defect at random (as copypaste.orientation says; false: as it was cut)"})
+    orientation: Literal["right", "any", "real"] = field(default="right", metadata={
+        "help": "how a defect is turned (with rotate): right (k*90 degrees, exact), any (any angle), or real (its "
+                "axis laid at the angle of a real train defect of its class, drawn: defects lie as they do in the "
+                "real frames); each flipped at random"})
     elastic: float = field(default=1.5, metadata={
         "help": "peak displacement (px) of a smooth random warp of each defect (0: none)"})
     match: bool = field(default=True, metadata={
@@ -233,9 +238,15 @@ class CopyPasteConfig:
     min_area: int = field(default=4, metadata={"help": "defect components of fewer pixels are not used"})
     free_areas: bool = field(default=True, metadata={
         "help": "also paste into the defect-free areas of defective train frames (their own defects kept)"})
-    placement: Literal["uniform", "context"] = field(default="uniform", metadata={
-        "help": "where a defect lands: uniform (anywhere free), or context (of 12 free spots drawn, the one whose "
-                "surroundings look most like those it was cut with: mean and std of the margin ring)"})
+    placement: Literal["uniform", "context", "real"] = field(default="uniform", metadata={
+        "help": "where a defect lands: uniform (anywhere free), context (of 12 free spots drawn, the one whose "
+                "surroundings look most like those it was cut with: mean and std of the margin ring), or real "
+                "(where a real train defect of its class sits in its frame, drawn, at the same relative position "
+                "of the frame pasted into; uniform when none of 12 such spots is free)"})
+    blend: Literal["alpha", "poisson"] = field(default="alpha", metadata={
+        "help": "how a defect meets its spot: alpha (faded over copypaste.feather px at the margin) or poisson "
+                "(seamless cloning: the patch's gradients kept, its values solved to meet the spot's at the "
+                "margin's edge; Perez et al. 2003)"})
 
     def __post_init__(self):
         if self.format not in COPYPASTE_FORMATS:

@@ -177,6 +177,8 @@ def test_bad_input_is_one_error_before_any_shard(tmp_path, cli):
 @pytest.mark.parametrize("override, message", [
     ("copypaste.feather=5", "feather: 5.0 not accepted"), ("copypaste.scale=[2, 1]", "scale: [2.0, 1.0]"),
     ("copypaste.max_instances=0", "max_instances: 0"), ("copypaste.format=imagefolder", "format: 'imagefolder'"),
+    ("copypaste.orientation=diagonal", "'diagonal' is not accepted; choose one of 'right' | 'any' | 'real'"),
+    ("copypaste.blend=seamless", "'seamless' is not accepted; choose one of 'alpha' | 'poisson'"),
 ])
 def test_config_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -242,3 +244,103 @@ def test_context_placement_lands_defects_where_their_surroundings_match(tmp_path
                 total += 1
         share[placement] = bright / total
     assert share["context"] >= 0.9 and share["uniform"] <= 0.75, share
+
+
+def line_frames(tmp_path: Path, n=4, size=64) -> Path:
+    """Defect-free frames and defective ones, each with a horizontal line defect (class 1, 2 x 16 px) in its
+    top-left quarter."""
+    rng = np.random.default_rng(3)
+    frames = {}
+    for k in range(n):
+        frames[f"good{k}"] = surface(rng, (size, size)), np.zeros((size, size), np.uint8)
+        img, mask = surface(rng, (size, size)), np.zeros((size, size), np.uint8)
+        mask[8 + k:10 + k, 4 + k:20 + k] = 1
+        img[mask > 0] = 10
+        frames[f"bad{k}"] = img, mask
+    return write_real(tmp_path / "real", frames, ["background", "scratch"], {i: "train" for i in frames})
+
+
+def pasted_angles(backend, n=30):
+    """The principal-axis angle (degrees, [0, 180)) of every pasted instance of the first ``n`` samples."""
+    from generate.backends.copypaste import principal_angle
+    angles = []
+    for i in range(n):
+        s = backend.render(i)
+        lab, k = ndimage.label(s.mask > 0, structure=np.ones((3, 3)))
+        angles += [principal_angle(lab == j) for j in range(1, k + 1)]
+    return np.array(angles)
+
+
+def test_orientation_real_lays_defects_as_the_real_ones_lie(tmp_path):
+    """Every real defect is a horizontal line: orientation=real keeps every pasted one horizontal (turned by 0 or
+    180 degrees, flipped along its axis), right turns about half upright, any lays them at all angles."""
+    root = line_frames(tmp_path)
+    base = ("copypaste.free_areas=false", "copypaste.max_instances=2", "copypaste.elastic=0", "copypaste.scale=1",
+            "image_size=64", "copypaste.match=false")
+    off = {}
+    for orientation in ("real", "right", "any"):
+        backend = create_backend("copypaste", config(root, *base, f"copypaste.orientation={orientation}"))
+        angles = pasted_angles(backend)
+        assert len(angles) >= 30
+        off[orientation] = np.minimum(angles, 180 - angles)  # degrees off horizontal
+        if orientation != "right":  # turned by any angle: the mask follows the pixels, its area about kept
+            for i in range(10):
+                s = backend.render(i)
+                assert ((s.image < 60) == (s.mask > 0)).mean() > 0.99
+                assert all(abs(p["area"] - 32) <= 10 for p in s.meta["pasted"])
+                assert s.meta["pasted"] == backend.render(i).meta["pasted"]  # drawn from (seed, index) alone
+    assert (off["real"] <= 5).all(), off["real"]
+    assert 0.3 <= (off["right"] > 80).mean() <= 0.7 and ((off["right"] <= 5) | (off["right"] > 80)).all()
+    assert ((off["any"] > 10) & (off["any"] < 80)).mean() >= 0.4, off["any"]
+
+
+def test_placement_real_lands_defects_where_the_real_ones_sit(tmp_path):
+    """Every real defect sits in its frame's top-left quarter: placement=real lands nearly every pasted one there
+    (whole frames, no crop), uniform about a quarter of them."""
+    root = line_frames(tmp_path)
+    share = {}
+    for placement in ("real", "uniform"):
+        backend = create_backend("copypaste", config(root, "copypaste.free_areas=false", "copypaste.max_instances=1",
+                                                     "copypaste.elastic=0", "copypaste.scale=1", "image_size=64",
+                                                     "copypaste.rotate=false", f"copypaste.placement={placement}"))
+        centres = []
+        for i in range(40):
+            s = backend.render(i)
+            ys, xs = np.nonzero(s.mask)
+            centres.append((ys.mean(), xs.mean()))
+            if placement == "real":
+                assert {p["placed"] for p in s.meta["pasted"]} <= {"real", "uniform"}
+        centres = np.array(centres)
+        share[placement] = ((centres[:, 0] < 24) & (centres[:, 1] < 32)).mean()
+    assert share["real"] >= 0.9 and share["uniform"] <= 0.5, share
+
+
+def test_poisson_blend_meets_the_destination_and_keeps_the_defect(tmp_path):
+    """A darker defect cut from a bright frame, pasted as it is (match=false) into dim frames: alpha blending brings
+    its bright surroundings along; poisson cloning makes them meet the dim frame while the defect keeps its step
+    below them."""
+    rng = np.random.default_rng(1)
+    frames = {}
+    for k in range(3):
+        frames[f"dim{k}"] = surface(rng, level=90, spread=20), np.zeros((64, 64), np.uint8)
+        img, mask = surface(rng, level=190, spread=20), np.zeros((64, 64), np.uint8)
+        mask[20:28, 18:34] = 255
+        img[mask > 0] = 120
+        frames[f"bright{k}"] = img, mask
+    root = write_real(tmp_path / "real", frames, splits={i: "train" for i in frames})
+    for blend in ("alpha", "poisson"):
+        backend = create_backend("copypaste", config(root, "copypaste.free_areas=false", "copypaste.max_instances=1",
+                                                     "copypaste.elastic=0", "copypaste.scale=1", "copypaste.margin=6",
+                                                     "copypaste.feather=3", "copypaste.match=false",
+                                                     f"copypaste.blend={blend}"))
+        for i in range(4):
+            s = backend.render(i)
+            own = s.mask > 0
+            ring = ndimage.binary_dilation(own, iterations=2) & ~own
+            far = ~ndimage.binary_dilation(own, iterations=10)
+            img = s.image.astype(float)
+            if blend == "alpha":
+                assert img[ring].mean() > 150
+            else:
+                assert abs(img[ring].mean() - img[far].mean()) < 15, (img[ring].mean(), img[far].mean())
+                assert img[own].mean() < img[ring].mean() - 50  # the real step: 70

@@ -41,7 +41,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import linalg as splinalg
 
 from generate.backends import BaseBackend
 from generate.backgrounds import CACHE_BYTES, BackgroundPool, Source, allowed_train, read_real_ids
@@ -83,6 +84,17 @@ class Patch(NamedTuple):
     cls: int  # its real class id (1..K)
     data: np.ndarray  # (h, w, C + 2) float32
     own: np.ndarray  # (h, w) bool: the component's pixels
+    centre: tuple[float, float]  # where it sits in its frame: (row, column) of its centroid as shares of the frame
+    angle: float  # its principal axis, degrees in [0, 180) (0: along x; image axes, y down)
+
+
+def principal_angle(own: np.ndarray) -> float:
+    """The angle (degrees in [0, 180), y down) of the principal axis of the pixels of ``own`` (0 for a single one)."""
+    ys, xs = np.nonzero(own)
+    if len(ys) < 2:
+        return 0.0
+    dy, dx = ys - ys.mean(), xs - xs.mean()
+    return math.degrees(0.5 * math.atan2(2.0 * float((dx * dy).mean()), float((dx * dx).mean() - (dy * dy).mean()))) % 180.0
 
 
 @dataclass
@@ -152,7 +164,9 @@ def _cut(image_id: str, arr: np.ndarray, mask: np.ndarray, num_classes: int, mar
             data[..., C] = np.clip((ndimage.distance_transform_edt(~other) - 1.0) / max(feather, 1.0), 0.0,
                                    1.0) if other.any() else 1.0
             data[..., C + 1] = np.minimum(ndimage.distance_transform_edt(~own), 1000.0)
-            patches.append(Patch(f"{image_id}#{n - 1}", image_id, int(c), data, own))
+            ys, xs = np.nonzero(comp)
+            centre = ((top + ys.mean() + 0.5) / H, (left + xs.mean() + 0.5) / W)
+            patches.append(Patch(f"{image_id}#{n - 1}", image_id, int(c), data, own, centre, principal_angle(comp)))
     return patches, dropped
 
 
@@ -272,12 +286,13 @@ class FramePool(BackgroundPool):
             self._mask_bytes -= self._mask_cache.popitem(last=False)[1].nbytes
         return m
 
-    def frame(self, rng) -> tuple[np.ndarray, np.ndarray | None, dict]:
-        """A crop (H, W) or (H, W, 3) uint8, its mask (None: a defect-free frame) and its record ``{id, box}``."""
+    def frame(self, rng) -> tuple[np.ndarray, np.ndarray | None, dict, tuple[int, int, int, int]]:
+        """A crop (H, W) or (H, W, 3) uint8, its mask (None: a defect-free frame), its record ``{id, box}`` and
+        where it lies in its (scaled) frame: (frame height, frame width, crop top, crop left)."""
         k, arr, scale, x0, y0 = self.draw(rng)
         H, W = self.height, self.width
         mask = None if self.masks[k] is None else self._mask(k, arr.shape[:2])[y0:y0 + H, x0:x0 + W]
-        return arr[y0:y0 + H, x0:x0 + W], mask, self.crop_record(k, scale, x0, y0)
+        return arr[y0:y0 + H, x0:x0 + W], mask, self.crop_record(k, scale, x0, y0), (*arr.shape[:2], y0, x0)
 
 
 class Transformed(NamedTuple):
@@ -286,6 +301,7 @@ class Transformed(NamedTuple):
     alpha: np.ndarray  # (h, w) float32: 1 on the instance, fading to 0 over the margin
     ring: np.ndarray  # (h, w) bool: the margin pixels the brightness match reads
     params: dict
+    centre: tuple[float, float] = (0.5, 0.5)  # the instance's centroid as shares of the patch box (row, column)
 
 
 def _smoothstep(t: np.ndarray) -> np.ndarray:
@@ -338,6 +354,12 @@ class CopyPasteBackend(BaseBackend):
         self.patches = self.source.patches
         self.pool = FramePool(self.source.frames, self.source.masks, self.width, self.height)
         self.log_scale = (math.log(p.scale[0]), math.log(p.scale[-1]))
+        by_class: dict[int, list[Patch]] = {}
+        for patch in self.patches:
+            by_class.setdefault(patch.cls, []).append(patch)
+        # where and how the real train defects of each class lie: orientation=real, placement=real draw from these
+        self.angles = {c: np.array([q.angle for q in ps]) for c, ps in by_class.items()}
+        self.sites = {c: np.array([q.centre for q in ps]) for c, ps in by_class.items()}
 
     def _load(self) -> RealSource:
         p = self.p
@@ -365,7 +387,7 @@ class CopyPasteBackend(BaseBackend):
     def render(self, index: int) -> Sample:
         rng = np.random.default_rng((self.cfg.seed, index))
         p = self.p
-        crop, existing, record = self.pool.frame(rng)
+        crop, existing, record, where = self.pool.frame(rng)
         H, W = crop.shape[:2]
         C = 1 if crop.ndim == 2 else 3
         img = crop.reshape(H, W, C).copy()
@@ -384,13 +406,19 @@ class CopyPasteBackend(BaseBackend):
             patch = self.patches[int(rng.integers(len(self.patches)))]
             t = self._transform(rng, patch, C)
             h, w = t.own.shape
-            at = (self._place(rng, t.alpha > 0, occupied, img if p.placement == "context" else None, t)
-                  if t.own.any() else None)  # (a speck may vanish shrunk)
+            if not t.own.any():  # a speck may vanish shrunk
+                at = None
+            elif p.placement == "real":
+                at = self._place_real(rng, t, occupied, self.sites[patch.cls], where)
+            else:
+                at = self._place(rng, t.alpha > 0, occupied, img if p.placement == "context" else None, t)
             if at is None:
                 skipped += 1
                 continue
-            y, x = at
-            self._blend(img[y:y + h, x:x + w], t, occupied[y:y + h, x:x + w], p.match)
+            y, x = at[:2]
+            if p.placement == "real":
+                t.params["placed"] = at[2]
+            self._blend(img[y:y + h, x:x + w], t, occupied[y:y + h, x:x + w], p.match, p.blend)
             mask[y:y + h, x:x + w][t.own] = patch.cls
             inst[y:y + h, x:x + w][t.own] = len(instances) + 1
             occupied[y:y + h, x:x + w] |= t.own
@@ -416,6 +444,8 @@ class CopyPasteBackend(BaseBackend):
     def _transform(self, rng, patch: Patch, C: int) -> Transformed:
         """``patch`` turned, flipped, scaled and warped (drawn from ``rng``), in ``C`` channels, with its alpha."""
         p = self.p
+        if p.rotate and p.orientation != "right":
+            return self._turned(rng, patch, C)
         k = int(rng.integers(4)) if p.rotate else 0
         flip = bool(rng.random() < 0.5) if p.rotate else False
         lo, hi = self.log_scale
@@ -441,6 +471,16 @@ class CopyPasteBackend(BaseBackend):
                 X = X + (wy @ np.clip(field[1], -2, 2).astype(np.float32) @ wx.T) * amp
             own, values = _resample(own, src, Y, X)
             values[..., -1] *= np.float32(s)  # the distance, in px of the output
+        by, bx = np.minimum(np.arange(ho), np.arange(ho)[::-1]), np.minimum(np.arange(wo), np.arange(wo)[::-1])
+        border = np.minimum(by[:, None], bx[None, :])  # px to the patch's border
+        params = dict(rotation=90 * k, flip=flip, scale=round(s, 4), size=[wo, ho], elastic=field is not None)
+        return self._finish(values, own, s, border, C, params)
+
+    def _finish(self, values: np.ndarray, own: np.ndarray, s: float, border: np.ndarray, C: int,
+                params: dict) -> Transformed:
+        """The transformed pixels in ``C`` channels and the alpha of an instance: ``values`` (pixels, keep, distance
+        to the instance in output px), ``border``: px to the cut-out's border (outside it: <= 0)."""
+        p = self.p
         pixf, keepf, dist = values[..., :-2], values[..., -2], values[..., -1]
         if pixf.shape[2] != C:  # a grey defect on a colour frame, or a colour one on a grey frame
             pixf = np.repeat(pixf, 3, axis=2) if C == 3 else (pixf @ LUMA)[..., None]
@@ -450,13 +490,53 @@ class CopyPasteBackend(BaseBackend):
             fade = _smoothstep(np.clip((reach - dist) / min(p.feather * s, reach), 0.0, 1.0))
         else:
             fade = (dist <= reach).astype(np.float32)
-        by, bx = np.minimum(np.arange(ho), np.arange(ho)[::-1]), np.minimum(np.arange(wo), np.arange(wo)[::-1])
-        fade *= np.clip(np.minimum(by[:, None], bx[None, :]) / max(p.feather, 1.0), 0.0, 1.0)  # 0 at the border
+        fade *= np.clip(border / max(p.feather, 1.0), 0.0, 1.0)  # 0 at the border
         fade *= keepf
-        ring = ~own & (keepf > 0.5)
+        ring = ~own & (keepf > 0.5) & (border >= 0)  # (a turned cut-out: only pixels read inside it)
         alpha = np.where(own, np.float32(1.0), fade.astype(np.float32))
-        params = dict(rotation=90 * k, flip=flip, scale=round(s, 4), size=[wo, ho], elastic=field is not None)
-        return Transformed(pixf, own, alpha, ring, params)
+        ys, xs = np.nonzero(own)
+        centre = ((ys.mean() + 0.5) / own.shape[0], (xs.mean() + 0.5) / own.shape[1]) if len(ys) else (0.5, 0.5)
+        return Transformed(pixf, own, alpha, ring, params, centre)
+
+    def _turned(self, rng, patch: Patch, C: int) -> Transformed:
+        """``patch`` flipped at random, turned by any angle (``orientation=any``) or so that its axis lies at the
+        angle of a real train defect of its class (``real``), scaled and warped, in one resampling."""
+        p = self.p
+        flip = bool(rng.random() < 0.5)
+        own_angle = (-patch.angle if flip else patch.angle) % 180.0
+        if p.orientation == "any":
+            theta = float(rng.uniform(0.0, 360.0))
+        else:  # its axis at a real defect's, either way along it
+            angles = self.angles[patch.cls]
+            theta = float(angles[int(rng.integers(len(angles)))]) - own_angle + 180.0 * int(rng.integers(2))
+        lo, hi = self.log_scale
+        s = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
+        field = rng.standard_normal((2, GRID, GRID)) if p.elastic > 0 else None
+        src, own = patch.data, patch.own
+        if flip:
+            src, own = src[:, ::-1], own[:, ::-1]
+        h, w = own.shape
+        c, si = math.cos(math.radians(theta)), math.sin(math.radians(theta))
+        hr, wr = abs(h * c) + abs(w * si), abs(h * si) + abs(w * c)  # the turned box
+        s = min(s, self.width / wr, self.height / hr)
+        ho, wo = max(1, math.ceil(hr * s - 1e-6)), max(1, math.ceil(wr * s - 1e-6))
+        yo = (np.arange(ho, dtype=np.float32) + 0.5 - ho / 2)[:, None]
+        xo = (np.arange(wo, dtype=np.float32) + 0.5 - wo / 2)[None, :]
+        # output px -> source px: the inverse turn about the centres, then the inverse scale
+        X = (c * xo + si * yo) / np.float32(s) + np.float32((w - 1) / 2)
+        Y = (-si * xo + c * yo) / np.float32(s) + np.float32((h - 1) / 2)
+        if field is not None:
+            amp = np.float32(p.elastic / 2.0 / s)
+            wy, wx = _spline(ho), _spline(wo)
+            Y = Y + (wy @ np.clip(field[0], -2, 2).astype(np.float32) @ wx.T) * amp
+            X = X + (wy @ np.clip(field[1], -2, 2).astype(np.float32) @ wx.T) * amp
+        Y, X = Y.astype(np.float32), X.astype(np.float32)
+        own, values = _resample(own, src, Y, X)
+        values[..., -1] *= np.float32(s)
+        border = np.minimum(np.minimum(Y + 0.5, h - 0.5 - Y), np.minimum(X + 0.5, w - 0.5 - X)) * np.float32(s)
+        params = dict(rotation=round(theta % 360.0, 2), flip=flip, scale=round(s, 4), size=[wo, ho],
+                      elastic=field is not None)
+        return self._finish(values, own, s, border, C, params)
 
     @staticmethod
     def _place(rng, footprint: np.ndarray, occupied: np.ndarray, img: np.ndarray | None = None,
@@ -481,10 +561,32 @@ class CopyPasteBackend(BaseBackend):
                 best, best_cost = (y, x), cost
         return best
 
+    def _place_real(self, rng, t: Transformed, occupied: np.ndarray, sites: np.ndarray,
+                    where: tuple[int, int, int, int]) -> tuple[int, int, str] | None:
+        """``copypaste.placement=real``: the instance's centroid where a real train defect of its class sits in its
+        frame (``sites``: centroids as shares of the frame), at the same shares of this frame (``where``: its
+        height, width and the crop's top-left), moved by up to a quarter of the patch; of TRIES such spots the first
+        inside the crop and free, else a uniform one. Returns (top, left, "real" or "uniform")."""
+        fh, fw, y0, x0 = where
+        h, w = t.own.shape
+        H, W = occupied.shape
+        footprint = t.alpha > 0
+        for _ in range(TRIES):
+            v, u = sites[int(rng.integers(len(sites)))]
+            jy, jx = rng.uniform(-0.25, 0.25, 2)
+            y = int(round(v * fh - y0 - t.centre[0] * h + jy * h))
+            x = int(round(u * fw - x0 - t.centre[1] * w + jx * w))
+            if 0 <= y <= H - h and 0 <= x <= W - w and not occupied[y:y + h, x:x + w][footprint].any():
+                return y, x, "real"
+        at = self._place(rng, footprint, occupied)
+        return None if at is None else (*at, "uniform")
+
     @staticmethod
-    def _blend(region: np.ndarray, t: Transformed, occupied: np.ndarray, match: bool = True) -> None:
+    def _blend(region: np.ndarray, t: Transformed, occupied: np.ndarray, match: bool = True,
+               blend: str = "alpha") -> None:
         """Paste ``t`` into ``region`` (h, w, C) uint8 in place: with ``match``, its margin ring's mean/std per channel
-        matched to the destination's under it (the defect follows by the same map); then alpha-blended."""
+        matched to the destination's under it (the defect follows by the same map); then alpha-blended, or with
+        ``blend="poisson"`` cloned seamlessly (:func:`poisson_clone`) over its footprint."""
         dst = region.astype(np.float32)
         pix = t.pixels
         sel = t.ring & ~occupied
@@ -494,8 +596,43 @@ class CopyPasteBackend(BaseBackend):
             md, sd = dst_ring.mean(0), dst_ring.std(0)
             gain = np.where(ss > 1.0, np.clip(sd / np.maximum(ss, 1e-6), 0.5, 2.0), 1.0).astype(np.float32)
             pix = (pix - ms) * gain + md
-        a = t.alpha[..., None]
-        out = dst + a * (pix - dst)
+        if blend == "poisson":
+            out = poisson_clone(dst, pix, t.alpha > 0)
+        else:
+            a = t.alpha[..., None]
+            out = dst + a * (pix - dst)
         out += 0.5
         np.clip(out, 0.0, 255.0, out=out)
         region[...] = out
+
+
+def poisson_clone(dst: np.ndarray, src: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Seamless cloning (Perez, Gangnet and Blake 2003): inside ``region`` (h, w) bool, less the box's outermost
+    pixels, the values whose 4-neighbour Laplacian is that of ``src`` and which meet ``dst`` at the region's edge;
+    ``dst`` elsewhere. ``dst`` and ``src`` (h, w, C) float32; one sparse LU factorisation serves every channel."""
+    inner = region.copy()
+    inner[[0, -1], :] = False
+    inner[:, [0, -1]] = False
+    out = dst.copy()
+    ys, xs = np.nonzero(inner)
+    n = len(ys)
+    if n == 0:
+        return out
+    index = np.full(inner.shape, -1, np.intp)
+    index[ys, xs] = np.arange(n)
+    b = np.zeros((n, dst.shape[2]), np.float64)
+    rows, cols = [], []
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        ny, nx = ys + dy, xs + dx
+        j = index[ny, nx]
+        inside = j >= 0
+        rows.append(np.nonzero(inside)[0])
+        cols.append(j[inside])
+        b += src[ys, xs] - src[ny, nx]  # the guidance: the source's gradient
+        b[~inside] += dst[ny[~inside], nx[~inside]]  # the boundary: the destination's values
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    A = sparse.csc_matrix((np.concatenate([np.full(n, 4.0), -np.ones(len(rows))]),
+                           (np.concatenate([np.arange(n), rows]), np.concatenate([np.arange(n), cols]))),
+                          shape=(n, n))
+    out[ys, xs] = splinalg.splu(A).solve(b).astype(np.float32)
+    return out
