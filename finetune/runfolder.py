@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 from finetune.artifacts import (
     CONFIG_FILE,
@@ -38,17 +39,19 @@ from synthvit.io import SynthvitError, atomic_write_text, dumps_json
 log = logging.getLogger("synthvit.finetune")
 
 
-def config_changes(run_dir: Path, cfg: FinetuneConfig) -> list[str]:
-    """``key: old -> new`` for each training value the folder's ``config.yaml`` differs in from ``cfg`` (keys that do
-    not change what a step computes aside); [] without a config.yaml."""
+def config_changes(run_dir: Path, cfg: FinetuneConfig, values: Callable[[FinetuneConfig], dict] = training_config,
+                   missing: str | None = None) -> list[str]:
+    """``key: old -> new`` for each value the folder's ``config.yaml`` (read with today's defaults, retired keys
+    dropped) differs in from ``cfg``, among ``values`` (default: the training values, keys that do not change what a
+    step computes aside; ``to_dict``: every value); without a config.yaml, ``[missing]`` (None: [])."""
     path = run_dir / CONFIG_FILE
     if not path.is_file():
-        return []
+        return [] if missing is None else [missing]
     try:
         before = load_config(FinetuneConfig, path, retired=RETIRED_KEYS)
     except ConfigError as e:
         return [f"its {CONFIG_FILE} no longer loads ({e})"]
-    return config_diff(training_config(before), training_config(cfg))
+    return config_diff(values(before), values(cfg))
 
 
 def claim(cfg: FinetuneConfig, run_dir: Path, main: bool = True) -> str:

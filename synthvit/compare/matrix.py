@@ -19,10 +19,11 @@ from pathlib import Path
 
 import yaml
 
-from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, RETIRED_KEYS, SPLIT_FILE
+from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE
 from finetune.config import FinetuneConfig
+from finetune.runfolder import config_changes
 from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
-from synthvit.config import ConfigError, config_diff, dump_yaml, load_config, to_dict
+from synthvit.config import dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text
 from synthvit.progress import progress_bar
 from synthvit.ranks import usable_cores
@@ -110,25 +111,13 @@ def cell_config(cfg: CompareConfig, cell: Cell, n_train: int, test_ids: set[str]
     atomic_write_text(path, dump_yaml(resolved))
     finished = (folder / METRICS_FILE).is_file()
     if finished or (folder / CONFIG_FILE).is_file():  # an unfinished run of another config would be refused too
-        reasons = _config_changes(folder / CONFIG_FILE, resolved) + (
+        reasons = config_changes(folder, resolved, to_dict, f"no {CONFIG_FILE}") + (
             _split_change(folder / SPLIT_FILE, test_ids) if finished else [])
         if reasons:
             kept = _set_aside(folder)
             print(f"compare: {folder} is stale ({'; '.join(reasons)}); its results are kept in {kept}, "
                   f"it runs again", file=sys.stderr)
     return resolved
-
-
-def _config_changes(old: Path, new: FinetuneConfig) -> list[str]:
-    """``key: old -> new`` for each value the finished run's ``config.yaml`` differs in (read with today's
-    defaults, retired keys dropped); a missing or unreadable file is itself the change."""
-    if not old.is_file():
-        return [f"no {old.name}"]
-    try:
-        before = to_dict(load_config(FinetuneConfig, old, retired=RETIRED_KEYS))
-    except ConfigError as e:
-        return [f"{old.name} no longer loads: {e}"]
-    return config_diff(before, to_dict(new))
 
 
 def _split_change(split_file: Path, test_ids: set[str] | None) -> list[str]:
