@@ -27,13 +27,13 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from finetune.config import FinetuneConfig
 from synthvit.checkpoint import CKPT_DIR
-from synthvit.config import CONFIG_FILE, load_config
+from synthvit.config import CONFIG_FILE, ConfigError, config_diff, load_config
 from synthvit.io import SynthvitError, atomic_write_bytes, dumps_json
 from synthvit.models import (
     EXPORT_CONFIG,
@@ -185,6 +185,10 @@ class FinetuneRun:
     meta: ExportMeta
     model: SynthvitModel
 
+    @property
+    def max_pixels(self) -> int:
+        return self.cfg.max_pixels
+
     def predictor(self, device):
         """Full-resolution (tiled) inference with this run's model and tiling on ``device``."""
         from finetune.evaluate import Predictor
@@ -235,6 +239,21 @@ RUN_ENTRIES = (CONFIG_FILE, SPLIT_FILE, SYNTHETIC_FILE, NEAR_DUPLICATES_FILE, ME
                TRAIN_SUMMARY_FILE, "advice.json", ADVISED_SET, f"{ADVISED_SET}.real_ids.txt",
                f"{ADVISED_SET}.generate.log", f"{ADVISED_SET}.build.json", CALIBRATION_HISTOGRAM, TEST_HISTOGRAM, CKPT_DIR)
 EXPORT_STAGING = ".export.tmp"  # the export is written here, then renamed to export/ in one step
+
+
+def config_changes(run_dir: Path, cfg: FinetuneConfig, values: Callable[[FinetuneConfig], dict],
+                   missing: str | None = None) -> list[str]:
+    """``key: old -> new`` for each value the folder's ``config.yaml`` (read with today's defaults, retired keys
+    dropped) differs in from ``cfg``, among ``values`` (``finetune.train.training_config``: the values that change what a step
+    computes; ``to_dict``: every value); without a config.yaml, ``[missing]`` (None: [])."""
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return [] if missing is None else [missing]
+    try:
+        before = load_config(FinetuneConfig, path, retired=RETIRED_KEYS)
+    except ConfigError as e:
+        return [f"its {CONFIG_FILE} no longer loads ({e})"]
+    return config_diff(values(before), values(cfg))
 
 
 def run_status(run_dir: str | Path) -> str:

@@ -16,6 +16,9 @@ DecoderChoice = Literal[("auto", *get_args(Decoder))]
 Rule = Literal["threshold", "shrink", "logit-adjust", "argmax"]
 SyntheticMode = Literal["share", "add"]
 InferencePrecision = Literal["auto", "bf16", "fp32"]
+DeployFormat = Literal["onnx", "openvino"]
+DeployPrecision = Literal["fp32", "fp16", "int8"]
+OnnxExporter = Literal["dynamo", "torchscript"]
 
 
 @dataclass(kw_only=True)
@@ -262,6 +265,31 @@ class PredictConfig:
     def __post_init__(self):
         if self.threshold != "auto" and parse_threshold(self.threshold) is None:
             raise ConfigError(f"threshold: {self.threshold!r} is neither auto nor a number in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    """``synthvit export``: a finished finetune run as a folder a production runtime runs (finetune/deploy.py)."""
+    checkpoint: str = field(default="", metadata={"help": "a finished finetune run folder"})
+    format: DeployFormat = field(default="onnx", metadata={
+        "help": "onnx (ONNX Runtime; extra `onnx`) or openvino (OpenVINO IR; extra `openvino`)"})
+    precision: DeployPrecision = field(default="fp32", metadata={
+        "help": "fp32, fp16 (weights and arithmetic in half precision where the runtime has it) or int8 (post-"
+                "training static quantization calibrated on tiles of the run's own training frames, never test)"})
+    out: str = field(default="", metadata={"help": "the folder to write (default: <checkpoint>/deploy-<format>-"
+                                                   "<precision>)"})
+    tile: int = field(default=0, metadata={"help": "the tile side the model runs at (0: the run's tiling.tile, "
+                                                   "else its crop size)"})
+    exporter: OnnxExporter = field(default="dynamo", metadata={
+        "help": "torch's ONNX exporter: dynamo (torch.export, the maintained path; ~30 s a graph on a 2-core CPU) or "
+                "torchscript (the older tracer, deprecated by torch, ~15x faster)"})
+    calibration_tiles: int = field(default=64, metadata={
+        "help": "int8: tiles drawn (seeded) from the run's training frames to calibrate the activation ranges"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing export folder at out"})
+
+    def __post_init__(self):
+        check_min(self, 0, "tile", note=" (0: the run's)")
+        check_min(self, 1, "calibration_tiles")
 
 
 def parse_threshold(value) -> float | None:

@@ -78,19 +78,25 @@ class Predictor:
             2, 0, 1).to(self.device)
         out = {}
         if self.meta.heads.has_seg:
-            k = len(self.meta.seg_classes)
-            out["probs"] = self.tiler(frame, lambda t: self.model(t)["seg"].float().softmax(1), k,
-                                      transform=self.normalise, autocast_dtype=self.autocast,
-                                      streams=self.streams)
+            out["probs"] = self._seg(frame, len(self.meta.seg_classes))
             out["score"] = float(1 - out["probs"][0].min())
         if self.meta.heads.has_cls:
             s = self.meta.img_size
             small = torch.from_numpy(np.array(Image.fromarray(image).resize((s, s), Image.BILINEAR)))
             small = (small[..., None] if small.ndim == 2 else small).permute(2, 0, 1)[None].float().to(self.device)
-            out["cls_probs"] = self.model(self.normalise(small))["cls"].float().softmax(1)[0]
+            out["cls_probs"] = self._cls(small)
             if "probs" not in out:
                 out["score"] = float(1 - out["cls_probs"][0]) if self._has_good() else float(out["cls_probs"].max())
         return out
+
+    def _seg(self, frame: torch.Tensor, k: int) -> torch.Tensor:
+        """(K, H, W) class probabilities of a (C, H, W) frame, tiled and blended."""
+        return self.tiler(frame, lambda t: self.model(t)["seg"].float().softmax(1), k, transform=self.normalise,
+                          autocast_dtype=self.autocast, streams=self.streams)
+
+    def _cls(self, small: torch.Tensor) -> torch.Tensor:
+        """(K,) classifier probabilities of a frame resized to the crop size (1, C, s, s), float 0..255."""
+        return self.model(self.normalise(small))["cls"].float().softmax(1)[0]
 
     def _has_good(self) -> bool:
         names = self.meta.cls_classes

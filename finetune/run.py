@@ -32,6 +32,7 @@ from finetune.artifacts import (
 )
 from finetune.calibrate import fit_decision
 from finetune.config import CalibrateConfig, CalibrateRunConfig, EvaluateConfig, FinetuneConfig, PredictConfig
+from finetune.deploy import is_deploy_folder, load_deployed
 from finetune.doctor import ADVICE_FILE, apply_advice, defective_used, examine
 from finetune.evaluate import Predictor, check_tiling, evaluate
 from finetune.predict import MaskRule, check_earlier_run, failure_message, input_files, output_keys, predict_files
@@ -386,8 +387,11 @@ def run_predict(cfg: PredictConfig) -> Path:
     files, base = input_files(cfg.input, skip=out)
     keys = output_keys(files, base)
     check_earlier_run(out, cfg.checkpoint, cfg.threshold, cfg.overwrite)
-    run = load_run(cfg.checkpoint)
-    set_pixel_cap(run.cfg.max_pixels)
+    if is_deploy_folder(cfg.checkpoint):  # a synthvit export folder: its graphs in ONNX Runtime or OpenVINO
+        run = load_deployed(cfg.checkpoint)
+    else:
+        run = load_run(cfg.checkpoint)
+    set_pixel_cap(run.max_pixels)
     rule = MaskRule.of(run.meta, cfg.threshold)
     if cfg.threshold == "auto":
         _say_decision(run.meta, cfg.checkpoint)

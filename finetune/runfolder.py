@@ -19,39 +19,21 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 from finetune.artifacts import (
-    CONFIG_FILE,
     EXPORT_DIR,
     METRICS_FILE,
-    RETIRED_KEYS,
     TRAIN_SUMMARY_FILE,
     clear_run,
+    config_changes,
     pinned_split,
     run_status,
 )
 from finetune.config import FinetuneConfig
 from finetune.train import training_config
-from synthvit.config import ConfigError, config_diff, load_config
 from synthvit.io import SynthvitError, atomic_write_text, dumps_json
 
 log = logging.getLogger("synthvit.finetune")
-
-
-def config_changes(run_dir: Path, cfg: FinetuneConfig, values: Callable[[FinetuneConfig], dict] = training_config,
-                   missing: str | None = None) -> list[str]:
-    """``key: old -> new`` for each value the folder's ``config.yaml`` (read with today's defaults, retired keys
-    dropped) differs in from ``cfg``, among ``values`` (default: the training values, keys that do not change what a
-    step computes aside; ``to_dict``: every value); without a config.yaml, ``[missing]`` (None: [])."""
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return [] if missing is None else [missing]
-    try:
-        before = load_config(FinetuneConfig, path, retired=RETIRED_KEYS)
-    except ConfigError as e:
-        return [f"its {CONFIG_FILE} no longer loads ({e})"]
-    return config_diff(values(before), values(cfg))
 
 
 def claim(cfg: FinetuneConfig, run_dir: Path, main: bool = True) -> str:
@@ -64,7 +46,7 @@ def claim(cfg: FinetuneConfig, run_dir: Path, main: bool = True) -> str:
     if cfg.overwrite:
         _clear(run_dir, main, "overwrite=true")
         return "train"
-    changes = config_changes(run_dir, cfg)
+    changes = config_changes(run_dir, cfg, training_config)
     if status == "finished" or (status == "exported" and (changes or not cfg.evaluate or not cfg.steps)):
         what = METRICS_FILE if status == "finished" else f"{EXPORT_DIR}/"
         raise SynthvitError(f"out_dir: {run_dir} holds a finished run ({what}); a finished run is never written "

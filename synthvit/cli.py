@@ -40,6 +40,9 @@ STAGES: dict[str, Stage] = {
     "predict": Stage("finetune.config:PredictConfig", "finetune.run:run_predict",
                      "predict masks, overlays and JSON with a finetune run for an image, a folder, a glob or a list "
                      "of frames (a re-run skips finished frames)"),
+    "export": Stage("finetune.config:ExportConfig", "finetune.deploy:run_export",
+                    "export a finetune run for ONNX Runtime or OpenVINO (fp32, fp16, int8): the model over a batch "
+                    "of tiles plus deploy.json, a folder predict runs as it runs the run"),
     "compare": Stage("synthvit.compare.config:CompareConfig", "synthvit.compare.run:run",
                      "run a matrix of models x real-data budgets (finetune + evaluate per cell) and write a report"),
 }

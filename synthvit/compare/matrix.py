@@ -19,9 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE
+from finetune.artifacts import CONFIG_FILE, EXPORT_DIR, METRICS_FILE, SPLIT_FILE, config_changes
 from finetune.config import FinetuneConfig
-from finetune.runfolder import config_changes
 from synthvit.compare.config import ZERO_SHOT, CompareConfig, ModelSpec
 from synthvit.config import dump_yaml, load_config, to_dict
 from synthvit.io import atomic_write_text

@@ -1,0 +1,133 @@
+"""synthvit export / predict on a deploy folder: a finetune run's graphs in ONNX Runtime and OpenVINO give the PyTorch
+predictor's probabilities and masks, int8 calibrates on training frames only, and a broken folder is one clear error."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_cli_error, make_real_data, run_cli
+from finetune.artifacts import load_run
+from finetune.config import ExportConfig
+from finetune.deploy import DeployError, load_deployed, need, run_export
+from synthvit.config import load_config
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two finished finetune runs on 10 tiny frames (a dark defect on grey): a ViT-Tiny + dpt-skip (seg + cls) and a
+    DeepLabV3+, a few steps each so their maps are not flat."""
+    root = tmp_path_factory.mktemp("deploy")
+    data = make_real_data(root / "data", 10, (40, 48), lambda rng: np.s_[10:20, 12:24], name="im{}")
+    out = {}
+    for name, model, extra in (("vit", "vit_tiny_patch16_224", ["task=both", "decoder=dpt-skip"]),
+                               ("cnn", "deeplabv3plus_resnet50", ["task=seg"])):
+        out[name] = root / name
+        run_cli("finetune", f"data={data}", f"out_dir={out[name]}", f"model={model}", "crop_size=32", "steps=4",
+                "batch_size=2", "num_workers=0", "evaluate=false", "log_every=1", *extra, check=True)
+    out["data"] = data
+    return out
+
+
+def export(run, tmp_path, *overrides):
+    cfg = load_config(ExportConfig, overrides=[f"checkpoint={run}", *overrides])
+    return run_export(cfg)
+
+
+def frames(seed=0, sizes=((70, 90), (40, 48), (33, 120))):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in sizes]
+
+
+def compare(reference, deployed, images):
+    """Largest |p - p_ref| over every class probability and pixel, and the share of pixels whose mask at the
+    reference's median p(defect) agrees."""
+    worst, agree, total = 0.0, 0, 0
+    for image in images:
+        a, b = reference(image), deployed(image)
+        worst = max(worst, float((a["probs"] - b["probs"]).abs().max()))
+        pa, pb = 1 - a["probs"][0], 1 - b["probs"][0]
+        t = float(pa.median())
+        agree += int(((pa > t) == (pb > t)).sum())
+        total += pa.numel()
+        if "cls_probs" in a:
+            worst = max(worst, float((a["cls_probs"] - b["cls_probs"]).abs().max()))
+    return worst, agree / total
+
+
+@pytest.mark.parametrize("name, fmt, exporter", [("vit", "onnx", "dynamo"), ("vit", "openvino", "torchscript"),
+                                                 ("cnn", "onnx", "torchscript"), ("cnn", "openvino", "torchscript")])
+def test_fp32_graphs_give_the_pytorch_predictions(runs, tmp_path, name, fmt, exporter, one_torch_thread):
+    folder = export(runs[name], tmp_path, f"format={fmt}", f"exporter={exporter}", f"out={tmp_path / 'dep'}")
+    doc = json.loads((folder / "deploy.json").read_text())
+    assert doc["format"] == fmt and doc["precision"] == "fp32" and doc["tiling"]["tile"] == 32
+    assert doc["meta"]["decision"]["rule"] == "shrink"  # the fitted decision travels with the folder
+    assert set(doc["graphs"]) == ({"tiles", "image"} if name == "vit" else {"tiles"})
+    reference = load_run(runs[name]).predictor("cpu")
+    worst, agree = compare(reference, load_deployed(folder).predictor(), frames())
+    assert worst < 1e-3 and agree >= 0.999, (worst, agree)
+
+
+def test_int8_calibrates_on_training_frames_only(runs, tmp_path, one_torch_thread):
+    """The test frames are made unreadable: an int8 export still succeeds (it never opens them), its probabilities
+    stay near fp32's."""
+    split = {r.split(",")[0]: r.split(",")[1] for r in (runs["cnn"] / "split.csv").read_text().splitlines()[1:]}
+    tests = [k for k, v in split.items() if v == "test"]
+    assert tests
+    images = runs["data"] / "images"
+    saved = {k: (images / f"{k}.png").read_bytes() for k in tests}
+    try:
+        for k in tests:
+            (images / f"{k}.png").write_bytes(b"not a png")
+        folder = export(runs["cnn"], tmp_path, "format=onnx", "precision=int8", "exporter=torchscript",
+                        f"out={tmp_path / 'int8'}", "calibration_tiles=16")
+    finally:
+        for k, data in saved.items():
+            (images / f"{k}.png").write_bytes(data)
+    doc = json.loads((folder / "deploy.json").read_text())
+    assert doc["graphs"]["tiles"]["calibration"] == {"frames": "train (split.csv)", "inputs": 16, "seed": 0}
+    reference = load_run(runs["cnn"]).predictor("cpu")
+    deployed = load_deployed(folder).predictor()
+    diffs = [float((reference(x)["probs"] - deployed(x)["probs"]).abs().mean()) for x in frames()]
+    assert max(diffs) < 0.05, diffs
+
+
+def test_predict_runs_a_deploy_folder_and_a_broken_one_is_one_line(runs, tmp_path, cli):
+    folder = export(runs["vit"], tmp_path, "format=onnx", "exporter=torchscript", f"out={tmp_path / 'dep'}")
+    res = cli("predict", f"checkpoint={folder}", f"input={runs['data'] / 'images'}", f"out={tmp_path / 'pred'}")
+    assert res.returncode == 0, res.stderr
+    ref = cli("predict", f"checkpoint={runs['vit']}", f"input={runs['data'] / 'images'}", f"out={tmp_path / 'ref'}")
+    assert ref.returncode == 0, ref.stderr
+    for path in sorted((tmp_path / "ref").glob("im*.json")):
+        a, b = json.loads(path.read_text()), json.loads((tmp_path / "pred" / path.name).read_text())
+        assert abs(a["defect_score"] - b["defect_score"]) < 1e-3 and a["decision"] == b["decision"]
+        assert a["predicted_class"] == b["predicted_class"]
+        mask_a = np.asarray(Image.open(tmp_path / "ref" / a["mask"]))
+        assert (mask_a == np.asarray(Image.open(tmp_path / "pred" / b["mask"]))).mean() >= 0.999
+    model = folder / "tiles.onnx"
+    model.write_bytes(model.read_bytes()[: os.path.getsize(model) // 2])  # truncated in a copy
+    res = cli("predict", f"checkpoint={folder}", f"input={runs['data'] / 'images'}", f"out={tmp_path / 'p2'}")
+    assert_cli_error(res, 1, f"{model}: corrupt or truncated")
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = cli("export", f"checkpoint={runs['vit']}", f"out={folder}")
+    assert_cli_error(res, 1, f"out: {folder} exists")
+
+
+def test_a_missing_runtime_names_its_extra(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_openvino(name, *args):
+        if name == "openvino":
+            raise ImportError(name)
+        return real(name, *args)
+    monkeypatch.setattr(importlib, "import_module", without_openvino)
+    with pytest.raises(DeployError, match=r"openvino is not installed: pip install 'synthvit\[openvino\]'"):
+        need("openvino")
+    assert torch.get_num_threads() >= 1
