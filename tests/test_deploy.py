@@ -60,17 +60,21 @@ def compare(reference, deployed, images):
     return worst, agree / total
 
 
-@pytest.mark.parametrize("name, fmt, exporter", [("vit", "onnx", "dynamo"), ("vit", "openvino", "torchscript"),
-                                                 ("cnn", "onnx", "torchscript"), ("cnn", "openvino", "torchscript")])
-def test_fp32_graphs_give_the_pytorch_predictions(runs, tmp_path, name, fmt, exporter, one_torch_thread):
-    folder = export(runs[name], tmp_path, f"format={fmt}", f"exporter={exporter}", f"out={tmp_path / 'dep'}")
+@pytest.mark.parametrize("name, fmt, exporter, precision", [
+    ("vit", "onnx", "dynamo", "fp32"), ("vit", "openvino", "torchscript", "fp32"),
+    ("cnn", "onnx", "torchscript", "fp32"), ("cnn", "openvino", "torchscript", "fp32"),
+    ("vit", "onnx", "torchscript", "fp16"), ("cnn", "openvino", "torchscript", "fp16")])
+def test_graphs_give_the_pytorch_predictions(runs, tmp_path, name, fmt, exporter, precision, one_torch_thread):
+    folder = export(runs[name], tmp_path, f"format={fmt}", f"exporter={exporter}", f"precision={precision}",
+                    f"out={tmp_path / 'dep'}")
     doc = json.loads((folder / "deploy.json").read_text())
-    assert doc["format"] == fmt and doc["precision"] == "fp32" and doc["tiling"]["tile"] == 32
+    assert doc["format"] == fmt and doc["precision"] == precision and doc["tiling"]["tile"] == 32
     assert doc["meta"]["decision"]["rule"] == "shrink"  # the fitted decision travels with the folder
     assert set(doc["graphs"]) == ({"tiles", "image"} if name == "vit" else {"tiles"})
     reference = load_run(runs[name]).predictor("cpu")
     worst, agree = compare(reference, load_deployed(folder).predictor(), frames())
-    assert worst < 1e-3 and agree >= 0.999, (worst, agree)
+    # fp16: the same probabilities to ~1e-4, but at the median of a nearly flat map that flips a pixel in ~500
+    assert worst < 1e-3 and agree >= (0.999 if precision == "fp32" else 0.99), (worst, agree)
 
 
 def test_int8_calibrates_on_training_frames_only(runs, tmp_path, one_torch_thread):
