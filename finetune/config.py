@@ -253,14 +253,20 @@ class CalibrateRunConfig:
 class PredictConfig:
     checkpoint: str = field(default="", metadata={"help": "a finetune run folder"})
     input: str = field(default="", metadata={
-        "help": "an image file, a folder (recursive), a glob pattern ('frames/**/*.png') or a .txt/.lst list of "
-                "paths (one per line, # comments, relative to the list)"})
+        "help": "an image file, a folder (recursive), a glob pattern ('frames/**/*.png'), a .txt/.lst list of "
+                "paths (one per line, # comments, relative to the list), a video file (.mp4, .mkv, .avi, ...) or a "
+                "stream URL (rtsp://, rtmp://, http(s)://, udp://, srt://; extra `video`)"})
     out: str = field(default="predictions", metadata={"help": "output folder (input subfolders mirrored in it)"})
     threshold: str = field(default="auto", metadata={
         "help": "p(defect) threshold for masks and boxes: auto (the run's fitted decision; argmax for runs made "
                 "before decisions existed) or a number in [0, 1]"})
     overwrite: bool = field(default=False, metadata={
         "help": "redo every frame (false: a re-run skips frames whose <name>.json is already in out)"})
+    realtime: bool = field(default=False, metadata={
+        "help": "a video or stream input: keep up with it -- read a file at its frame rate, predict the newest frame "
+                "and drop (count) the ones inference had no time for (false: every frame)"})
+    video_overlay: bool = field(default=False, metadata={
+        "help": "a video or stream input: also write <name>_overlay.mp4, the predicted frames with their masks"})
 
     def __post_init__(self):
         if self.threshold != "auto" and parse_threshold(self.threshold) is None:

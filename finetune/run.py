@@ -39,6 +39,7 @@ from finetune.predict import MaskRule, check_earlier_run, failure_message, input
 from finetune.runfolder import claim, read_train_summary, run_split, write_train_summary
 from finetune.synthetic import build_copypaste, check_leak, load_synthetic
 from finetune.train import batch_layout, check_resumable, train
+from finetune.video import is_video, predict_video
 from synthvit import __version__
 from synthvit.checkpoint import CKPT_DIR, resolve_resume
 from synthvit.config import ConfigError, dump_yaml, given_keys
@@ -384,8 +385,10 @@ def run_predict(cfg: PredictConfig) -> Path:
         raise ConfigError("input: give an image file or a folder, a glob pattern or a .txt/.lst list of paths "
                           "(--input PATH)")
     out = Path(cfg.out)
-    files, base = input_files(cfg.input, skip=out)
-    keys = output_keys(files, base)
+    video = is_video(cfg.input)
+    if not video:
+        files, base = input_files(cfg.input, skip=out)
+        keys = output_keys(files, base)
     check_earlier_run(out, cfg.checkpoint, cfg.threshold, cfg.overwrite)
     if is_deploy_folder(cfg.checkpoint):  # a synthvit export folder: its graphs in ONNX Runtime or OpenVINO
         run = load_deployed(cfg.checkpoint)
@@ -399,6 +402,13 @@ def run_predict(cfg: PredictConfig) -> Path:
              else "argmax")
     writable_dir(out, "out")
     atomic_write_text(out / CONFIG_FILE, dump_yaml(cfg))
+    if video:
+        summary = predict_video(run.predictor(resolve_device()), cfg.input, out, run.meta, rule, cfg.realtime,
+                                cfg.video_overlay)
+        if summary["ok"] == 0:
+            raise SynthvitError(f"input: {cfg.input}: no frame predicted ({summary['frames']} read, "
+                                f"{summary['broken']} broken; {summary['ended']}); see {out / summary['jsonl']}")
+        return out
     done = predict_files(run.predictor(resolve_device()), files, out, run.meta, rule, keys, cfg.overwrite)
     log.info("predict: %d frames predicted, %d done before (skipped), %d unreadable -> %s", done["predicted"],
              done["skipped"], len(done["failed"]), out)
