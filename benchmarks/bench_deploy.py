@@ -148,8 +148,7 @@ def accuracy(args) -> list[dict]:
             m = evaluate(predictor_of(str(target)), data, test, run.meta.in_chans)
             rows.append({"run": str(run_dir), "runtime": runtime, "frames": len(test),
                          "pixel_ap": round(m["pixel"]["defect_ap"], 4),
-                         "defect_iou": round(m["pixel"]["iou"].get(run.meta.seg_classes[1], 0.0), 4)
-                         if len(run.meta.seg_classes) == 2 else None,
+                         "defect_iou": round(float(np.mean(list(m["pixel"]["iou"].values())[1:])), 4),
                          "image_auroc": m["image"]["auroc"] and round(m["image"]["auroc"], 4),
                          "s_per_frame": m["speed"]["seconds_per_image"]})
             print(json.dumps(rows[-1]), flush=True)

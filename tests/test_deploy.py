@@ -77,7 +77,8 @@ def test_graphs_give_the_pytorch_predictions(runs, tmp_path, name, fmt, exporter
     assert worst < 1e-3 and agree >= (0.999 if precision == "fp32" else 0.99), (worst, agree)
 
 
-def test_int8_calibrates_on_training_frames_only(runs, tmp_path, one_torch_thread):
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_calibrates_on_training_frames_only(runs, tmp_path, fmt, one_torch_thread):
     """The test frames are made unreadable: an int8 export still succeeds (it never opens them), its probabilities
     stay near fp32's."""
     split = {r.split(",")[0]: r.split(",")[1] for r in (runs["cnn"] / "split.csv").read_text().splitlines()[1:]}
@@ -88,13 +89,14 @@ def test_int8_calibrates_on_training_frames_only(runs, tmp_path, one_torch_threa
     try:
         for k in tests:
             (images / f"{k}.png").write_bytes(b"not a png")
-        folder = export(runs["cnn"], tmp_path, "format=onnx", "precision=int8", "exporter=torchscript",
+        folder = export(runs["cnn"], tmp_path, f"format={fmt}", "precision=int8", "exporter=torchscript",
                         f"out={tmp_path / 'int8'}", "calibration_tiles=16")
     finally:
         for k, data in saved.items():
             (images / f"{k}.png").write_bytes(data)
     doc = json.loads((folder / "deploy.json").read_text())
-    assert doc["graphs"]["tiles"]["calibration"] == {"frames": "train (split.csv)", "inputs": 16, "seed": 0}
+    assert doc["graphs"]["tiles"]["calibration"] == {"frames": "train (split.csv)", "inputs": 16, "seed": 0,
+                                                     "tool": "nncf" if fmt == "openvino" else "onnxruntime.quantization"}
     reference = load_run(runs["cnn"]).predictor("cpu")
     deployed = load_deployed(folder).predictor()
     diffs = [float((reference(x)["probs"] - deployed(x)["probs"]).abs().mean()) for x in frames()]
