@@ -43,7 +43,7 @@ from finetune.evaluate import Predictor, check_input_size
 from finetune.tiling import Tiler, auto_tile_batch
 from synthvit import __version__
 from synthvit.data import load_real_data, to_array
-from synthvit.io import SynthvitError, atomic_write_text, dumps_json
+from synthvit.io import SynthvitError, atomic_write_text, dumps_json, writable_dir
 from synthvit.models.export import ExportConfigError, ExportMeta, meta_stats
 from synthvit.training import has_attention
 
@@ -211,8 +211,12 @@ def run_export(cfg: ExportConfig) -> Path:
     run = load_run(cfg.checkpoint)
     meta = run.meta
     out = Path(cfg.out) if cfg.out else run.folder / f"deploy-{cfg.format}-{cfg.precision}"
-    if out.exists() and not cfg.overwrite:
+    if out.is_dir() and not cfg.overwrite:
         raise DeployError(f"out: {out} exists; give another out= or overwrite=true")
+    created = not out.exists()
+    writable_dir(out, "out")  # a file in the way, a read-only place: one line before any work
+    if created:
+        out.rmdir()  # the folder appears whole, at the end, or not at all
     tile = cfg.tile or run.cfg.tiling.tile or meta.img_size
     model = run.model
     if meta.heads.has_seg:

@@ -31,7 +31,7 @@ VERBS = list(STAGES)
 # A key of each verb and a value it accepts (for the encoding and duplicate-key cases)
 VERB_KEY = {"generate": ("num_samples", 8), "pretrain": ("steps", 2), "doctor": ("steps", 2),
             "finetune": ("steps", 2), "evaluate": ("split", "test"), "calibrate": ("max_images", 4),
-            "predict": ("threshold", "auto"), "compare": ("parallel", 1)}
+            "predict": ("threshold", "auto"), "compare": ("parallel", 1), "export": ("calibration_tiles", 8)}
 FT = ["crop_size=32", "batch_size=2", "num_workers=0", "model=vit_tiny_patch16_224"]
 
 
@@ -93,7 +93,7 @@ BAD_FILES = {  # name -> (bytes of a one-key file, what the error must say besid
 @pytest.mark.parametrize("verb", VERBS)
 def test_bad_config_file_is_one_line_naming_the_file(cli, tmp_path, verb, bad):
     key, value = VERB_KEY[verb]
-    if bad == "duplicate-key" and verb in ("evaluate", "calibrate", "predict"):  # no seed key there: the key twice in a row
+    if bad == "duplicate-key" and verb in ("evaluate", "calibrate", "predict", "export"):  # no seed key: the key twice
         content = f"{key}: {value}\n{key}: {value}\n".encode()
         expected = ["is given twice (lines 1 and 2)"]
     else:
@@ -239,13 +239,14 @@ def _out_cases(data, run_dir, frames, shards, target):
         "finetune": ["finetune", f"data={data}", f"out_dir={target}", *FT, "steps=1"],
         "evaluate": ["evaluate", f"checkpoint={run_dir}", f"out_dir={target}"],
         "predict": ["predict", f"checkpoint={run_dir}", f"input={frames}", f"out={target}"],
+        "export": ["export", f"checkpoint={run_dir}", f"out={target}", "exporter=torchscript"],
         "compare": ["compare", f"data={data}", f"out_dir={target}", "budgets=[2]",
                     "models=[{model: vit_tiny_patch16_224}]", "finetune.steps=1", "finetune.crop_size=32"],
     }
 
 
 OUT_KEY = {"generate": "out_dir", "pretrain": "out_dir", "doctor": "report_dir", "finetune": "out_dir",
-           "evaluate": "out_dir", "predict": "out", "compare": "out_dir"}
+           "evaluate": "out_dir", "predict": "out", "compare": "out_dir", "export": "out"}
 
 
 @pytest.mark.parametrize("under_file", [False, True], ids=["is-a-file", "under-a-file"])
