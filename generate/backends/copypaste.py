@@ -448,9 +448,7 @@ class CopyPasteBackend(BaseBackend):
             return self._turned(rng, patch, C)
         k = int(rng.integers(4)) if p.rotate else 0
         flip = bool(rng.random() < 0.5) if p.rotate else False
-        lo, hi = self.log_scale
-        s = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
-        field = rng.standard_normal((2, GRID, GRID)) if p.elastic > 0 else None
+        s, field = self._scale_and_field(rng)
         src, own = patch.data, patch.own
         if flip:
             src, own = src[:, ::-1], own[:, ::-1]
@@ -464,17 +462,29 @@ class CopyPasteBackend(BaseBackend):
         else:
             Y = np.broadcast_to((np.arange(ho, dtype=np.float32) + 0.5) * np.float32(h / ho) - 0.5, (wo, ho)).T
             X = np.broadcast_to((np.arange(wo, dtype=np.float32) + 0.5) * np.float32(w / wo) - 0.5, (ho, wo))
-            if field is not None:  # a smooth field through GRID x GRID random control points, at most elastic px
-                wy, wx = _spline(ho), _spline(wo)
-                amp = np.float32(p.elastic / 2.0 / s)  # output px -> source px
-                Y = Y + (wy @ np.clip(field[0], -2, 2).astype(np.float32) @ wx.T) * amp
-                X = X + (wy @ np.clip(field[1], -2, 2).astype(np.float32) @ wx.T) * amp
+            Y, X = self._warp(Y, X, field, s)
             own, values = _resample(own, src, Y, X)
             values[..., -1] *= np.float32(s)  # the distance, in px of the output
         by, bx = np.minimum(np.arange(ho), np.arange(ho)[::-1]), np.minimum(np.arange(wo), np.arange(wo)[::-1])
         border = np.minimum(by[:, None], bx[None, :])  # px to the patch's border
         params = dict(rotation=90 * k, flip=flip, scale=round(s, 4), size=[wo, ho], elastic=field is not None)
         return self._finish(values, own, s, border, C, params)
+
+    def _scale_and_field(self, rng) -> tuple[float, np.ndarray | None]:
+        """An instance's scale (log-uniform in ``copypaste.scale``) and elastic control points (None: no warp)."""
+        lo, hi = self.log_scale
+        s = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
+        return s, rng.standard_normal((2, GRID, GRID)) if self.p.elastic > 0 else None
+
+    def _warp(self, Y: np.ndarray, X: np.ndarray, field: np.ndarray | None, s: float) -> tuple[np.ndarray, np.ndarray]:
+        """The source positions ``Y``, ``X`` (ho, wo) moved by a smooth field through GRID x GRID random control
+        points, at most ``copypaste.elastic`` output px (``field`` None: as they are)."""
+        if field is None:
+            return Y, X
+        wy, wx = _spline(Y.shape[0]), _spline(Y.shape[1])
+        amp = np.float32(self.p.elastic / 2.0 / s)  # output px -> source px
+        return (Y + (wy @ np.clip(field[0], -2, 2).astype(np.float32) @ wx.T) * amp,
+                X + (wy @ np.clip(field[1], -2, 2).astype(np.float32) @ wx.T) * amp)
 
     def _finish(self, values: np.ndarray, own: np.ndarray, s: float, border: np.ndarray, C: int,
                 params: dict) -> Transformed:
@@ -509,9 +519,7 @@ class CopyPasteBackend(BaseBackend):
         else:  # its axis at a real defect's, either way along it
             angles = self.angles[patch.cls]
             theta = float(angles[int(rng.integers(len(angles)))]) - own_angle + 180.0 * int(rng.integers(2))
-        lo, hi = self.log_scale
-        s = math.exp(rng.uniform(lo, hi)) if hi > lo else math.exp(lo)
-        field = rng.standard_normal((2, GRID, GRID)) if p.elastic > 0 else None
+        s, field = self._scale_and_field(rng)
         src, own = patch.data, patch.own
         if flip:
             src, own = src[:, ::-1], own[:, ::-1]
@@ -525,11 +533,7 @@ class CopyPasteBackend(BaseBackend):
         # output px -> source px: the inverse turn about the centres, then the inverse scale
         X = (c * xo + si * yo) / np.float32(s) + np.float32((w - 1) / 2)
         Y = (-si * xo + c * yo) / np.float32(s) + np.float32((h - 1) / 2)
-        if field is not None:
-            amp = np.float32(p.elastic / 2.0 / s)
-            wy, wx = _spline(ho), _spline(wo)
-            Y = Y + (wy @ np.clip(field[0], -2, 2).astype(np.float32) @ wx.T) * amp
-            X = X + (wy @ np.clip(field[1], -2, 2).astype(np.float32) @ wx.T) * amp
+        Y, X = self._warp(Y, X, field, s)
         Y, X = Y.astype(np.float32), X.astype(np.float32)
         own, values = _resample(own, src, Y, X)
         values[..., -1] *= np.float32(s)
